@@ -1,0 +1,251 @@
+"""NumPy MPO layer with its own backward pass, and SGD/Adam, for NumPy-only users and for teaching.
+
+>>> import numpy as np
+>>> from tnlayers.backends.numpy import MPOLinear
+>>> layer = MPOLinear((4, 7, 7, 4), (4, 4, 4, 4), rank=8, seed=0)
+>>> layer(np.zeros((2, 784), np.float32)).shape
+(2, 256)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import DTypeLike, NDArray
+
+import tnlayers
+from tnlayers.contract import Tape, backprop, execute, get_ops
+from tnlayers.plan import ContractionPlan
+from tnlayers.spec import factorize_balanced
+
+__all__ = ["SGD", "Adam", "MPOLinear"]
+
+_OPS = get_ops("numpy")
+Array = NDArray[Any]
+
+
+class MPOLinear:
+    """``y = x @ W + b`` with ``W`` (shape ``(in_features, out_features)``) stored as MPO cores.
+
+    ``forward`` (or calling the layer) takes ``x`` of shape ``(..., in_features)``; in training mode
+    it keeps what ``backward`` needs. ``backward(grad_out)`` returns the gradient for ``x`` and
+    stores the gradients of every core and of the bias (read them with :meth:`grads`; each call
+    replaces them).
+    """
+
+    def __init__(
+        self,
+        in_modes: Sequence[int],
+        out_modes: Sequence[int],
+        rank: int | Sequence[int],
+        bias: bool = True,
+        init: str = "glorot",
+        seed: int | np.random.Generator | None = None,
+        strategy: Any = "auto",
+        dtype: DTypeLike = np.float32,
+    ) -> None:
+        spec = tnlayers.MPOSpec(in_modes, out_modes, rank)
+        cores = tnlayers.init_cores(spec, init, seed, dtype)
+        self._setup(cores, np.zeros(spec.out_features, dtype=cores[0].dtype) if bias else None, strategy)
+
+    def _setup(self, cores: Sequence[Array], bias: Array | None, strategy: Any) -> None:
+        self.spec = tnlayers.spec_from_cores(cores)
+        self.cores: list[Array] = [np.ascontiguousarray(c) for c in cores]
+        self.bias: Array | None = None if bias is None else np.ascontiguousarray(bias)
+        self.dtype = self.cores[0].dtype
+        if any(c.dtype != self.dtype for c in self.cores) or (self.bias is not None and self.bias.dtype != self.dtype):
+            raise TypeError(f"cores and bias must share one dtype, got {[str(c.dtype) for c in self.cores]}")
+        tnlayers.plan(self.spec, None, strategy)  # reject a bad strategy now, not at the first call
+        self.strategy = strategy
+        self.training = True
+        self.core_grads: list[Array | None] = [None] * self.spec.n_cores
+        self.bias_grad: Array | None = None
+        self._saved: tuple[ContractionPlan, Tape, tuple[int, ...]] | None = None
+
+    @classmethod
+    def from_cores(cls, cores: Sequence[Any], bias: Any = None, strategy: Any = "auto") -> MPOLinear:
+        """A layer holding copies of the given cores (and bias) as NumPy arrays."""
+        layer = cls.__new__(cls)
+        layer._setup([np.array(c) for c in cores], None if bias is None else np.array(bias), strategy)
+        return layer
+
+    @classmethod
+    def auto(cls, in_features: int, out_features: int, n_cores: int = 4, rank: int = 8, **kwargs: Any) -> MPOLinear:
+        """A layer with balanced modes for the given feature counts (see :meth:`MPOSpec.auto`)."""
+        spec = tnlayers.MPOSpec.auto(in_features, out_features, n_cores, rank)
+        return cls(spec.in_modes, spec.out_modes, spec.ranks, **kwargs)
+
+    @classmethod
+    def from_dense(
+        cls,
+        matrix: Any,
+        in_modes: Sequence[int] | None = None,
+        out_modes: Sequence[int] | None = None,
+        bias: Any = None,
+        max_rank: int | Sequence[int] | None = None,
+        tol: float | None = None,
+        n_cores: int = 4,
+        strategy: Any = "auto",
+    ) -> MPOLinear:
+        """TT-SVD of a dense ``(in_features, out_features)`` matrix; the report is in ``.decomposition``."""
+        shape = np.shape(matrix)
+        if len(shape) != 2:
+            raise ValueError(f"matrix must be 2-D (in_features, out_features), got shape {shape}")
+        in_modes = factorize_balanced(shape[0], n_cores) if in_modes is None else in_modes
+        out_modes = factorize_balanced(shape[1], len(in_modes)) if out_modes is None else out_modes
+        cores, report = tnlayers.from_dense(matrix, in_modes, out_modes, max_rank=max_rank, tol=tol)
+        layer = cls.from_cores(cores, bias, strategy)
+        layer.decomposition = report
+        return layer
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], name: str | None = None, strategy: Any = "auto") -> MPOLinear:
+        """A layer from a :func:`tnlayers.save` checkpoint."""
+        cores, bias = tnlayers.load(path, name)
+        return cls.from_cores(cores, bias, strategy)
+
+    def save(self, path: str | os.PathLike[str], name: str = "mpo") -> None:
+        tnlayers.save(path, self.cores, self.bias, name=name)
+
+    @property
+    def in_features(self) -> int:
+        return self.spec.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.spec.out_features
+
+    def train(self) -> MPOLinear:
+        self.training = True
+        return self
+
+    def eval(self) -> MPOLinear:
+        """Inference mode: ``forward`` keeps nothing for ``backward``."""
+        self.training = False
+        self._saved = None
+        return self
+
+    def _check_input(self, x: Any) -> Array:
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"x must be a numpy.ndarray, got {type(x).__name__}")
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape (..., {self.in_features}), got {x.shape}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the layer has dtype {self.dtype}; use x.astype(np.{self.dtype})")
+        return x
+
+    def forward(self, x: Array) -> Array:
+        """``x @ W + b`` for ``x`` of shape ``(..., in_features)``."""
+        x = self._check_input(x)
+        batch = int(np.prod(x.shape[:-1]))
+        plan = tnlayers.plan(self.spec, batch, self.strategy)
+        tape: Tape | None = [] if self.training else None
+        y = execute(plan, x, self.cores, self.bias, _OPS, tape)
+        self._saved = (plan, tape, x.shape) if tape is not None else None
+        return y  # type: ignore[no-any-return]
+
+    __call__ = forward
+
+    def backward(self, grad_out: Array) -> Array:
+        """Gradient for the last ``forward``'s input; stores the core and bias gradients."""
+        if self._saved is None:
+            raise RuntimeError("backward needs a forward call in training mode first (see train())")
+        plan, tape, x_shape = self._saved
+        expected = (*x_shape[:-1], self.out_features)
+        if not isinstance(grad_out, np.ndarray) or grad_out.shape != expected:
+            raise ValueError(f"grad_out must be an array of shape {expected}, got {getattr(grad_out, 'shape', grad_out)}")
+        grad = np.asarray(grad_out, dtype=self.dtype).reshape(-1, *self.spec.out_modes)
+        grads = backprop(plan.steps, tape, grad, _OPS, self.spec.n_cores + 1)
+        self.core_grads = [g.reshape(c.shape) for g, c in zip(grads[1:], self.cores)]
+        if self.bias is not None:
+            self.bias_grad = grad_out.reshape(-1, self.out_features).sum(axis=0)
+        self._saved = None
+        return grads[0].reshape(x_shape)  # type: ignore[no-any-return]
+
+    def parameters(self) -> list[Array]:
+        """Cores then bias: the arrays an optimiser updates in place."""
+        return [*self.cores, *([] if self.bias is None else [self.bias])]
+
+    def grads(self) -> list[Array]:
+        """Gradients in the order of :meth:`parameters`, from the last ``backward``."""
+        grads = [*self.core_grads, *([] if self.bias is None else [self.bias_grad])]
+        if any(g is None for g in grads):
+            raise RuntimeError("no gradients yet: call forward and backward first")
+        return grads  # type: ignore[return-value]
+
+    def to_dense(self) -> Array:
+        """The dense ``(in_features, out_features)`` matrix of the cores."""
+        return tnlayers.to_dense(self.cores)
+
+    def __repr__(self) -> str:
+        return f"MPOLinear({self.spec}, bias={self.bias is not None}, dtype={self.dtype}, strategy={self.strategy!r})"
+
+
+def _check_params(params: Sequence[Array]) -> list[Array]:
+    params = list(params)
+    for k, p in enumerate(params):
+        if not isinstance(p, np.ndarray):
+            raise TypeError(f"parameter {k} must be a numpy.ndarray (updated in place), got {type(p).__name__}")
+    return params
+
+
+def _check_grads(params: Sequence[Array], grads: Sequence[Array]) -> None:
+    if len(grads) != len(params):
+        raise ValueError(f"got {len(grads)} gradients for {len(params)} parameters")
+    for k, (p, g) in enumerate(zip(params, grads)):
+        if np.shape(g) != p.shape:
+            raise ValueError(f"gradient {k} has shape {np.shape(g)}, parameter {k} has shape {p.shape}")
+
+
+class SGD:
+    """Stochastic gradient descent with optional momentum and weight decay; updates arrays in place."""
+
+    def __init__(self, params: Sequence[Array], lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0):
+        self.params = _check_params(params)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.velocity = [np.zeros_like(p) for p in self.params]
+
+    def step(self, grads: Sequence[Array]) -> None:
+        _check_grads(self.params, grads)
+        for p, g, v in zip(self.params, grads, self.velocity):
+            g = g + self.weight_decay * p if self.weight_decay else g
+            if self.momentum:
+                v *= self.momentum
+                v += g
+                g = v
+            p -= (self.lr * g).astype(p.dtype, copy=False)
+
+
+class Adam:
+    """Adam (Kingma and Ba, 2015), with decoupled weight decay if ``weight_decay`` > 0 (AdamW)."""
+
+    def __init__(
+        self,
+        params: Sequence[Array],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        self.params = _check_params(params)
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.m = [np.zeros_like(p) for p in self.params]
+        self.v = [np.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    def step(self, grads: Sequence[Array]) -> None:
+        _check_grads(self.params, grads)
+        self.t += 1
+        beta1, beta2 = self.betas
+        scale = self.lr * np.sqrt(1 - beta2**self.t) / (1 - beta1**self.t)
+        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+            m *= beta1
+            m += (1 - beta1) * g
+            v *= beta2
+            v += (1 - beta2) * g * g
+            if self.weight_decay:
+                p -= (self.lr * self.weight_decay * p).astype(p.dtype, copy=False)
+            p -= (scale * m / (np.sqrt(v) + self.eps)).astype(p.dtype, copy=False)

@@ -1,0 +1,40 @@
+"""tnlayers: matrix-product-operator (tensor-train matrix) layers with planned contractions.
+
+The core (this package) imports only NumPy and opt_einsum; framework layers live in
+``tnlayers.backends.<framework>``.
+"""
+
+from .checkpoint import MPOWeights, load, load_layers, save, save_layers
+from .contract import ArrayOps, contract, get_ops
+from .decompose import DecompositionReport, from_dense, frobenius_norm, spec_from_cores, to_dense
+from .init import INITIALIZERS, init_cores
+from .plan import STRATEGIES, ContractionPlan, CostModel, batch_bucket, plan
+from .spec import MPOSpec, RankClippedWarning
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "INITIALIZERS",
+    "STRATEGIES",
+    "ArrayOps",
+    "ContractionPlan",
+    "CostModel",
+    "DecompositionReport",
+    "MPOSpec",
+    "MPOWeights",
+    "RankClippedWarning",
+    "__version__",
+    "batch_bucket",
+    "contract",
+    "from_dense",
+    "frobenius_norm",
+    "get_ops",
+    "init_cores",
+    "load",
+    "load_layers",
+    "plan",
+    "save",
+    "save_layers",
+    "spec_from_cores",
+    "to_dense",
+]

@@ -1,0 +1,202 @@
+"""Dense <-> MPO: ``to_dense``, ``from_dense`` (TT-SVD) and checks on core lists."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .spec import MPOSpec, _as_modes, _as_positive_int
+
+__all__ = ["DecompositionReport", "from_dense", "frobenius_norm", "spec_from_cores", "to_dense"]
+
+
+def spec_from_cores(cores: Sequence[Any]) -> MPOSpec:
+    """The :class:`MPOSpec` of a list of cores of shape ``(r[k], in_modes[k], out_modes[k], r[k+1])``.
+
+    Works on arrays of any framework (only ``.shape`` is read). Raises ``TypeError``/``ValueError``
+    naming the offending core when the list is not a chain of 4-D cores with end bonds 1.
+    """
+    if isinstance(cores, (str, bytes)) or not isinstance(cores, Sequence) or hasattr(cores, "shape"):
+        raise TypeError(
+            f"cores must be a list or tuple of 4-D arrays (r, in, out, r'), got {type(cores).__name__}"
+        )
+    if len(cores) == 0:
+        raise ValueError("cores must hold at least one core, got an empty sequence")
+    shapes = []
+    for k, core in enumerate(cores):
+        shape = getattr(core, "shape", None)
+        if shape is None:
+            raise TypeError(f"core {k} must be an array with a .shape, got {type(core).__name__}")
+        shape = tuple(shape)
+        if len(shape) != 4:
+            raise ValueError(f"core {k} must be 4-D (r, in, out, r'), got shape {shape}")
+        if any(not isinstance(d, numbers.Integral) for d in shape):
+            raise ValueError(f"core {k} must have a fully known shape, got {shape}")
+        shapes.append(tuple(int(d) for d in shape))
+    if shapes[0][0] != 1 or shapes[-1][3] != 1:
+        raise ValueError(
+            f"the first core must start and the last core must end with a bond of 1, "
+            f"got shapes {shapes[0]} ... {shapes[-1]}"
+        )
+    for k in range(len(shapes) - 1):
+        if shapes[k][3] != shapes[k + 1][0]:
+            raise ValueError(
+                f"cores {k} and {k + 1} do not chain: core {k} has shape {shapes[k]} (right bond "
+                f"{shapes[k][3]}) but core {k + 1} has shape {shapes[k + 1]} (left bond {shapes[k + 1][0]})"
+            )
+    for k, shape in enumerate(shapes):
+        if 0 in shape:
+            raise ValueError(f"core {k} has a zero-size dimension: shape {shape}")
+    ranks = (1, *(s[3] for s in shapes[:-1]), 1)
+    return MPOSpec([s[1] for s in shapes], [s[2] for s in shapes], ranks, clip=False)
+
+
+def _numpy_cores(cores: Sequence[Any]) -> tuple[MPOSpec, list[NDArray[Any]]]:
+    spec = spec_from_cores(cores)
+    arrays = [np.asarray(core) for core in cores]
+    for k, array in enumerate(arrays):
+        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating)):
+            raise TypeError(f"core {k} must hold floating-point numbers, got dtype {array.dtype}")
+    return spec, arrays
+
+
+def to_dense(cores: Sequence[Any]) -> NDArray[Any]:
+    """The dense matrix ``W`` of shape ``(in_features, out_features)`` that the cores stand for.
+
+    ``W[(i1..in), (j1..jn)] = sum over bonds of core1[1, i1, j1, a1] core2[a1, i2, j2, a2] ...``
+    with row index ``i1`` most significant (C order), as in ``W.reshape(*in_modes, *out_modes)``.
+    """
+    spec, arrays = _numpy_cores(cores)
+    dense = arrays[0].reshape(spec.in_modes[0], spec.out_modes[0], spec.ranks[1])
+    for core in arrays[1:]:
+        rows, cols, _ = dense.shape
+        _, i, j, r_next = core.shape
+        dense = np.einsum("ABa,aijc->AiBjc", dense, core).reshape(rows * i, cols * j, r_next)
+    return dense[:, :, 0]
+
+
+def frobenius_norm(cores: Sequence[Any]) -> float:
+    """``||to_dense(cores)||_F`` computed with transfer matrices, never forming the dense matrix."""
+    _, arrays = _numpy_cores(cores)
+    env = np.ones((1, 1))
+    for core in arrays:
+        env = np.einsum("ab,aijc,bijd->cd", env, core, core.conj(), optimize=True)
+    return float(math.sqrt(max(float(np.real(env[0, 0])), 0.0)))
+
+
+@dataclass(frozen=True)
+class DecompositionReport:
+    """What :func:`from_dense` kept and how far the result is from the dense matrix."""
+
+    spec: MPOSpec
+    relative_error: float
+    """``||W - to_dense(cores)||_F / ||W||_F``, measured on the returned cores (0 for a zero ``W``)."""
+    singular_values: tuple[NDArray[np.float64], ...]
+    """Singular values found at each inner bond by the sequential SVD, before truncation."""
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return self.spec.ranks
+
+    @property
+    def num_params(self) -> int:
+        return self.spec.num_params
+
+    @property
+    def dense_params(self) -> int:
+        return self.spec.dense_params
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.spec.compression_ratio
+
+
+def _bond_caps(max_rank: int | Sequence[int] | None, n_bonds: int) -> tuple[int | None, ...]:
+    if max_rank is None:
+        return (None,) * n_bonds
+    if isinstance(max_rank, Sequence) and not isinstance(max_rank, (str, bytes)):
+        if len(max_rank) != n_bonds:
+            raise ValueError(f"max_rank must be an int or {n_bonds} inner bond dimensions, got {tuple(max_rank)}")
+        return tuple(_as_positive_int(r, f"max_rank[{k}]") for k, r in enumerate(max_rank))
+    return (_as_positive_int(max_rank, "max_rank"),) * n_bonds
+
+
+def from_dense(
+    matrix: Any,
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    max_rank: int | Sequence[int] | None = None,
+    tol: float | None = None,
+) -> tuple[list[NDArray[Any]], DecompositionReport]:
+    """Cores of an MPO approximating ``matrix`` (shape ``(in_features, out_features)``) by TT-SVD.
+
+    Sequential SVDs from the first core to the last (Oseledets 2011). ``max_rank`` caps every inner
+    bond (an int or one cap per bond); ``tol`` bounds the relative Frobenius error: the squared
+    error budget ``tol**2 * ||W||**2`` is shared among the bonds still to cut, so the result has
+    ``relative_error <= tol``. With neither, only numerically zero singular values are dropped (as in
+    ``np.linalg.matrix_rank``), so bonds come out at the matrix's exact TT ranks and the error is at
+    rounding level.
+    The SVDs run in float64 (complex128 for complex input); cores come back in the input's
+    floating dtype.
+    """
+    dense = np.asarray(matrix)
+    if dense.ndim != 2:
+        raise ValueError(f"matrix must be 2-D (in_features, out_features), got shape {dense.shape}")
+    if not (np.issubdtype(dense.dtype, np.number) and not np.issubdtype(dense.dtype, np.bool_)):
+        raise TypeError(f"matrix must hold numbers, got dtype {dense.dtype}")
+    ins, outs = _as_modes(in_modes, "in_modes"), _as_modes(out_modes, "out_modes")
+    if len(ins) != len(outs):
+        raise ValueError(f"in_modes {ins} and out_modes {outs} must have the same length")
+    if (math.prod(ins), math.prod(outs)) != dense.shape:
+        raise ValueError(
+            f"matrix of shape {dense.shape} does not match in_modes {ins} (product {math.prod(ins)}) "
+            f"and out_modes {outs} (product {math.prod(outs)})"
+        )
+    if tol is not None:
+        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < 1:
+            raise ValueError(f"tol must be a relative error in [0, 1), got {tol!r}")
+    n = len(ins)
+    caps = _bond_caps(max_rank, n - 1)
+    is_complex = np.issubdtype(dense.dtype, np.complexfloating)
+    work_dtype = np.complex128 if is_complex else np.float64
+    out_dtype = dense.dtype if np.issubdtype(dense.dtype, np.inexact) else np.dtype(np.float64)
+    work = dense.astype(work_dtype)
+    if not np.all(np.isfinite(work)):
+        raise ValueError("matrix contains NaN or infinite values")
+    norm_sq = float(np.linalg.norm(work) ** 2)
+    budget = (tol**2) * norm_sq if tol is not None else 0.0
+
+    # W[i1..in, j1..jn] -> T[(i1 j1), (i2 j2), ...]
+    tensor = work.reshape(*ins, *outs).transpose([p for k in range(n) for p in (k, n + k)])
+    remainder = tensor.reshape(ins[0] * outs[0], -1)
+    cores: list[NDArray[Any]] = []
+    spectra: list[NDArray[np.float64]] = []
+    rank = 1
+    for k in range(n - 1):
+        u, s, vh = np.linalg.svd(remainder, full_matrices=False)
+        spectra.append(s.copy())
+        tail_sq = np.cumsum((s**2)[::-1])[::-1]  # tail_sq[r] = error of keeping r values
+        keep = int(np.count_nonzero(s > s[0] * max(remainder.shape) * np.finfo(np.float64).eps))
+        if tol is not None:
+            allowed = budget / (n - 1 - k)
+            keep = min(keep, int(np.nonzero(np.append(tail_sq, 0.0) <= allowed)[0][0]))
+        if caps[k] is not None:
+            keep = min(keep, caps[k])
+        keep = max(1, keep)
+        if keep < len(s):
+            budget = max(budget - float(tail_sq[keep]), 0.0)
+        cores.append(u[:, :keep].reshape(rank, ins[k], outs[k], keep))
+        rank = keep
+        remainder = (s[:keep, None] * vh[:keep]).reshape(rank * ins[k + 1] * outs[k + 1], -1)
+    cores.append(remainder.reshape(rank, ins[-1], outs[-1], 1))
+    cores = [np.ascontiguousarray(c.astype(out_dtype, copy=False)) for c in cores]
+    spec = MPOSpec(ins, outs, [1, *(c.shape[3] for c in cores[:-1]), 1], clip=False)
+    error = float(np.linalg.norm(work - to_dense(cores).astype(work_dtype)))
+    relative = error / math.sqrt(norm_sq) if norm_sq > 0 else 0.0
+    return cores, DecompositionReport(spec=spec, relative_error=relative, singular_values=tuple(spectra))

@@ -1,0 +1,342 @@
+"""Contraction planning: which pairwise order contracts the input with the cores.
+
+A :class:`ContractionPlan` is plain data (strings and tuples of ints), made once per
+``(spec, batch-size bucket, strategy)`` and cached. Executing it needs only a two-operand
+``einsum`` (or ``tensordot``) from the framework, so compilers see plain tensor ops.
+
+The network contracted is ``x[b, i1..in] * core1[i1, j1, a1] * core2[a1, i2, j2, a2] * ...``:
+the size-1 outer bonds of the first and last core are squeezed away before planning, so that
+every index appears in exactly two operands (or one operand and the output) and every pairwise
+step is a plain matrix product.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import opt_einsum
+from opt_einsum.paths import ssa_to_linear
+
+from .spec import MPOSpec, _as_positive_int
+
+__all__ = [
+    "DEFAULT_COST_MODEL",
+    "STRATEGIES",
+    "ContractionPlan",
+    "CostModel",
+    "Pairwise",
+    "PlanStep",
+    "batch_bucket",
+    "plan",
+]
+
+#: Orderings built here (besides ``"auto"``, the cost-model choice among candidates).
+OWN_STRATEGIES = ("zipper", "reverse-zipper", "materialize")
+#: opt_einsum path optimisers accepted by name (``"auto"`` means ours, not opt_einsum's).
+OPT_EINSUM_STRATEGIES = (
+    "greedy",
+    "dp",
+    "optimal",
+    "branch-all",
+    "branch-2",
+    "branch-1",
+    "random-greedy",
+    "random-greedy-128",
+    "auto-hq",
+    "eager",
+)
+STRATEGIES = ("auto", *OWN_STRATEGIES, *OPT_EINSUM_STRATEGIES)
+#: Plans are made for powers of two; this bucket is used when the batch size is unknown.
+DEFAULT_BATCH = 128
+Path = tuple[tuple[int, int], ...]
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class Pairwise(NamedTuple):
+    """One two-operand contraction, as an einsum equation and as ``tensordot(...).transpose(perm)``."""
+
+    equation: str
+    axes: tuple[tuple[int, ...], tuple[int, ...]]
+    perm: tuple[int, ...]
+
+
+class PlanStep(NamedTuple):
+    """Pop the operands at ``positions`` (in that order), contract them, append the result."""
+
+    positions: tuple[int, int]
+    forward: Pairwise
+    grads: tuple[Pairwise, Pairwise]
+    """``grads[0]`` maps ``(grad_out, b) -> grad_a``; ``grads[1]`` maps ``(a, grad_out) -> grad_b``."""
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Estimated seconds of a plan: per step, GEMM time at a shape-dependent efficiency plus memory traffic.
+
+    ``time = overhead + 2*M*N*K / (peak_flops * e(M) * e(N) * e(K)) + (|A| + |B| + |C|) / bandwidth``
+    with ``e(d) = d / (d + half_size)``: small matrix dimensions run far below the GEMM peak.
+    The defaults are rough figures for float32 on a 2-core x86 CPU.
+    """
+
+    peak_flops: float = 6e10
+    bandwidth: float = 2e9
+    half_size: float = 8.0
+    step_overhead: float = 1e-5
+
+    def step_time(self, m: int, n: int, k: int, elements_moved: int) -> float:
+        def efficiency(d: int) -> float:
+            return d / (d + self.half_size)
+
+        gemm = 2.0 * m * n * k / (self.peak_flops * efficiency(m) * efficiency(n) * efficiency(k))
+        return self.step_overhead + gemm + elements_moved / self.bandwidth
+
+
+DEFAULT_COST_MODEL = CostModel()
+
+
+@dataclass(frozen=True)
+class ContractionPlan:
+    """A planned contraction of ``x`` (reshaped to ``(batch, *in_modes)``) with the squeezed cores."""
+
+    spec: MPOSpec
+    batch_size: int
+    """The batch-size bucket the plan was made for; it is correct at every batch size."""
+    strategy: str
+    """The strategy asked for (``"auto"``, ``"zipper"``, ``"greedy"``, ``"path"`` for an explicit path ...)."""
+    method: str
+    """The ordering executed; for ``"auto"`` the candidate it chose."""
+    equation: str
+    path: Path
+    operand_shapes: tuple[tuple[int, ...], ...]
+    """Shapes planned for: ``(batch_size, *in_modes)``, then each core with outer bonds squeezed."""
+    steps: tuple[PlanStep, ...] = field(repr=False)
+    flops: int
+    largest_intermediate: int
+    """Elements of the largest array a step creates (the output included)."""
+    memory_traffic: int
+    """Elements read and written, summed over steps."""
+    estimated_seconds: float
+
+    def describe(self) -> str:
+        """A readable table of the steps (for teaching and debugging)."""
+        lines = [
+            f"{self.strategy} -> {self.method} for {self.spec} at batch {self.batch_size}: "
+            f"{self.flops:.3g} flops, largest intermediate {self.largest_intermediate:,} elements",
+            f"  equation {self.equation}",
+        ]
+        for k, step in enumerate(self.steps):
+            lines.append(f"  step {k}: operands {step.positions} : {step.forward.equation}")
+        return "\n".join(lines)
+
+
+def batch_bucket(batch_size: int | None) -> int:
+    """The power of two at or above ``batch_size`` (``DEFAULT_BATCH`` when unknown, 1 for 0)."""
+    if batch_size is None:
+        return DEFAULT_BATCH
+    size = _as_positive_int(batch_size, "batch_size", minimum=0)
+    return 1 << max(size - 1, 0).bit_length()
+
+
+def _operand_shapes(spec: MPOSpec, batch: int) -> tuple[tuple[int, ...], ...]:
+    shapes: list[tuple[int, ...]] = [(batch, *spec.in_modes)]
+    for k, (r_left, i, o, r_right) in enumerate(spec.core_shapes):
+        shape = (r_left, i, o, r_right)
+        if k == spec.n_cores - 1:
+            shape = shape[:3]
+        if k == 0:
+            shape = shape[1:]
+        shapes.append(shape)
+    return tuple(shapes)
+
+
+def _equation(spec: MPOSpec) -> str:
+    n = spec.n_cores
+    sym = opt_einsum.get_symbol
+    batch, ins, outs = sym(0), [sym(1 + k) for k in range(n)], [sym(1 + n + k) for k in range(n)]
+    bonds = [sym(1 + 2 * n + k) for k in range(n - 1)]
+    terms = [batch + "".join(ins)]
+    for k in range(n):
+        left = bonds[k - 1] if k > 0 else ""
+        right = bonds[k] if k < n - 1 else ""
+        terms.append(left + ins[k] + outs[k] + right)
+    return ",".join(terms) + "->" + batch + "".join(outs)
+
+
+def _pairwise(inputs: tuple[str, str], output: str) -> Pairwise:
+    """Rewrite ``a,b->c`` with letters a-zA-Z and derive its tensordot form."""
+    symbols: dict[str, str] = {}
+    for char in "".join(inputs) + output:
+        if char not in symbols:
+            if len(symbols) == len(_LETTERS):
+                raise ValueError(f"a pairwise step needs more than {len(_LETTERS)} indices: {inputs}->{output}")
+            symbols[char] = _LETTERS[len(symbols)]
+    a, b, c = ("".join(symbols[ch] for ch in term) for term in (*inputs, output))
+    summed = [ch for ch in a if ch in b]
+    if any(ch in c for ch in summed) or sorted(c) != sorted(set(a + b) - set(summed)):
+        raise ValueError(f"step {a},{b}->{c} is not a plain matrix product")
+    axes = (tuple(a.index(ch) for ch in summed), tuple(b.index(ch) for ch in summed))
+    kept = [ch for ch in a if ch not in summed] + [ch for ch in b if ch not in summed]
+    return Pairwise(f"{a},{b}->{c}", axes, tuple(kept.index(ch) for ch in c))
+
+
+def _make_step(positions: tuple[int, int], inputs: tuple[str, str], output: str) -> PlanStep:
+    a, b = inputs
+    return PlanStep(
+        positions=positions,
+        forward=_pairwise((a, b), output),
+        grads=(_pairwise((output, b), a), _pairwise((a, output), b)),
+    )
+
+
+def _ordering_path(name: str, n: int) -> list[tuple[int, int]]:
+    """Linear (opt_einsum) path for the orderings built here; operand 0 is x, 1..n the cores."""
+    if n == 1:
+        return [(0, 1)]
+    if name == "zipper":
+        ssa = [(0, 1)] + [(n + k, k + 1) for k in range(1, n)]
+    elif name == "reverse-zipper":
+        ssa = [(0, n)] + [(n + k, n - k) for k in range(1, n)]
+    else:  # materialize: W = core1 * core2 * ... first, then one product with x
+        ssa = [(1, 2)] + [(n + k, k + 2) for k in range(1, n - 1)] + [(0, 2 * n - 1)]
+    return [tuple(step) for step in ssa_to_linear(ssa)]  # type: ignore[misc]
+
+
+def _build(
+    spec: MPOSpec, batch: int, strategy: str, method: str, optimize: Any, model: CostModel
+) -> ContractionPlan:
+    equation = _equation(spec)
+    shapes = _operand_shapes(spec, batch)
+    try:
+        path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)
+    except (ValueError, TypeError, IndexError, KeyError) as err:
+        raise ValueError(f"cannot plan strategy {strategy!r} for {spec}: {err}") from None
+    sizes = dict(info.size_dict)
+    steps, flops, largest, traffic, seconds = [], 0, 0, 0, 0.0
+    for positions, _, einsum_str, _, _ in info.contraction_list:
+        if len(positions) != 2:
+            raise ValueError(f"strategy {strategy!r} gave a step over {len(positions)} operands; only pairs are run")
+        inputs, output = einsum_str.split("->")
+        a, b = inputs.split(",")
+        steps.append(_make_step((positions[0], positions[1]), (a, b), output))
+        summed = set(a) & set(b)
+
+        def size(indices: Any) -> int:
+            return math.prod(sizes[ch] for ch in indices)
+
+        m, n, k = size(set(a) - summed), size(set(b) - summed), size(summed)
+        moved = size(a) + size(b) + size(output)
+        flops += 2 * m * n * k
+        largest = max(largest, size(output))
+        traffic += moved
+        seconds += model.step_time(m, n, k, moved)
+    return ContractionPlan(
+        spec=spec,
+        batch_size=batch,
+        strategy=strategy,
+        method=method,
+        equation=equation,
+        path=tuple((int(p[0]), int(p[1])) for p in path),
+        operand_shapes=shapes,
+        steps=tuple(steps),
+        flops=flops,
+        largest_intermediate=largest,
+        memory_traffic=traffic,
+        estimated_seconds=seconds,
+    )
+
+
+def _auto_candidates(n: int) -> list[tuple[str, Any]]:
+    candidates: list[tuple[str, Any]] = [(name, None) for name in OWN_STRATEGIES]
+    candidates += [
+        ("greedy", "greedy"),
+        ("dp", opt_einsum.DynamicProgramming(minimize="flops")),
+        ("dp-size", opt_einsum.DynamicProgramming(minimize="size")),
+        ("dp-combo", opt_einsum.DynamicProgramming(minimize="combo")),
+    ]
+    if n <= 6:
+        candidates.append(("optimal", "optimal"))
+    return candidates
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan_cached(spec: MPOSpec, batch: int, key: str | tuple[str, Path], model: CostModel) -> ContractionPlan:
+    """``key`` is a strategy name or ``(label, explicit path)``."""
+    n = spec.n_cores
+    if isinstance(key, tuple):
+        label, path = key
+        return _build(spec, batch, label, label, list(path), model)
+    if key in OWN_STRATEGIES:
+        return _build(spec, batch, key, key, _ordering_path(key, n), model)
+    if key == "auto":
+        plans = []
+        for name, optimizer in _auto_candidates(n):
+            optimize = _ordering_path(name, n) if optimizer is None else optimizer
+            plans.append(_build(spec, batch, "auto", name, optimize, model))
+        return min(plans, key=lambda p: (p.estimated_seconds, p.flops))
+    return _build(spec, batch, key, key, key, model)
+
+
+def _known_opt_einsum_name(name: str) -> bool:
+    if name in OPT_EINSUM_STRATEGIES:
+        return True
+    try:  # names registered by other packages, e.g. cotengra's "hyper"
+        opt_einsum.paths.get_path_fn(name)
+    except KeyError:
+        return False
+    return name != "auto"
+
+
+def plan(
+    spec: MPOSpec,
+    batch_size: int | None = None,
+    strategy: str | Sequence[Sequence[int]] | Callable[..., Any] = "auto",
+    *,
+    cost_model: CostModel = DEFAULT_COST_MODEL,
+) -> ContractionPlan:
+    """Plan the contraction of a ``(batch_size, in_features)`` input with the cores of ``spec``.
+
+    ``strategy`` is ``"auto"`` (the cost model's choice among zipper, reverse-zipper, materialize,
+    greedy, dp and optimal), one of :data:`STRATEGIES`, any other path optimiser name opt_einsum
+    knows, an explicit opt_einsum path (pairs of operand positions; operand 0 is the input), or an
+    opt_einsum ``PathOptimizer`` instance (run once, then cached by the path it found).
+    Plans are cached per ``(spec, batch bucket, strategy)``; the bucket is the next power of two.
+    """
+    if not isinstance(spec, MPOSpec):
+        raise TypeError(f"spec must be an MPOSpec, got {type(spec).__name__}")
+    if not isinstance(cost_model, CostModel):
+        raise TypeError(f"cost_model must be a CostModel, got {type(cost_model).__name__}")
+    batch = batch_bucket(batch_size)
+    if isinstance(strategy, str):
+        name = strategy.lower()
+        if name not in STRATEGIES and not _known_opt_einsum_name(name):
+            raise ValueError(
+                f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}, "
+                f"another opt_einsum path optimiser name, or an explicit path"
+            )
+        return _plan_cached(spec, batch, name, cost_model)
+    if callable(strategy):  # PathOptimizer instance or path function: search once, cache by the path
+        label = type(strategy).__name__
+        found = _build(spec, batch, label, label, strategy, cost_model)
+        return _plan_cached(spec, batch, (label, found.path), cost_model)
+    if isinstance(strategy, Sequence):
+        path = []
+        for step in strategy:
+            if (
+                not isinstance(step, Sequence)
+                or len(step) != 2
+                or not all(isinstance(p, int) and not isinstance(p, bool) for p in step)
+            ):
+                raise ValueError(f"an explicit path must be a sequence of pairs of ints, got step {step!r}")
+            path.append((int(step[0]), int(step[1])))
+        if len(path) != spec.n_cores:
+            raise ValueError(
+                f"an explicit path for {spec.n_cores} cores needs {spec.n_cores} pairwise steps, got {len(path)}"
+            )
+        return _plan_cached(spec, batch, ("path", tuple(path)), cost_model)
+    raise TypeError(
+        f"strategy must be a name, an explicit path or an opt_einsum PathOptimizer, got {type(strategy).__name__}"
+    )
