@@ -1,0 +1,156 @@
+"""Shared fixtures: one ``harness`` per array backend, and the independent dense reference.
+
+Set ``TNLAYERS_TEST_BACKENDS=numpy,torch`` to run only some backends. A backend that is not
+installed is skipped with a reason naming it (CI installs all of them).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import string
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import tnlayers
+from tnlayers.contract import Tape, backprop, execute, get_ops
+
+MNIST_DIR = Path(os.environ.get("TNLAYERS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
+
+
+def dense_reference(cores: list[np.ndarray]) -> np.ndarray:
+    """W of shape (in_features, out_features) from one explicit einsum over all indices (not tnlayers code)."""
+    n = len(cores)
+    letters = iter(string.ascii_letters)
+    bonds = [next(letters) for _ in range(n + 1)]
+    ins = [next(letters) for _ in range(n)]
+    outs = [next(letters) for _ in range(n)]
+    terms = [bonds[k] + ins[k] + outs[k] + bonds[k + 1] for k in range(n)]
+    equation = ",".join(terms) + "->" + bonds[0] + "".join(ins) + "".join(outs) + bonds[n]
+    full = np.einsum(equation, *[np.asarray(c, dtype=np.float64) for c in cores], optimize="greedy")
+    rows = int(np.prod([c.shape[1] for c in cores]))
+    return full.reshape(rows, -1)
+
+
+def assert_close(actual: Any, expected: np.ndarray, dtype: Any) -> None:
+    """rtol 1e-10 in float64 and 1e-4 in float32, relative to the reference's scale."""
+    rtol = 1e-10 if np.dtype(dtype) == np.float64 else 1e-4
+    actual = np.asarray(actual, dtype=np.float64)
+    assert actual.shape == expected.shape
+    scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-30)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+class NumpyHarness:
+    name = "numpy"
+
+    def asarray(self, array: np.ndarray) -> Any:
+        return np.array(array)
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return np.asarray(value)
+
+    def grads(self, x: Any, cores: list[Any], grad_out: np.ndarray, strategy: Any) -> tuple[Any, list[Any]]:
+        """Gradients of sum(grad_out * contract(x, cores)) by the core's reverse mode over the plan."""
+        spec = tnlayers.spec_from_cores(cores)
+        plan = tnlayers.plan(spec, int(np.prod(x.shape[:-1])), strategy)
+        tape: Tape = []
+        ops = get_ops("numpy")
+        execute(plan, x, cores, None, ops, tape)
+        grads = backprop(plan.steps, tape, grad_out.reshape(-1, *spec.out_modes), ops, spec.n_cores + 1)
+        return grads[0].reshape(x.shape), [g.reshape(c.shape) for g, c in zip(grads[1:], cores)]
+
+
+class TorchHarness:
+    name = "torch"
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+
+    def asarray(self, array: np.ndarray) -> Any:
+        return self.torch.from_numpy(np.array(array))
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return value.detach().cpu().numpy()
+
+    def grads(self, x: Any, cores: list[Any], grad_out: np.ndarray, strategy: Any) -> tuple[Any, list[Any]]:
+        x = x.clone().requires_grad_(True)
+        cores = [c.clone().requires_grad_(True) for c in cores]
+        y = tnlayers.contract(x, cores, strategy=strategy)
+        (y * self.torch.from_numpy(grad_out)).sum().backward()
+        return x.grad, [c.grad for c in cores]
+
+
+class TensorflowHarness:
+    name = "tensorflow"
+
+    def __init__(self) -> None:
+        import tensorflow as tf
+
+        self.tf = tf
+
+    def asarray(self, array: np.ndarray) -> Any:
+        return self.tf.constant(array)
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return value.numpy()
+
+    def grads(self, x: Any, cores: list[Any], grad_out: np.ndarray, strategy: Any) -> tuple[Any, list[Any]]:
+        with self.tf.GradientTape() as tape:
+            tape.watch([x, *cores])
+            y = tnlayers.contract(x, cores, strategy=strategy)
+            loss = self.tf.reduce_sum(y * self.tf.constant(grad_out))
+        grads = tape.gradient(loss, [x, *cores])
+        return grads[0], grads[1:]
+
+
+class JaxHarness:
+    name = "jax"
+
+    def __init__(self) -> None:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        self.jax = jax
+
+    def asarray(self, array: np.ndarray) -> Any:
+        return self.jax.numpy.asarray(array)
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return np.asarray(value)
+
+    def grads(self, x: Any, cores: list[Any], grad_out: np.ndarray, strategy: Any) -> tuple[Any, list[Any]]:
+        def loss(x: Any, cores: list[Any]) -> Any:
+            return (tnlayers.contract(x, cores, strategy=strategy) * grad_out).sum()
+
+        gx, gcores = self.jax.grad(loss, argnums=(0, 1))(x, cores)
+        return gx, list(gcores)
+
+
+HARNESSES = {"numpy": NumpyHarness, "torch": TorchHarness, "tensorflow": TensorflowHarness, "jax": JaxHarness}
+_SELECTED = os.environ.get("TNLAYERS_TEST_BACKENDS")
+
+
+def _param(name: str) -> Any:
+    module = {"numpy": "numpy", "torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}[name]
+    missing = importlib.util.find_spec(module) is None
+    return pytest.param(name, id=name, marks=pytest.mark.skipif(missing, reason=f"{module} is not installed"))
+
+
+@pytest.fixture(params=[_param(name) for name in HARNESSES])
+def harness(request: pytest.FixtureRequest) -> Any:
+    if _SELECTED and request.param not in _SELECTED.split(","):
+        pytest.skip(f"{request.param} not in TNLAYERS_TEST_BACKENDS={_SELECTED}")
+    return HARNESSES[request.param]()
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"MNIST not found in {MNIST_DIR} (set TNLAYERS_DATA)")
+    return MNIST_DIR

@@ -1,0 +1,111 @@
+"""to_dense against an explicit einsum; from_dense (TT-SVD): exactness, tol, max_rank, reported error."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from conftest import dense_reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tnlayers
+
+
+def _random_cores(spec: tnlayers.MPOSpec, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=s) for s in spec.core_shapes]
+
+
+@pytest.mark.parametrize(
+    "spec_args", [((4, 7, 7, 4), (4, 4, 4, 4), 3), ((3,), (5,), 1), ((1, 2, 1), (3, 1, 2), 2), ((13, 7), (2, 3), 5)]
+)
+def test_to_dense_matches_explicit_einsum(spec_args) -> None:
+    cores = _random_cores(tnlayers.MPOSpec(*spec_args))
+    np.testing.assert_allclose(tnlayers.to_dense(cores), dense_reference(cores), rtol=1e-12, atol=1e-12)
+
+
+def test_frobenius_norm_without_dense() -> None:
+    cores = _random_cores(tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 5))
+    assert tnlayers.frobenius_norm(cores) == pytest.approx(np.linalg.norm(dense_reference(cores)), rel=1e-12)
+
+
+@pytest.mark.parametrize("modes", [((4, 7, 7, 4), (4, 4, 4, 4)), ((2, 3, 5), (5, 3, 2)), ((7, 13), (1, 6))])
+def test_untruncated_tt_svd_is_exact(modes) -> None:
+    rng = np.random.default_rng(5)
+    in_modes, out_modes = modes
+    matrix = rng.normal(size=(int(np.prod(in_modes)), int(np.prod(out_modes))))
+    cores, report = tnlayers.from_dense(matrix, in_modes, out_modes)
+    error = np.linalg.norm(dense_reference(cores) - matrix) / np.linalg.norm(matrix)
+    assert error < 1e-12
+    assert report.relative_error < 1e-12
+    assert report.ranks == tnlayers.MPOSpec(in_modes, out_modes, 1).max_ranks  # a random matrix has full TT rank
+
+
+def test_recovers_the_ranks_of_an_mpo() -> None:
+    spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), (3, 5, 2))
+    cores = _random_cores(spec, 6)
+    _, report = tnlayers.from_dense(dense_reference(cores), spec.in_modes, spec.out_modes)
+    assert report.ranks == spec.ranks
+    assert report.relative_error < 1e-12
+    assert report.num_params == spec.num_params and report.compression_ratio == spec.compression_ratio
+
+
+@pytest.mark.parametrize("tol", [0.5, 0.2, 0.05, 0.01])
+def test_tol_bounds_the_error_and_report_equals_measurement(tol: float) -> None:
+    rng = np.random.default_rng(7)
+    # a matrix with decaying TT spectrum: an MPO plus noise
+    spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 6)
+    matrix = dense_reference(_random_cores(spec, 8)) + 0.05 * rng.normal(size=(784, 256))
+    cores, report = tnlayers.from_dense(matrix, spec.in_modes, spec.out_modes, tol=tol)
+    measured = np.linalg.norm(dense_reference(cores) - matrix) / np.linalg.norm(matrix)
+    assert measured <= tol
+    assert report.relative_error == pytest.approx(measured, rel=1e-9)
+
+
+def test_max_rank_caps_bonds() -> None:
+    rng = np.random.default_rng(9)
+    matrix = rng.normal(size=(784, 256)).astype(np.float32)
+    cores, report = tnlayers.from_dense(matrix, (4, 7, 7, 4), (4, 4, 4, 4), max_rank=8)
+    assert report.ranks == (1, 8, 8, 8, 1)
+    assert all(c.dtype == np.float32 for c in cores)
+    measured = np.linalg.norm(dense_reference(cores) - matrix) / np.linalg.norm(matrix)
+    assert report.relative_error == pytest.approx(measured, rel=1e-5)
+    _, report = tnlayers.from_dense(matrix, (4, 7, 7, 4), (4, 4, 4, 4), max_rank=(2, 30, 4))
+    assert report.ranks == (1, 2, 30, 4, 1)
+
+
+def test_truncation_is_optimal_for_a_single_bond() -> None:
+    """With two cores TT-SVD is the truncated SVD of the reshaped matrix: Eckart-Young error."""
+    rng = np.random.default_rng(10)
+    matrix = rng.normal(size=(12, 20))
+    in_modes, out_modes = (3, 4), (4, 5)
+    reshaped = matrix.reshape(3, 4, 4, 5).transpose(0, 2, 1, 3).reshape(12, 20)
+    singular = np.linalg.svd(reshaped, compute_uv=False)
+    for rank in (1, 3, 7):
+        _, report = tnlayers.from_dense(matrix, in_modes, out_modes, max_rank=rank)
+        optimal = np.sqrt(np.sum(singular[rank:] ** 2)) / np.linalg.norm(matrix)
+        assert report.relative_error == pytest.approx(optimal, rel=1e-10)
+
+
+def test_zero_matrix() -> None:
+    cores, report = tnlayers.from_dense(np.zeros((6, 6)), (2, 3), (3, 2))
+    assert report.ranks == (1, 1, 1) and report.relative_error == 0.0
+    assert np.all(tnlayers.to_dense(cores) == 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    modes=st.lists(st.tuples(st.integers(1, 4), st.integers(1, 4)), min_size=1, max_size=4),
+    rank=st.integers(1, 4),
+    seed=st.integers(0, 1000),
+)
+def test_roundtrip_random_specs(modes, rank, seed) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tnlayers.RankClippedWarning)
+        spec = tnlayers.MPOSpec([m[0] for m in modes], [m[1] for m in modes], rank)
+    matrix = dense_reference(_random_cores(spec, seed))
+    cores, report = tnlayers.from_dense(matrix, spec.in_modes, spec.out_modes)
+    assert all(r1 <= r2 for r1, r2 in zip(report.ranks, spec.ranks))
+    np.testing.assert_allclose(tnlayers.to_dense(cores), matrix, atol=1e-10 * max(1.0, np.abs(matrix).max()))

@@ -1,0 +1,117 @@
+"""Contraction plans: data, caching, buckets, strategies, and the cost model against measured facts."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pickle
+
+import numpy as np
+import pytest
+
+import tnlayers
+from tnlayers.plan import OPT_EINSUM_STRATEGIES, OWN_STRATEGIES
+
+FC2 = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 8)
+
+
+def _pairwise_flops(equation: str, sizes: dict[str, int]) -> int:
+    a, b = equation.split("->")[0].split(",")
+    return 2 * math.prod(sizes[ch] for ch in set(a) | set(b))
+
+
+@pytest.mark.parametrize("strategy", ["auto", *OWN_STRATEGIES, *OPT_EINSUM_STRATEGIES])
+def test_every_strategy_gives_a_complete_pairwise_plan(strategy: str) -> None:
+    plan = tnlayers.plan(FC2, 32, strategy)
+    assert plan.strategy == strategy
+    assert len(plan.steps) == FC2.n_cores == len(plan.path)
+    assert all(len(step.positions) == 2 for step in plan.steps)
+    assert plan.flops > 0 and plan.largest_intermediate >= 32 * 256
+    assert plan.operand_shapes[0] == (32, 4, 7, 7, 4)
+    assert "->" in plan.equation and plan.describe().count("step") == FC2.n_cores
+
+
+def test_zipper_and_materialize_have_the_expected_structure_and_flops() -> None:
+    batch = 64
+    zipper = tnlayers.plan(FC2, batch, "zipper")
+    assert zipper.path == ((0, 1), (0, 3), (0, 2), (0, 1))  # x absorbs core 1, then 2, 3, 4
+    # zipper flops by hand: step k contracts (B, j1..j_{k-1}, i_k..i_n, r_k) with core k
+    i, o, r = FC2.in_modes, FC2.out_modes, FC2.ranks
+    expected = 0
+    for k in range(4):
+        expected += 2 * batch * math.prod(o[:k]) * math.prod(i[k:]) * r[k] * o[k] * r[k + 1]
+    assert zipper.flops == expected
+    materialize = tnlayers.plan(FC2, batch, "materialize")
+    assert materialize.steps[-1].positions[1] == 0 or materialize.steps[-1].positions[0] == 0
+    assert materialize.flops >= 2 * batch * 784 * 256  # the final GEMM with the whole W
+
+
+def test_plans_are_frozen_hashable_data_and_cached() -> None:
+    plan = tnlayers.plan(FC2, 100, "greedy")
+    assert plan.batch_size == 128
+    assert tnlayers.plan(FC2, 128, "greedy") is plan  # same bucket, same cached object
+    assert tnlayers.plan(FC2, 129, "greedy") is not plan
+    assert tnlayers.plan(FC2, 129, "greedy").batch_size == 256
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.flops = 0  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(plan)) == plan
+    assert hash(plan) == hash(pickle.loads(pickle.dumps(plan)))
+
+
+@pytest.mark.parametrize(("batch", "bucket"), [(None, 128), (0, 1), (1, 1), (2, 2), (3, 4), (1000, 1024), (1024, 1024)])
+def test_batch_bucket(batch, bucket) -> None:
+    assert tnlayers.batch_bucket(batch) == bucket
+
+
+def test_pairwise_steps_are_plain_products_in_ascii() -> None:
+    spec = tnlayers.MPOSpec((2,) * 9 + (1,) * 9, (1,) * 9 + (2,) * 9, 2)  # 54 indices in the whole equation
+    plan = tnlayers.plan(spec, 4, "zipper")
+    for step in plan.steps:
+        assert all(ch.isascii() and ch.isalpha() for ch in step.forward.equation.replace(",", "").replace("->", ""))
+    cores = [np.random.default_rng(k).normal(size=s) for k, s in enumerate(spec.core_shapes)]
+    x = np.random.default_rng(0).normal(size=(4, spec.in_features))
+    y = tnlayers.contract(x, cores, strategy=plan)
+    np.testing.assert_allclose(y, x @ tnlayers.to_dense(cores), rtol=1e-10, atol=1e-10 * np.abs(y).max())
+
+
+def test_flops_are_counted_step_by_step() -> None:
+    plan = tnlayers.plan(FC2, 16, "dp")
+    shapes = plan.operand_shapes
+    terms = plan.equation.split("->")[0].split(",")
+    sizes = {ch: d for term, shape in zip(terms, shapes) for ch, d in zip(term, shape)}
+    # recompute flops from the global equation and the path, independently of the plan's steps
+    operands = list(terms)
+    total = 0
+    for i, j in plan.path:
+        a, b = operands[i], operands[j]
+        for index in sorted((i, j), reverse=True):
+            operands.pop(index)
+        rest = "".join(operands) + plan.equation.split("->")[1]
+        kept = "".join(ch for ch in a + b if ch in rest and ch not in (set(a) & set(b)))
+        total += _pairwise_flops(f"{a},{b}->{kept}", sizes)
+        operands.append(kept)
+    assert total == plan.flops
+
+
+def test_auto_follows_the_measured_facts() -> None:
+    """BENCHMARKING.md: at batch 1 materialising a 4096x4096 W was up to 170x slower than the best;
+    at batch 1024 (784 -> 256, r 8) the fewest-flops dp path ran ~3x slower than materialize."""
+    big = tnlayers.MPOSpec((16, 16, 16), (16, 16, 16), 8)
+    assert tnlayers.plan(big, 1, "auto").method != "materialize"
+    auto = tnlayers.plan(FC2, 1024, "auto")
+    fewest = tnlayers.plan(FC2, 1024, "dp")
+    assert auto.flops > fewest.flops  # it does not pick the fewest flops ...
+    assert auto.largest_intermediate < fewest.largest_intermediate  # ... when that costs a 14x intermediate
+
+
+def test_auto_is_never_estimated_slower_than_a_named_candidate() -> None:
+    for batch in (1, 16, 256, 4096):
+        auto = tnlayers.plan(FC2, batch, "auto")
+        for name in (*OWN_STRATEGIES, "greedy", "dp", "optimal"):
+            assert auto.estimated_seconds <= tnlayers.plan(FC2, batch, name).estimated_seconds * (1 + 1e-12)
+
+
+def test_cost_model_is_configurable() -> None:
+    flops_only = tnlayers.CostModel(bandwidth=float("inf"), half_size=0.0, step_overhead=0.0)
+    plan = tnlayers.plan(FC2, 1024, "auto", cost_model=flops_only)
+    assert plan.flops == min(tnlayers.plan(FC2, 1024, s).flops for s in ("zipper", "materialize", "greedy", "dp"))
