@@ -134,7 +134,9 @@ class MPOLinear:
         if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., {self.in_features}), got {x.shape}")
         if x.dtype != self.dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the layer has dtype {self.dtype}; use x.astype(np.{self.dtype})")
+            raise TypeError(
+                f"x has dtype {x.dtype} but the layer has dtype {self.dtype}; use x.astype(np.{self.dtype})"
+            )
         return x
 
     def forward(self, x: Array) -> Array:
@@ -156,7 +158,9 @@ class MPOLinear:
         plan, tape, x_shape = self._saved
         expected = (*x_shape[:-1], self.out_features)
         if not isinstance(grad_out, np.ndarray) or grad_out.shape != expected:
-            raise ValueError(f"grad_out must be an array of shape {expected}, got {getattr(grad_out, 'shape', grad_out)}")
+            raise ValueError(
+                f"grad_out must be an array of shape {expected}, got {getattr(grad_out, 'shape', grad_out)}"
+            )
         grad = np.asarray(grad_out, dtype=self.dtype).reshape(-1, *self.spec.out_modes)
         grads = backprop(plan.steps, tape, grad, _OPS, self.spec.n_cores + 1)
         self.core_grads = [g.reshape(c.shape) for g, c in zip(grads[1:], self.cores)]

@@ -45,7 +45,7 @@ def _to_numpy(value: Any, what: str) -> NDArray[Any]:
         value = value.detach().cpu()
     try:
         array = np.asarray(value)
-    except Exception as err:  # noqa: BLE001 - any conversion failure becomes one clear error
+    except Exception as err:
         raise TypeError(f"{what} must be array-like, got {type(value).__name__}: {err}") from None
     if not np.issubdtype(array.dtype, np.floating):
         raise TypeError(f"{what} must hold floating-point numbers, got dtype {array.dtype}")

@@ -39,7 +39,7 @@ def blur_matrix(in_side: int = 28, out_side: int = 16, width: float = 1.5) -> ND
     centres = (np.arange(out_side) + 0.5) * in_side / out_side - 0.5
     one_d = np.exp(-((pixels[:, None] - centres[None, :]) ** 2) / (2 * width**2))
     one_d /= one_d.sum(axis=0, keepdims=True)
-    return np.kron(one_d, one_d)  # rows: (y, x) pixels in; columns: (y, x) pixels out
+    return np.asarray(np.kron(one_d, one_d), dtype=np.float64)  # rows: (y, x) pixels in; columns: (y, x) pixels out
 
 
 def _median_ms(function: Any, repeats: int) -> float:
@@ -91,7 +91,7 @@ def demo(ranks: Sequence[int], batches: Sequence[int], seed: int, repeats: int) 
         auto_choice = plan(spec, batch, "auto").method
         for strategy in DEMO_STRATEGIES:
             chosen = plan(spec, batch, strategy)
-            ms = _median_ms(lambda chosen=chosen: contract(x, cores, strategy=chosen), repeats)
+            ms = _median_ms(lambda chosen=chosen, x=x: contract(x, cores, strategy=chosen), repeats)
             label = f"auto ({auto_choice})" if strategy == "auto" else strategy
             rows.append(
                 [

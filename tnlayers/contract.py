@@ -163,7 +163,7 @@ def _leading_size(x: Any) -> int | None:
     dims = tuple(x.shape)[:-1]
     if any(not isinstance(d, int) for d in dims):
         return None
-    return math.prod(dims)
+    return int(math.prod(dims))
 
 
 def _check_inputs(x: Any, cores: Sequence[Any], bias: Any, spec: MPOSpec) -> None:

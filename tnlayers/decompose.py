@@ -23,9 +23,7 @@ def spec_from_cores(cores: Sequence[Any]) -> MPOSpec:
     naming the offending core when the list is not a chain of 4-D cores with end bonds 1.
     """
     if isinstance(cores, (str, bytes)) or not isinstance(cores, Sequence) or hasattr(cores, "shape"):
-        raise TypeError(
-            f"cores must be a list or tuple of 4-D arrays (r, in, out, r'), got {type(cores).__name__}"
-        )
+        raise TypeError(f"cores must be a list or tuple of 4-D arrays (r, in, out, r'), got {type(cores).__name__}")
     if len(cores) == 0:
         raise ValueError("cores must hold at least one core, got an empty sequence")
     shapes = []
@@ -158,9 +156,8 @@ def from_dense(
             f"matrix of shape {dense.shape} does not match in_modes {ins} (product {math.prod(ins)}) "
             f"and out_modes {outs} (product {math.prod(outs)})"
         )
-    if tol is not None:
-        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < 1:
-            raise ValueError(f"tol must be a relative error in [0, 1), got {tol!r}")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < 1):
+        raise ValueError(f"tol must be a relative error in [0, 1), got {tol!r}")
     n = len(ins)
     caps = _bond_caps(max_rank, n - 1)
     is_complex = np.issubdtype(dense.dtype, np.complexfloating)
@@ -186,8 +183,9 @@ def from_dense(
         if tol is not None:
             allowed = budget / (n - 1 - k)
             keep = min(keep, int(np.nonzero(np.append(tail_sq, 0.0) <= allowed)[0][0]))
-        if caps[k] is not None:
-            keep = min(keep, caps[k])
+        cap = caps[k]
+        if cap is not None:
+            keep = min(keep, cap)
         keep = max(1, keep)
         if keep < len(s):
             budget = max(budget - float(tail_sq[keep]), 0.0)

@@ -143,8 +143,8 @@ def batch_bucket(batch_size: int | None) -> int:
 
 def _operand_shapes(spec: MPOSpec, batch: int) -> tuple[tuple[int, ...], ...]:
     shapes: list[tuple[int, ...]] = [(batch, *spec.in_modes)]
-    for k, (r_left, i, o, r_right) in enumerate(spec.core_shapes):
-        shape = (r_left, i, o, r_right)
+    for k, core_shape in enumerate(spec.core_shapes):
+        shape: tuple[int, ...] = core_shape
         if k == spec.n_cores - 1:
             shape = shape[:3]
         if k == 0:
@@ -155,7 +155,10 @@ def _operand_shapes(spec: MPOSpec, batch: int) -> tuple[tuple[int, ...], ...]:
 
 def _equation(spec: MPOSpec) -> str:
     n = spec.n_cores
-    sym = opt_einsum.get_symbol
+
+    def sym(k: int) -> str:
+        return str(opt_einsum.get_symbol(k))
+
     batch, ins, outs = sym(0), [sym(1 + k) for k in range(n)], [sym(1 + n + k) for k in range(n)]
     bonds = [sym(1 + 2 * n + k) for k in range(n - 1)]
     terms = [batch + "".join(ins)]
@@ -202,12 +205,10 @@ def _ordering_path(name: str, n: int) -> list[tuple[int, int]]:
         ssa = [(0, n)] + [(n + k, n - k) for k in range(1, n)]
     else:  # materialize: W = core1 * core2 * ... first, then one product with x
         ssa = [(1, 2)] + [(n + k, k + 2) for k in range(1, n - 1)] + [(0, 2 * n - 1)]
-    return [tuple(step) for step in ssa_to_linear(ssa)]  # type: ignore[misc]
+    return [(int(i), int(j)) for i, j in ssa_to_linear(ssa)]
 
 
-def _build(
-    spec: MPOSpec, batch: int, strategy: str, method: str, optimize: Any, model: CostModel
-) -> ContractionPlan:
+def _build(spec: MPOSpec, batch: int, strategy: str, method: str, optimize: Any, model: CostModel) -> ContractionPlan:
     equation = _equation(spec)
     shapes = _operand_shapes(spec, batch)
     try:

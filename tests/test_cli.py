@@ -1,0 +1,45 @@
+"""The README's main command and the plan command run and print what they promise."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import tnlayers
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tnlayers", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_demo() -> None:
+    result = _run("demo", "--ranks", "2", "8", "--batches", "1", "256", "--repeats", "1")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "blur 28x28 -> 16x16" in out and "gaussian random" in out
+    assert "(1, 16, 448, 16, 1)" in out  # the exact decomposition of the random matrix has full bonds
+    auto_1 = tnlayers.plan(tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 8), 1).method
+    assert f"auto ({auto_1})" in out
+    for strategy in ("zipper", "reverse-zipper", "materialize", "greedy", "dp", "optimal"):
+        assert f" {strategy} |" in out
+
+
+def test_plan_command() -> None:
+    result = _run("plan", "4x7x7x4", "4x4x4x4", "--rank", "8", "--batch", "1024", "--strategy", "zipper")
+    assert result.returncode == 0, result.stderr
+    assert "zipper -> zipper" in result.stdout and result.stdout.count("step ") == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["plan", "4x7", "4x4x4", "--rank", "2"], "same length"),
+        (["plan", "4xseven", "4x4"], "modes must look like 4x7x7x4"),
+        (["plan", "4x7", "4x4", "--strategy", "fastest"], "unknown strategy 'fastest'"),
+    ],
+)
+def test_plan_command_errors(args: list[str], message: str) -> None:
+    result = _run(*args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

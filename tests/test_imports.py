@@ -1,0 +1,24 @@
+"""The core never imports a deep-learning framework, and the package installs as asked."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_core_and_numpy_backend_import_no_framework() -> None:
+    code = (
+        "import sys, tnlayers, tnlayers.backends.numpy, tnlayers.cli, tnlayers.datasets\n"
+        "import numpy as np\n"
+        "cores = tnlayers.init_cores(tnlayers.MPOSpec((2, 3), (3, 2), 2), seed=0)\n"
+        "tnlayers.contract(np.ones((1, 6), np.float32), cores)\n"
+        "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'jax', 'jaxlib') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_backends_are_a_subpackage_of_tnlayers() -> None:
+    code = "import tnlayers.backends.numpy as m; print(m.__name__, m.MPOLinear.__module__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert result.stdout.split() == ["tnlayers.backends.numpy", "tnlayers.backends.numpy"]
