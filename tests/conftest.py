@@ -35,6 +35,26 @@ def dense_reference(cores: list[np.ndarray]) -> np.ndarray:
     return full.reshape(rows, -1)
 
 
+def reference_core_gradients(cores: list[np.ndarray], x: np.ndarray, grad_out: np.ndarray) -> list[np.ndarray]:
+    """Gradients of sum(grad_out * (x @ W)) for every core, from dense matrices only.
+
+    W is linear in each core, so <dL/dcore_k, e> = sum(grad_out * (x @ W(cores with e at k))) exactly;
+    evaluating that for every basis element e gives the gradient (use small cores).
+    """
+    x2 = np.asarray(x, np.float64).reshape(-1, int(np.prod([c.shape[1] for c in cores])))
+    g2 = np.asarray(grad_out, np.float64).reshape(len(x2), -1)
+    grads = []
+    for k, core in enumerate(cores):
+        flat_grad = np.zeros(core.size)
+        for flat in range(core.size):
+            basis = np.zeros(core.size)
+            basis[flat] = 1.0
+            replaced = [*cores[:k], basis.reshape(core.shape), *cores[k + 1 :]]
+            flat_grad[flat] = np.sum(g2 * (x2 @ dense_reference(replaced)))
+        grads.append(flat_grad.reshape(core.shape))
+    return grads
+
+
 def assert_close(actual: Any, expected: np.ndarray, dtype: Any) -> None:
     """rtol 1e-10 in float64 and 1e-4 in float32, relative to the reference's scale."""
     rtol = 1e-10 if np.dtype(dtype) == np.float64 else 1e-4
@@ -147,6 +167,41 @@ def harness(request: pytest.FixtureRequest) -> Any:
     if _SELECTED and request.param not in _SELECTED.split(","):
         pytest.skip(f"{request.param} not in TNLAYERS_TEST_BACKENDS={_SELECTED}")
     return HARNESSES[request.param]()
+
+
+class NumpyLayerHarness:
+    """How the shared layer tests build, run and differentiate a framework's MPO layer."""
+
+    name = "numpy"
+
+    def make(self, in_modes: Any, out_modes: Any, rank: Any, strategy: Any, dtype: Any, seed: int = 0) -> Any:
+        from tnlayers.backends.numpy import MPOLinear
+
+        return MPOLinear(in_modes, out_modes, rank, seed=seed, strategy=strategy, dtype=dtype)
+
+    def set_bias(self, layer: Any, values: np.ndarray) -> None:
+        layer.bias[:] = values
+
+    def weights(self, layer: Any) -> tuple[list[np.ndarray], np.ndarray | None]:
+        return list(layer.cores), layer.bias
+
+    def forward(self, layer: Any, x: np.ndarray) -> np.ndarray:
+        return np.asarray(layer(x))
+
+    def grads(self, layer: Any, x: np.ndarray, grad_out: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], Any]:
+        layer(x)
+        grad_x = layer.backward(grad_out)
+        return grad_x, list(layer.core_grads), layer.bias_grad
+
+
+LAYER_HARNESSES = {"numpy": NumpyLayerHarness}
+
+
+@pytest.fixture(params=[_param(name) for name in LAYER_HARNESSES])
+def layer_harness(request: pytest.FixtureRequest) -> Any:
+    if _SELECTED and request.param not in _SELECTED.split(","):
+        pytest.skip(f"{request.param} not in TNLAYERS_TEST_BACKENDS={_SELECTED}")
+    return LAYER_HARNESSES[request.param]()
 
 
 @pytest.fixture

@@ -18,6 +18,16 @@ def test_core_and_numpy_backend_import_no_framework() -> None:
     assert result.stdout.strip() == "[]"
 
 
+def test_the_core_imports_only_numpy_and_opt_einsum() -> None:
+    code = (
+        "import sys; before = set(sys.modules); import tnlayers\n"
+        "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
+        "print(sorted(new - set(sys.stdlib_module_names) - {'_distutils_hack'}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "['numpy', 'opt_einsum', 'tnlayers']"
+
+
 def test_backends_are_a_subpackage_of_tnlayers() -> None:
     code = "import tnlayers.backends.numpy as m; print(m.__name__, m.MPOLinear.__module__)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")

@@ -16,8 +16,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from .decompose import spec_from_cores
 from .spec import MPOSpec
@@ -88,6 +86,8 @@ def save_layers(path: str | os.PathLike[str], layers: Mapping[str, tuple[Sequenc
         entry, layer_tensors = _layer_tensors(name, value[0], value[1])
         entries.append(entry)
         tensors.update(layer_tensors)
+    from safetensors.numpy import save_file  # imported here: `import tnlayers` needs only numpy and opt_einsum
+
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "layers": json.dumps(entries)}
     target = Path(path)
     handle, temporary = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", suffix=".tmp")
@@ -112,6 +112,8 @@ def _not_a_checkpoint(path: Path, why: str) -> ValueError:
 
 def load_layers(path: str | os.PathLike[str]) -> dict[str, MPOWeights]:
     """Read every layer of a checkpoint written by :func:`save` or :func:`save_layers`."""
+    from safetensors import SafetensorError, safe_open
+
     source = Path(path)
     if not source.is_file():
         raise FileNotFoundError(f"no checkpoint file at {source}")
