@@ -99,11 +99,11 @@ def demo(ranks: Sequence[int], batches: Sequence[int], seed: int, repeats: int) 
                     label,
                     f"{chosen.flops:.3e}",
                     f"{chosen.largest_intermediate:,}",
-                    f"{chosen.estimated_seconds * 1e3:.3f}",
+                    f"{chosen.cost * 1e3:.3g}",
                     f"{ms:.3f}",
                 ]
             )
-    headers = ["batch", "strategy", "flops", "largest interm.", "model ms", "numpy ms"]
+    headers = ["batch", "strategy", "flops", "largest interm.", "model cost", "numpy ms"]
     print(_table(headers, rows))
     print(f"\nOther strategies: {', '.join(OPT_EINSUM_STRATEGIES)}, or an explicit opt_einsum path.")
 

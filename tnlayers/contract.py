@@ -34,19 +34,15 @@ def _numpy_pairwise(step: Pairwise, a: Any, b: Any) -> Any:
     return np.tensordot(a, b, axes=step.axes).transpose(step.perm)
 
 
-def _numpy_ops() -> ArrayOps:
-    return ArrayOps(
-        name="numpy",
-        pairwise=_numpy_pairwise,
-        reshape=lambda x, shape: x.reshape(shape),
-        restore_leading=lambda y, x, out: y.reshape((*x.shape[:-1], out)),
-    )
+def _einsum_pairwise(einsum: Callable[..., Any]) -> Callable[[Pairwise, Any, Any], Any]:
+    return lambda step, a, b: einsum(step.equation, a, b)
 
 
-def _einsum_ops(name: str, einsum: Callable[..., Any]) -> ArrayOps:
+def _method_ops(name: str, pairwise: Callable[[Pairwise, Any, Any], Any]) -> ArrayOps:
+    """Ops for arrays with a NumPy-like ``.reshape`` and ``.shape`` (numpy, torch, jax)."""
     return ArrayOps(
         name=name,
-        pairwise=lambda step, a, b: einsum(step.equation, a, b),
+        pairwise=pairwise,
         reshape=lambda x, shape: x.reshape(shape),
         restore_leading=lambda y, x, out: y.reshape((*x.shape[:-1], out)),
     )
@@ -62,7 +58,7 @@ def _tensorflow_ops() -> ArrayOps:
 
     return ArrayOps(
         name="tensorflow",
-        pairwise=lambda step, a, b: tf.einsum(step.equation, a, b),
+        pairwise=_einsum_pairwise(tf.einsum),
         reshape=tf.reshape,
         restore_leading=restore_leading,
     )
@@ -70,11 +66,11 @@ def _tensorflow_ops() -> ArrayOps:
 
 def _make_ops(name: str) -> ArrayOps:
     if name == "numpy":
-        return _numpy_ops()
+        return _method_ops("numpy", _numpy_pairwise)
     if name == "torch":
-        return _einsum_ops("torch", sys.modules["torch"].einsum)
+        return _method_ops("torch", _einsum_pairwise(sys.modules["torch"].einsum))
     if name == "jax":
-        return _einsum_ops("jax", sys.modules["jax"].numpy.einsum)
+        return _method_ops("jax", _einsum_pairwise(sys.modules["jax"].numpy.einsum))
     return _tensorflow_ops()
 
 
