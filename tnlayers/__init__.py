@@ -8,12 +8,13 @@ from .checkpoint import MPOWeights, load, load_layers, save, save_layers
 from .contract import ArrayOps, contract, get_ops
 from .decompose import DecompositionReport, frobenius_norm, from_dense, spec_from_cores, to_dense
 from .init import INITIALIZERS, init_cores
-from .plan import STRATEGIES, ContractionPlan, CostModel, batch_bucket, plan
+from .plan import DEFAULT_COST_MODEL, STRATEGIES, ContractionPlan, CostModel, batch_bucket, plan
 from .spec import MPOSpec, RankClippedWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_COST_MODEL",
     "INITIALIZERS",
     "STRATEGIES",
     "ArrayOps",

@@ -96,6 +96,10 @@ class CostModel:
         gemm = 2.0 * m * n * k / (self.peak_flops * efficiency(m) * efficiency(n) * efficiency(k))
         return self.step_overhead + gemm + elements_moved / self.bandwidth
 
+    def estimate(self, step_sizes: Sequence[tuple[int, int, int, int]]) -> float:
+        """The cost of a plan from its ``step_sizes`` (so a plan can be re-scored under another model)."""
+        return sum(self.step_cost(*sizes) for sizes in step_sizes)
+
 
 DEFAULT_COST_MODEL = CostModel()
 
@@ -116,6 +120,8 @@ class ContractionPlan:
     operand_shapes: tuple[tuple[int, ...], ...]
     """Shapes planned for: ``(batch_size, *in_modes)``, then each core with outer bonds squeezed."""
     steps: tuple[PlanStep, ...] = field(repr=False)
+    step_sizes: tuple[tuple[int, int, int, int], ...] = field(repr=False)
+    """Per step ``(M, N, K, elements moved)``: the matrix product ``(M, K) @ (K, N)`` it amounts to."""
     flops: int
     largest_intermediate: int
     """Elements of the largest array a step creates (the output included)."""
@@ -219,7 +225,7 @@ def _build(spec: MPOSpec, batch: int, strategy: str, method: str, optimize: Any,
     except (ValueError, TypeError, IndexError, KeyError) as err:
         raise ValueError(f"cannot plan strategy {strategy!r} for {spec}: {err}") from None
     sizes = dict(info.size_dict)
-    steps, flops, largest, traffic, cost = [], 0, 0, 0, 0.0
+    steps, step_sizes, flops, largest, traffic = [], [], 0, 0, 0
     for positions, _, einsum_str, _, _ in info.contraction_list:
         if len(positions) != 2:
             raise ValueError(f"strategy {strategy!r} gave a step over {len(positions)} operands; only pairs are run")
@@ -236,7 +242,7 @@ def _build(spec: MPOSpec, batch: int, strategy: str, method: str, optimize: Any,
         flops += 2 * m * n * k
         largest = max(largest, size(output))
         traffic += moved
-        cost += model.step_cost(m, n, k, moved)
+        step_sizes.append((m, n, k, moved))
     return ContractionPlan(
         spec=spec,
         batch_size=batch,
@@ -246,10 +252,11 @@ def _build(spec: MPOSpec, batch: int, strategy: str, method: str, optimize: Any,
         path=tuple((int(p[0]), int(p[1])) for p in path),
         operand_shapes=shapes,
         steps=tuple(steps),
+        step_sizes=tuple(step_sizes),
         flops=flops,
         largest_intermediate=largest,
         memory_traffic=traffic,
-        cost=cost,
+        cost=model.estimate(step_sizes),
     )
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks of tnlayers: ``python -m benchmarks.calibrate`` (see its docstring)."""
