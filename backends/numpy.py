@@ -61,6 +61,8 @@ class MPOLinear:
         tnlayers.plan(self.spec, None, strategy)  # reject a bad strategy now, not at the first call
         self.strategy = strategy
         self.training = True
+        self.decomposition: tnlayers.DecompositionReport | None = None
+        """The TT-SVD report when the layer was made by :meth:`from_dense`."""
         self.core_grads: list[Array | None] = [None] * self.spec.n_cores
         self.bias_grad: Array | None = None
         self._saved: tuple[ContractionPlan, Tape, tuple[int, ...]] | None = None

@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.simplefilter("ignore", tnlayers.RankClippedWarning)
     cases, batches = (QUICK_CASES, QUICK_BATCHES) if args.quick else (CASES, BATCHES)
     records = measure(args.backend, cases, batches, 2 if args.quick else args.repeats)
-    environment = {
+    environment: dict[str, Any] = {
         "python": sys.version.split()[0],
         "numpy": np.__version__,
         "tnlayers": tnlayers.__version__,

@@ -109,3 +109,43 @@ def test_roundtrip_random_specs(modes, rank, seed) -> None:
     cores, report = tnlayers.from_dense(matrix, spec.in_modes, spec.out_modes)
     assert all(r1 <= r2 for r1, r2 in zip(report.ranks, spec.ranks))
     np.testing.assert_allclose(tnlayers.to_dense(cores), matrix, atol=1e-10 * max(1.0, np.abs(matrix).max()))
+
+
+def test_truncate_drops_redundant_bonds_exactly() -> None:
+    """Inflate the bonds with random invertible gauges and zero-padding; truncate recovers the minimal ranks."""
+    spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), (3, 5, 2))
+    cores = _random_cores(spec, 11)
+    rng = np.random.default_rng(12)
+    padded = []
+    for k, core in enumerate(cores):
+        left = 1 if k == 0 else core.shape[0] + 2
+        right = 1 if k == 3 else core.shape[3] + 2
+        big = np.zeros((left, *core.shape[1:3], right))
+        big[: core.shape[0], :, :, : core.shape[3]] = core
+        padded.append(big)
+    for k in range(3):  # a gauge G, G^-1 on every inner bond leaves W unchanged
+        gauge = rng.normal(size=(padded[k].shape[3],) * 2) + 3 * np.eye(padded[k].shape[3])
+        padded[k] = np.tensordot(padded[k], gauge, axes=(3, 0))
+        padded[k + 1] = np.tensordot(np.linalg.inv(gauge), padded[k + 1], axes=(1, 0))
+    weight = dense_reference(cores)
+    np.testing.assert_allclose(dense_reference(padded), weight, atol=1e-9 * np.abs(weight).max())
+    truncated, report = tnlayers.truncate(padded)
+    assert report.ranks == spec.ranks
+    assert report.relative_error < 1e-12
+    np.testing.assert_allclose(dense_reference(truncated), weight, atol=1e-9 * np.abs(weight).max())
+
+
+@pytest.mark.parametrize("options", [{"max_rank": 4}, {"max_rank": (2, 9, 3)}, {"tol": 0.3}, {"tol": 0.05}])
+def test_truncate_matches_tt_svd_of_the_dense_matrix(options) -> None:
+    spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 12)
+    cores = _random_cores(spec, 13)
+    weight = dense_reference(cores)
+    truncated, report = tnlayers.truncate(cores, **options)
+    measured = np.linalg.norm(dense_reference(truncated) - weight) / np.linalg.norm(weight)
+    assert report.relative_error == pytest.approx(measured, rel=1e-8)
+    if "tol" in options:
+        assert measured <= options["tol"]
+    _, dense_report = tnlayers.from_dense(weight, spec.in_modes, spec.out_modes, **options)
+    assert report.ranks == dense_report.ranks
+    assert report.relative_error == pytest.approx(dense_report.relative_error, rel=1e-8)
+    assert all(c.dtype == np.float64 for c in truncated)

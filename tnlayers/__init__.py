@@ -6,7 +6,7 @@ The core (this package) imports only NumPy and opt_einsum; framework layers live
 
 from .checkpoint import MPOWeights, load, load_layers, save, save_layers
 from .contract import ArrayOps, contract, get_ops
-from .decompose import DecompositionReport, frobenius_norm, from_dense, spec_from_cores, to_dense
+from .decompose import DecompositionReport, frobenius_norm, from_dense, spec_from_cores, to_dense, truncate
 from .init import INITIALIZERS, init_cores
 from .plan import DEFAULT_COST_MODEL, STRATEGIES, ContractionPlan, CostModel, batch_bucket, plan
 from .spec import MPOSpec, RankClippedWarning
@@ -38,4 +38,5 @@ __all__ = [
     "save_layers",
     "spec_from_cores",
     "to_dense",
+    "truncate",
 ]

@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 
 from .spec import MPOSpec, _as_modes, _as_positive_int
 
-__all__ = ["DecompositionReport", "from_dense", "frobenius_norm", "spec_from_cores", "to_dense"]
+__all__ = ["DecompositionReport", "from_dense", "frobenius_norm", "spec_from_cores", "to_dense", "truncate"]
 
 
 def spec_from_cores(cores: Sequence[Any]) -> MPOSpec:
@@ -125,6 +125,23 @@ def _bond_caps(max_rank: int | Sequence[int] | None, n_bonds: int) -> tuple[int 
     return (_as_positive_int(max_rank, "max_rank"),) * n_bonds
 
 
+def _check_tol(tol: Any) -> None:
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= float(tol) < 1):
+        raise ValueError(f"tol must be a relative error in [0, 1), got {tol!r}")
+
+
+def _bond_to_keep(s: NDArray[np.float64], shape: tuple[int, ...], allowed: float | None, cap: int | None) -> int:
+    """How many singular values to keep: the numerical rank, lowered to fit the squared error
+    ``allowed`` and the cap ``cap``; at least one."""
+    keep = int(np.count_nonzero(s > s[0] * max(shape) * np.finfo(np.float64).eps))
+    if allowed is not None:
+        tail_sq = np.append(np.cumsum((s**2)[::-1])[::-1], 0.0)  # tail_sq[r]: squared error of keeping r
+        keep = min(keep, int(np.nonzero(tail_sq <= allowed)[0][0]))
+    if cap is not None:
+        keep = min(keep, cap)
+    return max(1, keep)
+
+
 def from_dense(
     matrix: Any,
     in_modes: Sequence[int],
@@ -156,8 +173,7 @@ def from_dense(
             f"matrix of shape {dense.shape} does not match in_modes {ins} (product {math.prod(ins)}) "
             f"and out_modes {outs} (product {math.prod(outs)})"
         )
-    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < 1):
-        raise ValueError(f"tol must be a relative error in [0, 1), got {tol!r}")
+    _check_tol(tol)
     n = len(ins)
     caps = _bond_caps(max_rank, n - 1)
     is_complex = np.issubdtype(dense.dtype, np.complexfloating)
@@ -178,17 +194,8 @@ def from_dense(
     for k in range(n - 1):
         u, s, vh = np.linalg.svd(remainder, full_matrices=False)
         spectra.append(s.copy())
-        tail_sq = np.cumsum((s**2)[::-1])[::-1]  # tail_sq[r] = error of keeping r values
-        keep = int(np.count_nonzero(s > s[0] * max(remainder.shape) * np.finfo(np.float64).eps))
-        if tol is not None:
-            allowed = budget / (n - 1 - k)
-            keep = min(keep, int(np.nonzero(np.append(tail_sq, 0.0) <= allowed)[0][0]))
-        cap = caps[k]
-        if cap is not None:
-            keep = min(keep, cap)
-        keep = max(1, keep)
-        if keep < len(s):
-            budget = max(budget - float(tail_sq[keep]), 0.0)
+        keep = _bond_to_keep(s, remainder.shape, None if tol is None else budget / (n - 1 - k), caps[k])
+        budget = max(budget - float(np.sum(s[keep:] ** 2)), 0.0)
         cores.append(u[:, :keep].reshape(rank, ins[k], outs[k], keep))
         rank = keep
         remainder = (s[:keep, None] * vh[:keep]).reshape(rank * ins[k + 1] * outs[k + 1], -1)
@@ -198,3 +205,45 @@ def from_dense(
     error = float(np.linalg.norm(work - to_dense(cores).astype(work_dtype)))
     relative = error / math.sqrt(norm_sq) if norm_sq > 0 else 0.0
     return cores, DecompositionReport(spec=spec, relative_error=relative, singular_values=tuple(spectra))
+
+
+def truncate(
+    cores: Sequence[Any], max_rank: int | Sequence[int] | None = None, tol: float | None = None
+) -> tuple[list[NDArray[Any]], DecompositionReport]:
+    """Lower the bonds of existing cores (TT-rounding), never forming the dense matrix.
+
+    The cores are first right-orthogonalised (QR from the last core to the first), then swept
+    left to right with SVDs, so each truncation sees the true singular values of its cut. ``max_rank``
+    and ``tol`` act as in :func:`from_dense`; with neither, only redundant (numerically zero)
+    directions are dropped. ``relative_error`` is ``sqrt(sum of discarded s**2) / ||W||``, exact
+    because the discarded parts are orthogonal. ``singular_values`` are those of each cut.
+    """
+    spec, arrays = _numpy_cores(cores)
+    _check_tol(tol)
+    n = spec.n_cores
+    caps = _bond_caps(max_rank, n - 1)
+    is_complex = any(np.issubdtype(a.dtype, np.complexfloating) for a in arrays)
+    work = [a.astype(np.complex128 if is_complex else np.float64) for a in arrays]
+    if not all(np.all(np.isfinite(a)) for a in work):
+        raise ValueError("cores contain NaN or infinite values")
+    for k in range(n - 1, 0, -1):  # right-orthogonalise: core k = R^T Q^T with orthonormal rows in Q^T
+        r_left, i, j, r_right = work[k].shape
+        q, r = np.linalg.qr(work[k].reshape(r_left, -1).T)
+        work[k] = q.T.reshape(-1, i, j, r_right)
+        work[k - 1] = np.tensordot(work[k - 1], r.T, axes=(3, 0))
+    norm_sq = float(np.linalg.norm(work[0]) ** 2)
+    budget = (tol**2) * norm_sq if tol is not None else 0.0
+    discarded, spectra = 0.0, []
+    for k in range(n - 1):
+        r_left, i, j, r_right = work[k].shape
+        u, s, vh = np.linalg.svd(work[k].reshape(r_left * i * j, r_right), full_matrices=False)
+        spectra.append(s.copy())
+        keep = _bond_to_keep(s, (r_left * i * j, r_right), None if tol is None else budget / (n - 1 - k), caps[k])
+        lost = float(np.sum(s[keep:] ** 2))
+        budget, discarded = max(budget - lost, 0.0), discarded + lost
+        work[k] = u[:, :keep].reshape(r_left, i, j, keep)
+        work[k + 1] = np.tensordot(s[:keep, None] * vh[:keep], work[k + 1], axes=(1, 0))
+    out_dtype = np.result_type(*arrays)
+    result = [np.ascontiguousarray(c.astype(out_dtype, copy=False)) for c in work]
+    relative = math.sqrt(discarded / norm_sq) if norm_sq > 0 else 0.0
+    return result, DecompositionReport(spec_from_cores(result), relative_error=relative, singular_values=tuple(spectra))

@@ -51,7 +51,8 @@ def init_cores(
     are rescaled by one common factor so that ``||W||_F**2 == sigma**2 * in_features * out_features``
     holds exactly for this draw. Without that step the product of ``n`` random cores has a
     log-normal-like spread of scales, so single draws would often be far from the target.
-    The norm is computed with transfer matrices; the dense matrix is never formed.
+    The norm is computed with transfer matrices; the dense matrix is never formed. (The entries of
+    ``W`` are products of Gaussians, so at small bonds they are heavier-tailed than a dense init's.)
     """
     if not isinstance(spec, MPOSpec):
         raise TypeError(f"spec must be an MPOSpec, got {type(spec).__name__}")

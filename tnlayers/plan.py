@@ -225,6 +225,10 @@ def _build(spec: MPOSpec, batch: int, strategy: str, method: str, optimize: Any,
     except (ValueError, TypeError, IndexError, KeyError) as err:
         raise ValueError(f"cannot plan strategy {strategy!r} for {spec}: {err}") from None
     sizes = dict(info.size_dict)
+
+    def size(indices: Any) -> int:
+        return math.prod(sizes[ch] for ch in indices)
+
     steps, step_sizes, flops, largest, traffic = [], [], 0, 0, 0
     for positions, _, einsum_str, _, _ in info.contraction_list:
         if len(positions) != 2:
@@ -233,10 +237,6 @@ def _build(spec: MPOSpec, batch: int, strategy: str, method: str, optimize: Any,
         a, b = inputs.split(",")
         steps.append(_make_step((positions[0], positions[1]), (a, b), output))
         summed = set(a) & set(b)
-
-        def size(indices: Any) -> int:
-            return math.prod(sizes[ch] for ch in indices)
-
         m, n, k = size(set(a) - summed), size(set(b) - summed), size(summed)
         moved = size(a) + size(b) + size(output)
         flops += 2 * m * n * k
