@@ -100,7 +100,7 @@ def get_ops(array_or_name: Any) -> ArrayOps:
     root = type(array_or_name).__module__.split(".")[0]
     if root not in _MODULE_TO_BACKEND:
         raise TypeError(
-            f"x must be an array of numpy, torch, tensorflow or jax, got {type(array_or_name).__name__} "
+            f"expected an array of numpy, torch, tensorflow or jax, got {type(array_or_name).__name__} "
             f"(from module {type(array_or_name).__module__!r})"
         )
     return _ops_for(_MODULE_TO_BACKEND[root])
