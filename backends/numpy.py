@@ -57,7 +57,8 @@ class MPOLinear:
         self.bias: Array | None = None if bias is None else np.ascontiguousarray(bias)
         self.dtype = self.cores[0].dtype
         if any(c.dtype != self.dtype for c in self.cores) or (self.bias is not None and self.bias.dtype != self.dtype):
-            raise TypeError(f"cores and bias must share one dtype, got {[str(c.dtype) for c in self.cores]}")
+            given = [str(c.dtype) for c in self.cores] + ([] if self.bias is None else [f"bias {self.bias.dtype}"])
+            raise TypeError(f"cores and bias must share one dtype, got {given}")
         tnlayers.plan(self.spec, None, strategy)  # reject a bad strategy now, not at the first call
         self.strategy = strategy
         self.training = True

@@ -213,6 +213,12 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "got 1 gradients for 3 parameters",
     ),
     (
+        "layer from cores and a bias of another dtype",
+        lambda: MPOLinear.from_cores(CORES, np.zeros(6)),
+        TypeError,
+        r"share one dtype, got \['float32', 'float32', 'bias float64'\]",
+    ),
+    (
         "checkpoint of integer cores",
         lambda: tnlayers.save("/nonexistent/x.safetensors", [np.ones((1, 2, 2, 1), np.int64)]),
         TypeError,
