@@ -59,8 +59,9 @@ class MPOLinear:
         if any(c.dtype != self.dtype for c in self.cores) or (self.bias is not None and self.bias.dtype != self.dtype):
             given = [str(c.dtype) for c in self.cores] + ([] if self.bias is None else [f"bias {self.bias.dtype}"])
             raise TypeError(f"cores and bias must share one dtype, got {given}")
-        tnlayers.plan(self.spec, None, strategy)  # reject a bad strategy now, not at the first call
-        self.strategy = strategy
+        planned = tnlayers.plan(self.spec, None, strategy)  # rejects a bad strategy now, not at the first call
+        # a path optimiser object searches on every plan() call: search once here and keep its path
+        self.strategy = strategy if isinstance(strategy, (str, Sequence)) else planned.path
         self.training = True
         self.decomposition: tnlayers.DecompositionReport | None = None
         """The TT-SVD report when the layer was made by :meth:`from_dense`."""

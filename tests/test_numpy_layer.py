@@ -114,3 +114,20 @@ def test_numpy_mpo_network_learns_mnist(mnist_dir: Path) -> None:
     accuracy = float(np.mean(predictions == test_labels))
     print(f"NumPy MPO-FC2: {accuracy:.3f} test accuracy after {time.perf_counter() - start:.1f} s")
     assert accuracy > 0.93
+
+
+def test_a_path_optimiser_is_searched_once_when_the_layer_is_built() -> None:
+    import opt_einsum
+
+    class CountingOptimizer(opt_einsum.paths.PathOptimizer):
+        calls = 0
+
+        def __call__(self, inputs, output, size_dict, memory_limit=None):  # type: ignore[no-untyped-def]
+            CountingOptimizer.calls += 1
+            return opt_einsum.paths.greedy(inputs, output, size_dict, memory_limit)
+
+    layer = MPOLinear((2, 3, 2), (3, 1, 2), 2, seed=0, strategy=CountingOptimizer(), dtype=np.float64)
+    x = np.random.default_rng(0).normal(size=(5, 12))
+    for _ in range(3):
+        np.testing.assert_allclose(layer(x), x @ dense_reference(layer.cores) + layer.bias, rtol=1e-10)
+    assert CountingOptimizer.calls == 1

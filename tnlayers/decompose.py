@@ -130,16 +130,24 @@ def _check_tol(tol: Any) -> None:
         raise ValueError(f"tol must be a relative error in [0, 1), got {tol!r}")
 
 
-def _bond_to_keep(s: NDArray[np.float64], shape: tuple[int, ...], allowed: float | None, cap: int | None) -> int:
-    """How many singular values to keep: the numerical rank, lowered to fit the squared error
-    ``allowed`` and the cap ``cap``; at least one."""
-    keep = int(np.count_nonzero(s > s[0] * max(shape) * np.finfo(np.float64).eps))
+def _truncated_svd(
+    matrix: NDArray[Any], allowed: float | None, cap: int | None
+) -> tuple[NDArray[Any], NDArray[Any], NDArray[np.float64], float]:
+    """One cut of a left-to-right SVD sweep: ``matrix ~ u @ svh``.
+
+    Keeps the numerical rank, lowered to fit the squared error ``allowed`` and the cap ``cap``
+    (at least one value). Returns ``u``, ``svh`` (singular values folded in), all singular values,
+    and the squared error of the cut.
+    """
+    u, s, vh = np.linalg.svd(matrix, full_matrices=False)
+    keep = int(np.count_nonzero(s > s[0] * max(matrix.shape) * np.finfo(np.float64).eps))
     if allowed is not None:
         tail_sq = np.append(np.cumsum((s**2)[::-1])[::-1], 0.0)  # tail_sq[r]: squared error of keeping r
         keep = min(keep, int(np.nonzero(tail_sq <= allowed)[0][0]))
     if cap is not None:
         keep = min(keep, cap)
-    return max(1, keep)
+    keep = max(1, keep)
+    return u[:, :keep], s[:keep, None] * vh[:keep], s, float(np.sum(s[keep:] ** 2))
 
 
 def from_dense(
@@ -192,13 +200,12 @@ def from_dense(
     spectra: list[NDArray[np.float64]] = []
     rank = 1
     for k in range(n - 1):
-        u, s, vh = np.linalg.svd(remainder, full_matrices=False)
-        spectra.append(s.copy())
-        keep = _bond_to_keep(s, remainder.shape, None if tol is None else budget / (n - 1 - k), caps[k])
-        budget = max(budget - float(np.sum(s[keep:] ** 2)), 0.0)
-        cores.append(u[:, :keep].reshape(rank, ins[k], outs[k], keep))
-        rank = keep
-        remainder = (s[:keep, None] * vh[:keep]).reshape(rank * ins[k + 1] * outs[k + 1], -1)
+        u, svh, s, lost = _truncated_svd(remainder, None if tol is None else budget / (n - 1 - k), caps[k])
+        spectra.append(s)
+        budget = max(budget - lost, 0.0)
+        rank = u.shape[1]
+        cores.append(u.reshape(-1, ins[k], outs[k], rank))
+        remainder = svh.reshape(rank * ins[k + 1] * outs[k + 1], -1)
     cores.append(remainder.reshape(rank, ins[-1], outs[-1], 1))
     cores = [np.ascontiguousarray(c.astype(out_dtype, copy=False)) for c in cores]
     spec = MPOSpec(ins, outs, [1, *(c.shape[3] for c in cores[:-1]), 1], clip=False)
@@ -236,13 +243,12 @@ def truncate(
     discarded, spectra = 0.0, []
     for k in range(n - 1):
         r_left, i, j, r_right = work[k].shape
-        u, s, vh = np.linalg.svd(work[k].reshape(r_left * i * j, r_right), full_matrices=False)
-        spectra.append(s.copy())
-        keep = _bond_to_keep(s, (r_left * i * j, r_right), None if tol is None else budget / (n - 1 - k), caps[k])
-        lost = float(np.sum(s[keep:] ** 2))
+        allowed = None if tol is None else budget / (n - 1 - k)
+        u, svh, s, lost = _truncated_svd(work[k].reshape(r_left * i * j, r_right), allowed, caps[k])
+        spectra.append(s)
         budget, discarded = max(budget - lost, 0.0), discarded + lost
-        work[k] = u[:, :keep].reshape(r_left, i, j, keep)
-        work[k + 1] = np.tensordot(s[:keep, None] * vh[:keep], work[k + 1], axes=(1, 0))
+        work[k] = u.reshape(r_left, i, j, -1)
+        work[k + 1] = np.tensordot(svh, work[k + 1], axes=(1, 0))
     out_dtype = np.result_type(*arrays)
     result = [np.ascontiguousarray(c.astype(out_dtype, copy=False)) for c in work]
     relative = math.sqrt(discarded / norm_sq) if norm_sq > 0 else 0.0

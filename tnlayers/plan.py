@@ -122,13 +122,20 @@ class ContractionPlan:
     steps: tuple[PlanStep, ...] = field(repr=False)
     step_sizes: tuple[tuple[int, int, int, int], ...] = field(repr=False)
     """Per step ``(M, N, K, elements moved)``: the matrix product ``(M, K) @ (K, N)`` it amounts to."""
-    flops: int
     largest_intermediate: int
     """Elements of the largest array a step creates (the output included)."""
-    memory_traffic: int
-    """Elements read and written, summed over steps."""
     cost: float
     """The cost model's estimate: relative units (the defaults overestimate seconds about 4x); only ranks plans."""
+
+    @property
+    def flops(self) -> int:
+        """Multiply-adds counted as 2 flops, summed over steps."""
+        return sum(2 * m * n * k for m, n, k, _ in self.step_sizes)
+
+    @property
+    def memory_traffic(self) -> int:
+        """Elements read and written, summed over steps."""
+        return sum(moved for *_, moved in self.step_sizes)
 
     def describe(self) -> str:
         """A readable table of the steps (for teaching and debugging)."""
@@ -229,7 +236,7 @@ def _build(spec: MPOSpec, batch: int, strategy: str, method: str, optimize: Any,
     def size(indices: Any) -> int:
         return math.prod(sizes[ch] for ch in indices)
 
-    steps, step_sizes, flops, largest, traffic = [], [], 0, 0, 0
+    steps, step_sizes, largest = [], [], 0
     for positions, _, einsum_str, _, _ in info.contraction_list:
         if len(positions) != 2:
             raise ValueError(f"strategy {strategy!r} gave a step over {len(positions)} operands; only pairs are run")
@@ -239,9 +246,7 @@ def _build(spec: MPOSpec, batch: int, strategy: str, method: str, optimize: Any,
         summed = set(a) & set(b)
         m, n, k = size(set(a) - summed), size(set(b) - summed), size(summed)
         moved = size(a) + size(b) + size(output)
-        flops += 2 * m * n * k
         largest = max(largest, size(output))
-        traffic += moved
         step_sizes.append((m, n, k, moved))
     return ContractionPlan(
         spec=spec,
@@ -253,9 +258,7 @@ def _build(spec: MPOSpec, batch: int, strategy: str, method: str, optimize: Any,
         operand_shapes=shapes,
         steps=tuple(steps),
         step_sizes=tuple(step_sizes),
-        flops=flops,
         largest_intermediate=largest,
-        memory_traffic=traffic,
         cost=model.estimate(step_sizes),
     )
 
@@ -313,8 +316,10 @@ def plan(
     ``strategy`` is ``"auto"`` (the cost model's choice among zipper, reverse-zipper, materialize,
     greedy, dp and optimal), one of :data:`STRATEGIES`, any other path optimiser name opt_einsum
     knows, an explicit opt_einsum path (pairs of operand positions; operand 0 is the input), or an
-    opt_einsum ``PathOptimizer`` instance (run once, then cached by the path it found).
-    Plans are cached per ``(spec, batch bucket, strategy)``; the bucket is the next power of two.
+    opt_einsum ``PathOptimizer`` instance. Plans are cached per ``(spec, batch bucket, strategy)``;
+    the bucket is the next power of two. An optimiser object is not a cache key (it is stateful and
+    hashed by identity): each call searches with it, then returns the plan cached under the path it
+    found. Search once and keep that plan, or its ``path``, as layers do.
     """
     if not isinstance(spec, MPOSpec):
         raise TypeError(f"spec must be an MPOSpec, got {type(spec).__name__}")
@@ -329,7 +334,7 @@ def plan(
                 f"another opt_einsum path optimiser name, or an explicit path"
             )
         return _plan_cached(spec, batch, name, cost_model)
-    if callable(strategy):  # PathOptimizer instance or path function: search once, cache by the path
+    if callable(strategy):  # PathOptimizer instance or path function: search, then cache by the path
         label = type(strategy).__name__
         found = _build(spec, batch, label, label, strategy, cost_model)
         return _plan_cached(spec, batch, (label, found.path), cost_model)
