@@ -194,7 +194,40 @@ class NumpyLayerHarness:
         return grad_x, list(layer.core_grads), layer.bias_grad
 
 
-LAYER_HARNESSES = {"numpy": NumpyLayerHarness}
+class TorchLayerHarness:
+    name = "torch"
+
+    def make(self, in_modes: Any, out_modes: Any, rank: Any, strategy: Any, dtype: Any, seed: int = 0) -> Any:
+        import torch
+        from tnlayers.backends.torch import MPOLinear
+
+        torch_dtype = getattr(torch, np.dtype(dtype).name)
+        return MPOLinear(in_modes, out_modes, rank, strategy=strategy, dtype=torch_dtype, seed=seed)
+
+    def set_bias(self, layer: Any, values: np.ndarray) -> None:
+        import torch
+
+        with torch.no_grad():
+            layer.bias.copy_(torch.from_numpy(values))
+
+    def weights(self, layer: Any) -> tuple[list[np.ndarray], np.ndarray | None]:
+        return [c.detach().numpy().copy() for c in layer.cores], layer.bias.detach().numpy().copy()
+
+    def forward(self, layer: Any, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        return layer(torch.from_numpy(x)).detach().numpy()
+
+    def grads(self, layer: Any, x: np.ndarray, grad_out: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], Any]:
+        import torch
+
+        layer.zero_grad()
+        x_t = torch.from_numpy(x).requires_grad_(True)
+        layer(x_t).backward(torch.from_numpy(grad_out))
+        return x_t.grad.numpy(), [c.grad.numpy() for c in layer.cores], layer.bias.grad.numpy()
+
+
+LAYER_HARNESSES = {"numpy": NumpyLayerHarness, "torch": TorchLayerHarness}
 
 
 @pytest.fixture(params=[_param(name) for name in LAYER_HARNESSES])

@@ -148,3 +148,20 @@ def test_tf_function_with_unknown_batch_dimension() -> None:
     y = forward(tf.constant(x))
     assert tuple(y.shape) == (3, 5, spec.out_features)
     assert_close(y.numpy(), x.astype(np.float64) @ dense_reference([c.numpy() for c in cores]), np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_dense_weight_in_every_framework(harness: Any, dtype: Any) -> None:
+    for spec in (tnlayers.MPOSpec((2, 3, 4), (3, 1, 2), (2, 3)), tnlayers.MPOSpec((5,), (7,), 1)):
+        cores = tnlayers.init_cores(spec, seed=3, dtype=dtype)
+        weight = tnlayers.dense_weight([harness.asarray(c) for c in cores], tnlayers.get_ops(harness.name))
+        assert_close(harness.to_numpy(weight), dense_reference(cores), dtype)
+
+
+def test_dense_cost_grows_with_rows_and_conv_route_respects_explicit_strategies() -> None:
+    spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 8)
+    assert tnlayers.dense_cost(spec, 1) < tnlayers.dense_cost(spec, 1024) < tnlayers.dense_cost(spec, 1 << 16)
+    for strategy in ("zipper", "greedy", [(0, 1), (0, 1), (0, 1), (0, 1)]):
+        plan, build_kernel = tnlayers.conv_route(spec, 1 << 16, strategy)
+        assert not build_kernel and plan.strategy != "auto"
+    assert tnlayers.conv_route(spec, 1, "materialize")[1]

@@ -5,10 +5,11 @@ The core (this package) imports only NumPy and opt_einsum; framework layers live
 """
 
 from .checkpoint import MPOWeights, load, load_layers, save, save_layers
-from .contract import ArrayOps, contract, get_ops
+from .contract import ArrayOps, contract, dense_weight, get_ops
 from .decompose import DecompositionReport, frobenius_norm, from_dense, spec_from_cores, to_dense, truncate
 from .init import INITIALIZERS, init_cores
-from .plan import DEFAULT_COST_MODEL, STRATEGIES, ContractionPlan, CostModel, batch_bucket, plan
+from .plan import DEFAULT_COST_MODEL, STRATEGIES, ContractionPlan, CostModel, batch_bucket, conv_route, dense_cost, plan
+from .report import CompressionReport, LayerReport
 from .spec import MPOSpec, RankClippedWarning
 
 __version__ = "0.1.0"
@@ -18,15 +19,20 @@ __all__ = [
     "INITIALIZERS",
     "STRATEGIES",
     "ArrayOps",
+    "CompressionReport",
     "ContractionPlan",
     "CostModel",
     "DecompositionReport",
+    "LayerReport",
     "MPOSpec",
     "MPOWeights",
     "RankClippedWarning",
     "__version__",
     "batch_bucket",
     "contract",
+    "conv_route",
+    "dense_cost",
+    "dense_weight",
     "from_dense",
     "frobenius_norm",
     "get_ops",

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 
 from .decompose import spec_from_cores
-from .plan import ContractionPlan, Pairwise, PlanStep, plan
+from .plan import ContractionPlan, Pairwise, PlanStep, _pairwise, plan
 from .spec import MPOSpec
 
-__all__ = ["ArrayOps", "Tape", "backprop", "contract", "execute", "get_ops", "run_steps"]
+__all__ = ["ArrayOps", "Tape", "backprop", "contract", "dense_weight", "execute", "get_ops", "run_steps"]
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,24 @@ def execute(
     operands += [ops.reshape(core, shape) for core, shape in zip(cores, plan_.operand_shapes[1:])]
     y = ops.restore_leading(run_steps(plan_.steps, operands, ops, tape), x, spec.out_features)
     return y if bias is None else y + bias
+
+
+#: ``(rows, cols, r) x (r, i, j, r') -> (rows, i, cols, j, r')``: absorb one more core into W.
+_ABSORB_CORE = _pairwise(("ABa", "aijc"), "AiBjc")
+
+
+def dense_weight(cores: Sequence[Any], ops: ArrayOps) -> Any:
+    """``W`` of shape ``(in_features, out_features)`` in the cores' framework (differentiable there).
+
+    The framework-neutral twin of :func:`tnlayers.to_dense`, for layers that build ``W``.
+    """
+    shapes = [tuple(core.shape) for core in cores]
+    dense = ops.reshape(cores[0], shapes[0][1:])
+    rows, cols = shapes[0][1], shapes[0][2]
+    for core, (_, i, j, r_next) in zip(cores[1:], shapes[1:]):
+        dense = ops.reshape(ops.pairwise(_ABSORB_CORE, dense, core), (rows * i, cols * j, r_next))
+        rows, cols = rows * i, cols * j
+    return ops.reshape(dense, (rows, cols))
 
 
 def _leading_size(x: Any) -> int | None:

@@ -31,6 +31,8 @@ __all__ = [
     "Pairwise",
     "PlanStep",
     "batch_bucket",
+    "conv_route",
+    "dense_cost",
     "plan",
 ]
 
@@ -356,3 +358,32 @@ def plan(
     raise TypeError(
         f"strategy must be a name, an explicit path or an opt_einsum PathOptimizer, got {type(strategy).__name__}"
     )
+
+
+def dense_cost(spec: MPOSpec, rows: int | None, *, cost_model: CostModel = DEFAULT_COST_MODEL) -> float:
+    """Model cost of building ``W`` from the cores, then one ``(rows, in) @ (in, out)`` product."""
+    building = plan(spec, 1, "materialize", cost_model=cost_model).step_sizes[:-1]
+    m, n, k = batch_bucket(rows), spec.out_features, spec.in_features
+    return cost_model.estimate(building) + cost_model.step_cost(m, n, k, m * k + k * n + m * n)
+
+
+def conv_route(
+    spec: MPOSpec,
+    rows: int | None,
+    strategy: str | Sequence[Sequence[int]] = "auto",
+    *,
+    cost_model: CostModel = DEFAULT_COST_MODEL,
+) -> tuple[ContractionPlan, bool]:
+    """How an MPO convolution runs ``rows`` output positions (batch x height x width).
+
+    Returns the plan for contracting the unfolded input (``rows`` patches of ``in_features``) and
+    whether building the kernel and running the framework's own convolution is cheaper instead.
+    ``"auto"`` decides by the cost model (unfolding writes and reads every patch once more);
+    ``"materialize"`` always builds the kernel; any other strategy always unfolds.
+    """
+    chosen = plan(spec, rows, strategy, cost_model=cost_model)
+    if chosen.strategy != "auto":
+        return chosen, chosen.method == "materialize"
+    patches = batch_bucket(rows) * spec.in_features
+    unfolded = chosen.cost + 2 * patches / cost_model.bandwidth
+    return chosen, dense_cost(spec, rows, cost_model=cost_model) < unfolded

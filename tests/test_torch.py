@@ -1,0 +1,381 @@
+"""The PyTorch layers: against NumPy references, torch.compile, DDP, compress, checkpoints, errors."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import assert_close, dense_reference
+
+import tnlayers
+
+torch = pytest.importorskip("torch", reason="torch is not installed")
+nn = torch.nn
+F = torch.nn.functional
+from tnlayers.backends import numpy as numpy_backend  # noqa: E402
+from tnlayers.backends.torch import MPOConv2d, MPOLinear, compress  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::tnlayers.RankClippedWarning")
+STRATEGIES = ["auto", "zipper", "reverse-zipper", "materialize", "greedy", "dp"]
+
+
+def _numpy_cores(layer: Any) -> list[np.ndarray]:
+    return [c.detach().double().numpy() for c in layer.cores]
+
+
+def _reference_kernel(layer: MPOConv2d) -> np.ndarray:
+    """The conv kernel from the NumPy dense reference: rows of W are (channel, kh, kw)."""
+    weight = dense_reference(_numpy_cores(layer))
+    return weight.T.reshape(layer.out_channels, layer.in_channels, *layer.kernel_size)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_gradcheck_in_float64(strategy: str) -> None:
+    layer = MPOLinear((2, 3, 2), (2, 1, 3), 3, strategy=strategy, dtype=torch.float64, seed=1)
+    names = [name for name, _ in layer.named_parameters()]
+    x = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
+
+    def run(x: Any, *params: Any) -> Any:
+        return torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+
+    params = [p.detach().clone().requires_grad_(True) for p in layer.parameters()]
+    assert torch.autograd.gradcheck(run, (x, *params))
+
+
+def test_same_cores_give_the_same_outputs_in_torch_and_numpy() -> None:
+    layer = MPOLinear((4, 7, 7, 4), (4, 4, 4, 4), 6, dtype=torch.float64, seed=2)
+    with torch.no_grad():
+        layer.bias.normal_()
+    twin = numpy_backend.MPOLinear.from_cores(_numpy_cores(layer), layer.bias.detach().numpy())
+    x = np.random.default_rng(0).normal(size=(3, 5, 784))
+    np.testing.assert_allclose(layer(torch.from_numpy(x)).detach().numpy(), twin(x), rtol=1e-10, atol=1e-12)
+
+
+def test_behaves_like_nn_linear() -> None:
+    layer = MPOLinear((2, 3, 4), (3, 2, 2), 4, dtype=torch.float64, seed=3)
+    assert (layer.in_features, layer.out_features) == (24, 12)
+    assert not hasattr(layer, "weight")
+    weight = dense_reference(_numpy_cores(layer))
+    np.testing.assert_allclose(layer.to_dense().detach().numpy(), weight.T, rtol=1e-12, atol=1e-14)
+    linear = layer.to_linear()
+    x = torch.randn(7, 24, dtype=torch.float64)
+    np.testing.assert_allclose(linear(x).detach().numpy(), layer(x).detach().numpy(), rtol=1e-10, atol=1e-12)
+    assert "modes=2x3x4->3x2x2" in repr(layer) and "ranks=(1, 4, 4, 1)" in repr(layer) and "compression" in repr(layer)
+    assert layer(torch.randn(24, dtype=torch.float64)).shape == (12,)
+    assert layer(torch.randn(2, 0, 24, dtype=torch.float64)).shape == (2, 0, 12)
+    half = layer.to(torch.float32)
+    assert all(c.dtype == torch.float32 for c in half.parameters())
+    assert half(x.float()).dtype == torch.float32
+
+
+def test_reset_parameters_follows_torch_manual_seed() -> None:
+    torch.manual_seed(5)
+    first = MPOLinear((4, 4), (4, 4), 3)
+    torch.manual_seed(5)
+    second = MPOLinear((4, 4), (4, 4), 3)
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+    before = [c.detach().clone() for c in first.cores]
+    first.reset_parameters()
+    assert not torch.equal(before[0], first.cores[0])
+    expected = 2.0 / (16 + 16)  # glorot variance of W's entries, exact in norm
+    np.testing.assert_allclose(float(first.to_dense().detach().pow(2).mean()), expected, rtol=1e-5)
+
+
+def test_from_linear_matches_the_original_to_the_reported_error() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(784, 256)
+    layer = MPOLinear.from_linear(linear, (4, 7, 7, 4), (4, 4, 4, 4), max_rank=16)
+    report = layer.decomposition
+    assert report is not None and report.ranks == (1, 16, 16, 16, 1)
+    weight = linear.weight.detach().double()
+    measured = float(torch.linalg.norm(layer.to_dense().detach().double() - weight) / torch.linalg.norm(weight))
+    np.testing.assert_allclose(measured, report.relative_error, rtol=1e-4)
+    assert torch.equal(layer.bias, linear.bias)
+    x = torch.randn(32, 784)
+    gap = torch.linalg.norm(layer(x) - linear(x)).item()  # ||x (W - W')|| <= ||x||_F ||W - W'||_F
+    assert gap <= torch.linalg.norm(x).item() * report.relative_error * torch.linalg.norm(weight).item() * 1.001
+    exact = MPOLinear.from_linear(layer.to_linear())  # a matrix of TT ranks <= 16 comes back exactly
+    assert exact.decomposition is not None and exact.decomposition.relative_error < 1e-5
+
+
+def _low_rank_lenet() -> Any:
+    """LeNet-5 whose conv3 and FC weights have small TT ranks, so compressing them loses nothing."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 120, 5), nn.ReLU(), nn.Flatten(),
+        nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
+    ).double()  # fmt: skip
+    shapes = {6: ((2, 10, 10, 2), (2, 5, 6, 2)), 9: ((2, 5, 6, 2), (2, 3, 7, 2)), 11: ((2, 3, 7, 2), (1, 5, 2, 1))}
+    for index, (in_modes, out_modes) in shapes.items():
+        module = net[index]
+        cores = tnlayers.init_cores(tnlayers.MPOSpec(in_modes, out_modes, 3), seed=index, dtype=np.float64)
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(dense_reference(cores).T).reshape(module.weight.shape))
+    return net, shapes
+
+
+def test_compress_lenet5_keeps_its_outputs() -> None:
+    net, shapes = _low_rank_lenet()
+    x = torch.randn(8, 1, 28, 28, dtype=torch.float64)
+    before = net(x).detach()
+    report = compress(net, rank=4, min_features=0, exclude=["0", "3"], modes=lambda name, i, o: shapes[int(name)])
+    assert [row.name for row in report.layers] == ["6", "9", "11"]
+    assert isinstance(net[6], MPOConv2d) and isinstance(net[9], MPOLinear) and isinstance(net[0], nn.Conv2d)
+    assert max(row.relative_error for row in report.layers) < 1e-10
+    assert report.params_before == 48_000 + 10_080 + 840
+    assert report.params_after == sum(p.numel() for i in (6, 9, 11) for p in net[i].cores)
+    assert report.network_params_after == sum(p.numel() for p in net.parameters())
+    np.testing.assert_allclose(net(x).detach().numpy(), before.numpy(), rtol=1e-8, atol=1e-10)
+    assert "rho" in str(report) and "6" in str(report)
+
+
+def test_compress_with_truncation_stays_within_the_reported_error() -> None:
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 16, 64))
+    originals = {name: module for name, module in net.named_children() if name in ("0", "3")}
+    report = compress(net, rank=6, min_features=64)
+    assert {row.name for row in report.layers} == {"0", "3"}
+    x = torch.randn(4, 8, 4, 4)
+    inputs = {"0": x, "3": torch.relu(originals["0"](x)).flatten(1)}
+    for row in report.layers:
+        original, replaced = originals[row.name], net.get_submodule(row.name)
+        inp = inputs[row.name]
+        gap = torch.linalg.norm(replaced(inp) - original(inp)).item()
+        patches = F.unfold(inp, 3, padding=1) if row.name == "0" else inp
+        bound = torch.linalg.norm(patches).item() * row.relative_error * torch.linalg.norm(original.weight).item()
+        assert 0 < gap <= bound * 1.001
+
+
+def test_compress_skips_what_it_cannot_shrink_and_needs_a_budget() -> None:
+    net = nn.Sequential(nn.Linear(300, 4), nn.Linear(4, 4))
+    report = compress(net, rank=64, min_features=0)
+    assert report.layers == () and [name for name, _ in report.skipped] == ["0", "1"]
+    assert isinstance(net[0], nn.Linear)
+    with pytest.raises(ValueError, match=r"rank=.*tol=.*got neither"):
+        compress(net)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "materialize", "zipper", "dp"])
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "dilation"),
+    [(3, 1, 1, 1), ((2, 3), 2, 0, 1), (4, 1, "same", 1), (3, (1, 2), (2, 1), 2)],
+)
+def test_conv_matches_the_dense_convolution(
+    strategy: str, kernel: Any, stride: Any, padding: Any, dilation: Any
+) -> None:
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    in_modes = factor = (3, kh, kw)
+    layer = MPOConv2d(3, 8, kernel, in_modes, (2, 2, 2), 3, stride, padding, dilation, strategy=strategy,
+                      dtype=torch.float64, seed=4)  # fmt: skip
+    assert factor == layer.spec.in_modes
+    with torch.no_grad():
+        layer.bias.normal_()
+    kernel_np = torch.from_numpy(_reference_kernel(layer))
+    x = torch.randn(2, 3, 9, 11, dtype=torch.float64, requires_grad=True)
+    if padding == "same":
+        padded, pad = F.pad(x, (1, 2, 1, 2)), 0  # torch puts the odd pixel of 'same' padding at the end
+    else:
+        padded, pad = x, padding
+    kernel_ref = kernel_np.clone().requires_grad_(True)
+    expected = F.conv2d(padded, kernel_ref, layer.bias.detach(), stride, pad, dilation)
+    actual = layer(x)
+    assert_close(actual.detach().numpy(), expected.detach().numpy(), np.float64)
+    grad = torch.randn_like(expected)
+    (grad_x_ref,) = torch.autograd.grad(expected, x, grad)
+    (grad_x,) = torch.autograd.grad(actual, x, grad)
+    assert_close(grad_x.numpy(), grad_x_ref.numpy(), np.float64)
+    assert_close(layer(x[0]).detach().numpy(), expected[0].detach().numpy(), np.float64)  # unbatched
+
+
+def test_conv_route_follows_the_cost_model() -> None:
+    spec = tnlayers.MPOSpec((2, 8, 8, 8, 2), (2, 8, 8, 8, 2), 4)  # the paper's VGG conv-as-MPO
+    _, dense_at_1 = tnlayers.conv_route(spec, 1)
+    _, dense_at_big = tnlayers.conv_route(spec, 1 << 16)
+    assert (dense_at_1, dense_at_big) == (False, True)
+    assert tnlayers.conv_route(spec, 1, "materialize")[1] and not tnlayers.conv_route(spec, 1 << 16, "dp")[1]
+
+
+def test_from_conv_roundtrip() -> None:
+    torch.manual_seed(2)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1)
+    layer = MPOConv2d.from_conv(conv, (4, 3, 3), (1, 2, 3), max_rank=100)
+    assert layer.decomposition is not None and layer.decomposition.relative_error < 1e-5
+    x = torch.randn(2, 4, 7, 7)
+    np.testing.assert_allclose(layer(x).detach().numpy(), conv(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    back = layer.to_conv()
+    np.testing.assert_allclose(back(x).detach().numpy(), conv(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_eval_reuses_w_and_never_serves_a_stale_one() -> None:
+    layer = MPOLinear((2, 3, 4), (3, 2, 2), 3, strategy="materialize", dtype=torch.float64, seed=6).eval()
+    x = torch.randn(5, 24, dtype=torch.float64)
+
+    def reference() -> np.ndarray:
+        return x.numpy() @ dense_reference(_numpy_cores(layer)) + layer.bias.detach().numpy()
+
+    with torch.no_grad():
+        assert_close(layer(x).numpy(), reference(), np.float64)
+        cached = layer._cached_weight
+        layer(x)
+        assert layer._cached_weight is cached  # reused
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer.train()
+    layer(x).pow(2).sum().backward()
+    optimizer.step()
+    layer.eval()
+    with torch.no_grad():
+        assert_close(layer(x).numpy(), reference(), np.float64)  # after an optimiser step
+        other = MPOLinear((2, 3, 4), (3, 2, 2), 3, dtype=torch.float64, seed=7)
+        layer.load_state_dict(other.state_dict())
+        assert_close(layer(x).numpy(), reference(), np.float64)  # after load_state_dict
+        layer.to(torch.float32)
+        assert_close(layer(x.float()).numpy(), reference(), np.float32)  # after .to(dtype)
+    assert layer(x.float()).requires_grad  # with gradients on, W is not served from the cache
+
+
+def test_state_dict_and_checkpoint_roundtrips_are_bit_exact(tmp_path: Path) -> None:
+    layer = MPOLinear((4, 7, 7, 4), (4, 4, 4, 4), 5, seed=8)
+    with torch.no_grad():
+        layer.bias.normal_()
+    torch.save(layer.state_dict(), tmp_path / "state.pt")
+    fresh = MPOLinear((4, 7, 7, 4), (4, 4, 4, 4), 5, seed=9)
+    fresh.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), fresh.state_dict().values()))
+    layer.save(tmp_path / "layer.safetensors")
+    loaded = MPOLinear.load(tmp_path / "layer.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), loaded.state_dict().values()))
+    x = np.random.default_rng(1).normal(size=(6, 784)).astype(np.float32)
+    from_numpy = numpy_backend.MPOLinear.load(tmp_path / "layer.safetensors")
+    np.testing.assert_allclose(from_numpy(x), layer(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-6)
+    from_numpy.save(tmp_path / "back.safetensors")
+    again = MPOLinear.load(tmp_path / "back.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), again.state_dict().values()))
+
+
+def test_torch_compile_fullgraph_matches_eager() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        MPOConv2d(2, 4, 3, (2, 3, 3), (1, 2, 2), 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        MPOLinear((4, 8, 8), (2, 2, 2), 3),
+    )
+    x = torch.randn(3, 2, 8, 8)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    backend = "inductor" if shutil.which("g++") or shutil.which("cc") else "aot_eager"
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    for batch in (3, 17):  # a second batch size recompiles (dynamic) without breaking the graph
+        x = torch.randn(batch, 2, 8, 8, requires_grad=True)
+        eager, fast = model(x), compiled(x)
+        np.testing.assert_allclose(fast.detach().numpy(), eager.detach().numpy(), rtol=1e-5, atol=1e-6)
+        (grad_fast,) = torch.autograd.grad(fast.sum(), x)
+        (grad_eager,) = torch.autograd.grad(eager.sum(), x)
+        np.testing.assert_allclose(grad_fast.numpy(), grad_eager.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _ddp_model() -> Any:
+    torch.manual_seed(11)
+    return nn.Sequential(
+        MPOConv2d(2, 4, 3, (2, 3, 3), (1, 2, 2), 3, dtype=torch.float64),
+        nn.Tanh(),
+        nn.Flatten(),
+        MPOLinear((4, 3, 3), (2, 1, 2), 3, dtype=torch.float64),
+    )
+
+
+def _ddp_data() -> tuple[Any, Any]:
+    generator = torch.Generator().manual_seed(12)
+    return torch.randn(8, 2, 5, 5, generator=generator, dtype=torch.float64), torch.randn(8, 4, generator=generator)
+
+
+def _train(model: Any, x: Any, y: Any, steps: int = 4) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.mse_loss(model(x), y.double()).backward()
+        optimizer.step()
+
+
+def _ddp_worker(rank: int, world_size: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{folder}/rendezvous",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        model = nn.parallel.DistributedDataParallel(_ddp_model())
+        x, y = _ddp_data()
+        shard = slice(rank * 4, rank * 4 + 4)
+        _train(model, x[shard], y[shard])
+        if rank == 0:
+            weights = {name: p.detach().numpy() for name, p in model.module.named_parameters()}
+            np.savez(f"{folder}/cores.npz", **weights)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_data_parallel_matches_one_process(tmp_path: Path) -> None:
+    context = torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail("the 2 DDP workers did not finish within 120 s")
+    single = _ddp_model()
+    _train(single, *_ddp_data())
+    with np.load(tmp_path / "cores.npz", allow_pickle=False) as saved:
+        for name, p in single.named_parameters():
+            np.testing.assert_allclose(saved[name], p.detach().numpy(), rtol=1e-10, atol=1e-12)
+        moved = np.abs(saved["3.cores.0"] - _ddp_model()[3].cores[0].detach().numpy()).max()
+    assert moved > 1e-3  # training changed the cores
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: MPOLinear((2, 3), (3, 2), 2)(torch.ones(4, 7)), ValueError, r"shape \(\.\.\., 6\), got \(4, 7\)"),
+        (lambda: MPOLinear((2, 3), (3, 2), 2)(np.ones((4, 6))), TypeError, "expects a torch.Tensor, got ndarray"),
+        (
+            lambda: MPOLinear((2, 3), (3, 2), 2)(torch.ones(4, 6, dtype=torch.float64)),
+            TypeError,
+            "torch.float32 but the input has dtype torch.float64",
+        ),
+        (lambda: MPOLinear((2, 3), (3, 2), 2, init="xavier"), ValueError, "unknown init 'xavier'; expected one of"),
+        (lambda: MPOLinear((2, 3), (3, 2), 2, strategy="fastest"), ValueError, "unknown strategy 'fastest'"),
+        (
+            lambda: MPOConv2d(3, 8, 3, (3, 3, 2), (2, 2, 2), 2),
+            ValueError,
+            r"multiply to 18.*needs in_channels\*kh\*kw = 27",
+        ),
+        (lambda: MPOConv2d(3, 8, 3, (3, 3, 3), (2, 2, 3), 2), ValueError, "out_modes .* to 12.*out_channels = 8"),
+        (lambda: MPOConv2d(3, 8, (3, 3, 3)), ValueError, r"kernel_size must be .* pair.*\(3, 3, 3\)"),
+        (lambda: MPOConv2d(3, 8, 3, padding="full"), ValueError, "padding must be .*'same', got 'full'"),
+        (lambda: MPOConv2d(3, 8, 3, stride=2, padding="same"), ValueError, "'same' needs stride 1"),
+        (
+            lambda: MPOConv2d(3, 8, 3)(torch.ones(2, 4, 5, 5)),
+            ValueError,
+            r"\(batch, 3, height, width\).*\(2, 4, 5, 5\)",
+        ),
+        (lambda: MPOConv2d(3, 8, 5)(torch.ones(1, 3, 3, 3)), ValueError, r"spatial size \(3, 3\) is smaller"),
+        (lambda: MPOLinear.from_linear(nn.Conv2d(1, 1, 1)), TypeError, "expects an nn.Linear, got Conv2d"),
+        (lambda: MPOConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2)), ValueError, "groups=1.*got groups=2"),
+        (lambda: compress("model", rank=2), TypeError, "expects an nn.Module, got str"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_bad_input(call: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        call()
