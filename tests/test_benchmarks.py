@@ -35,3 +35,17 @@ def test_calibrate_quick(backend: str, tmp_path: Path) -> None:
     assert len(records) == 2 * 2 * 6  # 2 shapes x 2 batch sizes x 6 orderings
     assert {r["strategy"] for r in records} == {"zipper", "reverse-zipper", "materialize", "greedy", "dp", "optimal"}
     assert all(r["median_s"] > 0 and r["flops"] > 0 and r["backend"] == backend for r in records)
+
+
+def test_torch_layers_quick(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    out = tmp_path / "records.jsonl"
+    command = [sys.executable, "-m", "benchmarks.torch_layers", "--quick", "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["case"], r["rank"], r["batch"]) for r in records] == [("784->256 FC2", 8, 1), ("784->256 FC2", 8, 64)]
+    for record in records:
+        for mode in ("forward", "forward+backward"):
+            assert record[mode]["mpo"] > 0 and record[mode]["dense"] > 0
+    assert "forward+backward ms: mpo, dense, ratio" in result.stdout

@@ -1,0 +1,381 @@
+"""Keras 3 MPO layers, written with ``keras.ops``: they run on the TensorFlow, JAX and torch backends.
+
+>>> import numpy as np
+>>> from tnlayers.backends.keras import MPODense
+>>> layer = MPODense((4, 7, 7, 4), (4, 4, 4, 4), rank=8)
+>>> tuple(layer(np.zeros((2, 784), "float32")).shape)
+(2, 256)
+
+The cores are Keras weights made with ``add_weight`` (``core_0 .. core_{n-1}``, layout
+``(r, in, out, r')``, then ``bias``), so Keras tracks, trains, saves and distributes them. The
+contraction is the core's plan for the batch-size bucket, run as a few ``keras.ops.einsum`` calls.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+import tnlayers
+from tnlayers.contract import ArrayOps, dense_weight, execute
+from tnlayers.plan import ContractionPlan, Pairwise
+from tnlayers.spec import factorize_balanced
+
+__all__ = ["MPOConv2D", "MPODense"]
+
+
+def _pairwise(step: Pairwise, a: Any, b: Any) -> Any:
+    return ops.einsum(step.equation, a, b)
+
+
+def _restore_leading(y: Any, x: Any, out: int) -> Any:
+    leading = tuple(x.shape[:-1])
+    if any(d is None for d in leading):
+        dynamic = ops.shape(x)
+        leading = tuple(dynamic[k] if d is None else d for k, d in enumerate(leading))
+    return ops.reshape(y, (*leading, out))
+
+
+_OPS = ArrayOps(name="keras", pairwise=_pairwise, reshape=ops.reshape, restore_leading=_restore_leading)
+
+
+def _static_rows(shape: Sequence[int | None]) -> int | None:
+    """The product of the given dimensions, or ``None`` when one is unknown (a traced batch)."""
+    return None if any(d is None for d in shape) else math.prod(shape)  # type: ignore[arg-type]
+
+
+def _strategy_key(spec: tnlayers.MPOSpec, strategy: Any) -> str | tuple[tuple[int, int], ...]:
+    """Check ``strategy`` now; keep a name, or the path (a path optimiser searches once, here)."""
+    planned = tnlayers.plan(spec, None, strategy)
+    return strategy.lower() if isinstance(strategy, str) else planned.path
+
+
+def _draw_seed(seed: int | None) -> int:
+    """``seed``, or one from NumPy's global generator (which ``keras.utils.set_random_seed`` seeds)."""
+    return int(np.random.randint(0, 2**31 - 1)) if seed is None else seed
+
+
+def _modes_or_none(value: Any, name: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of positive integers or None, got {value!r}")
+    return tuple(value)
+
+
+class _MPOLayer(keras.layers.Layer):  # type: ignore[misc]
+    """Shared by the dense and conv layers: weights, config, init and the portable checkpoint."""
+
+    def __init__(
+        self,
+        in_modes: Sequence[int] | None,
+        out_modes: Sequence[int] | None,
+        rank: int | Sequence[int],
+        n_cores: int | None,
+        use_bias: bool,
+        activation: Any,
+        kernel_init: str,
+        strategy: Any,
+        seed: int | None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if kernel_init not in tnlayers.INITIALIZERS:
+            raise ValueError(f"unknown kernel_init {kernel_init!r}; expected one of {', '.join(tnlayers.INITIALIZERS)}")
+        self.in_modes = _modes_or_none(in_modes, "in_modes")
+        self.out_modes = _modes_or_none(out_modes, "out_modes")
+        self.rank = rank if isinstance(rank, int) else tuple(rank)
+        self.n_cores = n_cores
+        self.use_bias = bool(use_bias)
+        self.activation = keras.activations.get(activation)
+        self.kernel_init = kernel_init
+        self.strategy = strategy
+        self.seed = seed
+        self.spec: tnlayers.MPOSpec | None = None
+        self.decomposition: tnlayers.DecompositionReport | None = None
+
+    def _make_weights(self, in_features: int, out_features: int, what: str) -> None:
+        n = next((len(m) for m in (self.in_modes, self.out_modes) if m is not None), self.n_cores or 4)
+        in_modes = self.in_modes or factorize_balanced(in_features, n)
+        out_modes = self.out_modes or factorize_balanced(out_features, n)
+        spec = tnlayers.MPOSpec(in_modes, out_modes, self.rank)
+        if spec.in_features != in_features:
+            raise ValueError(
+                f"in_modes {spec.in_modes} multiply to {spec.in_features}, but the input has {what} = {in_features}"
+            )
+        if spec.out_features != out_features:
+            raise ValueError(f"out_modes {spec.out_modes} multiply to {spec.out_features}, expected {out_features}")
+        self.spec, self.in_modes, self.out_modes, self.rank = spec, spec.in_modes, spec.out_modes, spec.ranks
+        self._plan_key = _strategy_key(spec, self.strategy)
+        values = tnlayers.init_cores(spec, self.kernel_init, _draw_seed(self.seed), np.float64)
+        self.cores = [
+            self.add_weight(name=f"core_{k}", shape=value.shape, initializer=_constant(value))
+            for k, value in enumerate(values)
+        ]
+        self.bias = self.add_weight(name="bias", shape=(out_features,), initializer="zeros") if self.use_bias else None
+
+    def _finish(self, y: Any) -> Any:
+        return y if self.activation is None else self.activation(y)
+
+    def weight_matrix(self) -> Any:
+        """``W`` of shape ``(in_features, out_features)`` (like ``Dense.kernel``), differentiable."""
+        return dense_weight(self._checked_cores(), _OPS)
+
+    def _checked_cores(self) -> list[Any]:
+        self.built_spec  # noqa: B018  (raises if not built)
+        return list(self.cores)
+
+    def numpy_weights(self) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """The cores and bias as NumPy arrays."""
+        cores = [ops.convert_to_numpy(c) for c in self._checked_cores()]
+        return cores, None if self.bias is None else ops.convert_to_numpy(self.bias)
+
+    def set_numpy_weights(self, cores: Sequence[Any], bias: Any = None) -> None:
+        """Assign cores (and bias) of this layer's shapes, e.g. from another framework."""
+        own = self._checked_cores()
+        shapes = [tuple(c.shape) for c in own]
+        given = [tuple(np.shape(c)) for c in cores]
+        if given != shapes:
+            raise ValueError(f"cores of shapes {given} do not fit this layer's cores {shapes}")
+        for variable, value in zip(own, cores):
+            variable.assign(np.asarray(value, dtype=variable.dtype))
+        if (bias is None) != (self.bias is None):
+            raise ValueError(f"the layer has use_bias={self.use_bias}, but a bias was{' not' if bias is None else ''} given")
+        if self.bias is not None:
+            self.bias.assign(np.asarray(bias, dtype=self.bias.dtype))
+
+    def save(self, path: str | os.PathLike[str], name: str = "mpo") -> None:
+        """Write the cores and bias to a portable :func:`tnlayers.save` checkpoint."""
+        cores, bias = self.numpy_weights()
+        tnlayers.save(path, cores, bias, name=name)
+
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_config()
+        config.update(
+            in_modes=None if self.in_modes is None else list(self.in_modes),
+            out_modes=None if self.out_modes is None else list(self.out_modes),
+            rank=self.rank if isinstance(self.rank, int) else list(self.rank),
+            n_cores=self.n_cores,
+            use_bias=self.use_bias,
+            activation=keras.activations.serialize(self.activation) if self.activation is not None else None,
+            kernel_init=self.kernel_init,
+            strategy=self._strategy_config(),
+            seed=self.seed,
+        )
+        return config
+
+    def _strategy_config(self) -> Any:
+        key = self._plan_key if self.spec is not None else self.strategy
+        return [list(pair) for pair in key] if isinstance(key, tuple) else key
+
+    @property
+    def built_spec(self) -> tnlayers.MPOSpec:
+        if self.spec is None:
+            raise RuntimeError(f"layer {self.name!r} is not built yet: call it on an input first")
+        return self.spec
+
+
+def _constant(value: np.ndarray) -> Any:
+    def initializer(shape: Any, dtype: Any = None) -> Any:
+        return ops.convert_to_tensor(value.reshape(shape), dtype=dtype)
+
+    return initializer
+
+
+@keras.saving.register_keras_serializable(package="tnlayers")
+class MPODense(_MPOLayer):
+    """``keras.layers.Dense`` with its ``(in, units)`` kernel stored as MPO cores: ``y = activation(x @ W + b)``.
+
+    Give ``out_modes`` or ``units`` (or both); missing modes are balanced factorisations over
+    ``n_cores`` cores (4 by default, or as many as the modes given). Inputs have any leading shape.
+    """
+
+    def __init__(
+        self,
+        in_modes: Sequence[int] | None = None,
+        out_modes: Sequence[int] | None = None,
+        rank: int | Sequence[int] = 8,
+        units: int | None = None,
+        n_cores: int | None = None,
+        use_bias: bool = True,
+        activation: Any = None,
+        kernel_init: str = "glorot",
+        strategy: Any = "auto",
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(in_modes, out_modes, rank, n_cores, use_bias, activation, kernel_init, strategy, seed, **kwargs)
+        if units is None and self.out_modes is None:
+            raise ValueError("MPODense needs units or out_modes, got neither")
+        if units is not None and (not isinstance(units, int) or isinstance(units, bool) or units < 1):
+            raise ValueError(f"units must be a positive int, got {units!r}")
+        if units is not None and self.out_modes is not None and math.prod(self.out_modes) != units:
+            raise ValueError(f"out_modes {self.out_modes} multiply to {math.prod(self.out_modes)}, not units={units}")
+        self.units = units if units is not None else math.prod(self.out_modes)  # type: ignore[arg-type]
+
+    def build(self, input_shape: Sequence[int | None]) -> None:
+        if input_shape[-1] is None:
+            raise ValueError(f"MPODense needs a known last input dimension, got input shape {tuple(input_shape)}")
+        self._make_weights(int(input_shape[-1]), self.units, "last dimension")
+
+    def call(self, inputs: Any) -> Any:
+        plan: ContractionPlan = tnlayers.plan(self.built_spec, _static_rows(inputs.shape[:-1]), self._plan_key)
+        return self._finish(execute(plan, inputs, list(self.cores), self.bias, _OPS))
+
+    def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
+        return (*input_shape[:-1], self.units)
+
+    def to_dense(self) -> Any:
+        """The ``(in_features, units)`` matrix ``Dense.kernel`` would hold (a backend tensor)."""
+        return self.weight_matrix()
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "units": self.units}
+
+    @classmethod
+    def from_cores(cls, cores: Sequence[Any], bias: Any = None, **kwargs: Any) -> MPODense:
+        """A built layer holding the given cores (any framework's arrays) and bias."""
+        arrays = [np.asarray(c) for c in cores]
+        spec = tnlayers.spec_from_cores(arrays)
+        layer = cls(spec.in_modes, spec.out_modes, spec.ranks, use_bias=bias is not None, **kwargs)
+        layer.build((None, spec.in_features))
+        layer.set_numpy_weights(arrays, None if bias is None else np.asarray(bias))
+        return layer
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], name: str | None = None, **kwargs: Any) -> MPODense:
+        """A layer from a :func:`tnlayers.save` checkpoint (written by any framework)."""
+        cores, bias = tnlayers.load(path, name)
+        return cls.from_cores(cores, bias, **kwargs)
+
+    @classmethod
+    def from_dense(
+        cls,
+        dense: Any,
+        in_modes: Sequence[int] | None = None,
+        out_modes: Sequence[int] | None = None,
+        max_rank: int | Sequence[int] | None = None,
+        tol: float | None = None,
+        n_cores: int = 4,
+        strategy: Any = "auto",
+    ) -> MPODense:
+        """TT-SVD of a trained, built ``keras.layers.Dense`` (bias and activation copied); report in ``.decomposition``."""
+        if not isinstance(dense, keras.layers.Dense) or not dense.built:
+            raise TypeError(f"from_dense expects a built keras.layers.Dense, got {type(dense).__name__}")
+        matrix = np.asarray(ops.convert_to_numpy(dense.kernel), dtype=np.float64)
+        in_modes = factorize_balanced(matrix.shape[0], n_cores) if in_modes is None else in_modes
+        out_modes = factorize_balanced(matrix.shape[1], len(in_modes)) if out_modes is None else out_modes
+        cores, report = tnlayers.from_dense(matrix, in_modes, out_modes, max_rank=max_rank, tol=tol)
+        bias = ops.convert_to_numpy(dense.bias) if dense.use_bias else None
+        layer = cls.from_cores(cores, bias, activation=dense.activation, strategy=strategy, dtype=dense.dtype_policy)
+        layer.decomposition = report
+        return layer
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
+    return (pair[0], pair[1])
+
+
+@keras.saving.register_keras_serializable(package="tnlayers")
+class MPOConv2D(_MPOLayer):
+    """``keras.layers.Conv2D`` (channels last) whose kernel, as a ``(channels*kh*kw, filters)`` matrix, is an MPO.
+
+    The rows are ordered ``(channel, kernel row, kernel column)``, as in the PyTorch ``MPOConv2d``,
+    so one checkpoint serves both. Per input size the cost model picks between building the kernel
+    and calling ``keras.ops.conv``, and contracting the cores with the extracted patches.
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: int | Sequence[int],
+        in_modes: Sequence[int] | None = None,
+        out_modes: Sequence[int] | None = None,
+        rank: int | Sequence[int] = 8,
+        strides: int | Sequence[int] = 1,
+        padding: str = "valid",
+        dilation_rate: int | Sequence[int] = 1,
+        n_cores: int | None = None,
+        use_bias: bool = True,
+        activation: Any = None,
+        kernel_init: str = "glorot",
+        strategy: Any = "auto",
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(in_modes, out_modes, rank, n_cores, use_bias, activation, kernel_init, strategy, seed, **kwargs)
+        if not isinstance(filters, int) or isinstance(filters, bool) or filters < 1:
+            raise ValueError(f"filters must be a positive int, got {filters!r}")
+        self.filters = filters
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.strides = _pair(strides, "strides")
+        self.dilation_rate = _pair(dilation_rate, "dilation_rate")
+        if not isinstance(padding, str) or padding.lower() not in ("valid", "same"):
+            raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")
+        self.padding = padding.lower()
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise ValueError(f"strides {self.strides} and dilation_rate {self.dilation_rate} cannot both exceed 1")
+
+    def build(self, input_shape: Sequence[int | None]) -> None:
+        if len(input_shape) != 4 or input_shape[-1] is None:
+            raise ValueError(f"MPOConv2D expects inputs (batch, height, width, channels), got shape {tuple(input_shape)}")
+        self.channels = int(input_shape[-1])
+        kh, kw = self.kernel_size
+        self._make_weights(self.channels * kh * kw, self.filters, f"channels*kh*kw = {self.channels}*{kh}*{kw}")
+
+    def _output_size(self, size: int | None, axis: int) -> int | None:
+        if size is None:
+            return None
+        if self.padding == "same":
+            return -(-size // self.strides[axis])
+        extent = self.dilation_rate[axis] * (self.kernel_size[axis] - 1) + 1
+        return max((size - extent) // self.strides[axis] + 1, 0)
+
+    def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
+        return (input_shape[0], self._output_size(input_shape[1], 0), self._output_size(input_shape[2], 1), self.filters)
+
+    def kernel(self) -> Any:
+        """The ``(kh, kw, channels, filters)`` kernel ``Conv2D.kernel`` would hold (differentiable)."""
+        kh, kw = self.kernel_size
+        matrix = ops.reshape(self.weight_matrix(), (self.channels, kh, kw, self.filters))
+        return ops.transpose(matrix, (1, 2, 0, 3))
+
+    def to_dense(self) -> Any:
+        """Same as :meth:`kernel`."""
+        return self.kernel()
+
+    def call(self, inputs: Any) -> Any:
+        _, height, width, _ = self.compute_output_shape(tuple(inputs.shape))
+        spec = self.built_spec
+        plan, build_kernel = tnlayers.conv_route(spec, _static_rows((inputs.shape[0], height, width)), self._plan_key)
+        if build_kernel:
+            y = ops.conv(inputs, self.kernel(), self.strides, self.padding, dilation_rate=self.dilation_rate)
+            return self._finish(y if self.bias is None else y + self.bias)
+        kh, kw = self.kernel_size
+        patches = ops.image.extract_patches(
+            inputs, (kh, kw), self.strides, self.dilation_rate, self.padding, data_format="channels_last"
+        )
+        shape = ops.shape(patches)[:3]
+        # patches come as (kh, kw, channels); the MPO's rows are (channels, kh, kw)
+        patches = ops.reshape(patches, (*shape, kh, kw, self.channels))
+        patches = ops.reshape(ops.transpose(patches, (0, 1, 2, 5, 3, 4)), (*shape, spec.in_features))
+        return self._finish(execute(plan, patches, list(self.cores), self.bias, _OPS))
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": list(self.kernel_size),
+            "strides": list(self.strides),
+            "padding": self.padding,
+            "dilation_rate": list(self.dilation_rate),
+        }

@@ -1,0 +1,114 @@
+"""MPOLinear against nn.Linear of the same shape: forward and forward+backward, side by side.
+
+    python -m benchmarks.torch_layers              # the paper's FC2 layer and a 4096x4096 layer
+    python -m benchmarks.torch_layers --quick      # a smoke run of a few seconds
+
+Every contender is first checked against the dense product, then timed round-robin in one
+process (median of ``--repeats`` samples). The ratio column is MPO time / dense time: below 1 the
+MPO layer is faster. Quote ratios: absolute times move between runs far more than ratios do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts: see ../shared/BENCHMARKING.md
+
+import torch
+from tnlayers.backends.torch import MPOLinear
+
+import tnlayers
+from benchmarks.timing import calls_per_sample, median, round_robin
+
+CASES = [  # (label, in_modes, out_modes, rank)
+    *[("784->256 FC2", (4, 7, 7, 4), (4, 4, 4, 4), r) for r in (4, 8, 16)],
+    *[("4096->4096", (8, 8, 8, 8), (8, 8, 8, 8), r) for r in (8, 16, 32)],
+]
+BATCHES = (1, 32, 256, 1024)
+QUICK_CASES, QUICK_BATCHES = [CASES[1]], (1, 64)
+
+
+def _contenders(layer: torch.nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    def forward() -> object:
+        with torch.no_grad():
+            return layer(x)
+
+    def forward_backward() -> object:
+        for p in layer.parameters():
+            p.grad = None  # a fresh gradient buffer for every contender alike
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+        return y
+
+    return {"forward": forward, "forward+backward": forward_backward}
+
+
+def measure(cases: Sequence[Any], batches: Sequence[int], repeats: int) -> list[dict[str, Any]]:
+    records = []
+    for label, in_modes, out_modes, rank in cases:
+        torch.manual_seed(0)
+        mpo = MPOLinear(in_modes, out_modes, rank)
+        dense = mpo.to_linear()  # the same W, so the outputs must agree
+        for batch in batches:
+            x = torch.randn(batch, mpo.in_features)
+            with torch.no_grad():
+                error = float((mpo(x) - dense(x)).abs().max() / dense(x).abs().max())
+            if error > 1e-4:
+                raise RuntimeError(
+                    f"MPO output differs from the dense layer: {error:.2e} ({label}, r {rank}, B {batch})"
+                )
+            plan = tnlayers.plan(mpo.spec, batch)
+            row: dict[str, Any] = {"case": label, "rank": rank, "batch": batch, "plan": plan.method}
+            for mode in ("forward", "forward+backward"):
+                runs = {"mpo": _contenders(mpo, x)[mode], "dense": _contenders(dense, x)[mode]}
+                inner = calls_per_sample(runs["mpo"])
+                times = round_robin(runs, repeats, inner)
+                row[mode] = {name: median(samples) for name, samples in times.items()}
+            records.append(row)
+            print(_line(row), flush=True)
+    return records
+
+
+def _line(row: dict[str, Any]) -> str:
+    cells = []
+    for mode in ("forward", "forward+backward"):
+        mpo, dense = row[mode]["mpo"], row[mode]["dense"]
+        cells.append(f"{1e3 * mpo:9.3f} {1e3 * dense:9.3f} {mpo / dense:6.2f}")
+    return f"{row['case']:<13} {row['rank']:>3} {row['batch']:>5} {row['plan']:<14} " + "   ".join(cells)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.torch_layers", description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="one shape at batch 1 and 64, 2 repeats")
+    parser.add_argument("--out", type=Path, default=None, help="write one JSON line per case and batch here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore", tnlayers.RankClippedWarning)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+    )
+    print(f"{'':<38}{'forward ms: mpo, dense, ratio':<33}forward+backward ms: mpo, dense, ratio")
+    print(f"{'case':<13} {'D':>3} {'batch':>5} {'auto plan':<14}")
+    cases, batches = (QUICK_CASES, QUICK_BATCHES) if args.quick else (CASES, BATCHES)
+    records = measure(cases, batches, 2 if args.quick else args.repeats)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        environment = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor()}
+        with args.out.open("w") as handle:
+            for record in records:
+                handle.write(json.dumps({**record, **environment}) + "\n")
+        print(f"wrote {len(records)} records to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
