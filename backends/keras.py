@@ -58,7 +58,7 @@ def _strategy_key(spec: tnlayers.MPOSpec, strategy: Any) -> str | tuple[tuple[in
 
 def _draw_seed(seed: int | None) -> int:
     """``seed``, or one from NumPy's global generator (which ``keras.utils.set_random_seed`` seeds)."""
-    return int(np.random.randint(0, 2**31 - 1)) if seed is None else seed
+    return int(np.random.randint(0, 2**31 - 1)) if seed is None else seed  # noqa: NPY002 (the seeded global one)
 
 
 def _modes_or_none(value: Any, name: str) -> tuple[int, ...] | None:
@@ -146,7 +146,9 @@ class _MPOLayer(keras.layers.Layer):  # type: ignore[misc]
         for variable, value in zip(own, cores):
             variable.assign(np.asarray(value, dtype=variable.dtype))
         if (bias is None) != (self.bias is None):
-            raise ValueError(f"the layer has use_bias={self.use_bias}, but a bias was{' not' if bias is None else ''} given")
+            raise ValueError(
+                f"the layer has use_bias={self.use_bias}, but a bias was{' not' if bias is None else ''} given"
+            )
         if self.bias is not None:
             self.bias.assign(np.asarray(bias, dtype=self.bias.dtype))
 
@@ -210,7 +212,9 @@ class MPODense(_MPOLayer):
         seed: int | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(in_modes, out_modes, rank, n_cores, use_bias, activation, kernel_init, strategy, seed, **kwargs)
+        super().__init__(
+            in_modes, out_modes, rank, n_cores, use_bias, activation, kernel_init, strategy, seed, **kwargs
+        )
         if units is None and self.out_modes is None:
             raise ValueError("MPODense needs units or out_modes, got neither")
         if units is not None and (not isinstance(units, int) or isinstance(units, bool) or units < 1):
@@ -265,7 +269,7 @@ class MPODense(_MPOLayer):
         n_cores: int = 4,
         strategy: Any = "auto",
     ) -> MPODense:
-        """TT-SVD of a trained, built ``keras.layers.Dense`` (bias and activation copied); report in ``.decomposition``."""
+        """TT-SVD of a trained ``keras.layers.Dense`` (bias and activation copied); report in ``.decomposition``."""
         if not isinstance(dense, keras.layers.Dense) or not dense.built:
             raise TypeError(f"from_dense expects a built keras.layers.Dense, got {type(dense).__name__}")
         matrix = np.asarray(ops.convert_to_numpy(dense.kernel), dtype=np.float64)
@@ -312,7 +316,9 @@ class MPOConv2D(_MPOLayer):
         seed: int | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(in_modes, out_modes, rank, n_cores, use_bias, activation, kernel_init, strategy, seed, **kwargs)
+        super().__init__(
+            in_modes, out_modes, rank, n_cores, use_bias, activation, kernel_init, strategy, seed, **kwargs
+        )
         if not isinstance(filters, int) or isinstance(filters, bool) or filters < 1:
             raise ValueError(f"filters must be a positive int, got {filters!r}")
         self.filters = filters
@@ -327,7 +333,9 @@ class MPOConv2D(_MPOLayer):
 
     def build(self, input_shape: Sequence[int | None]) -> None:
         if len(input_shape) != 4 or input_shape[-1] is None:
-            raise ValueError(f"MPOConv2D expects inputs (batch, height, width, channels), got shape {tuple(input_shape)}")
+            raise ValueError(
+                f"MPOConv2D expects inputs (batch, height, width, channels), got shape {tuple(input_shape)}"
+            )
         self.channels = int(input_shape[-1])
         kh, kw = self.kernel_size
         self._make_weights(self.channels * kh * kw, self.filters, f"channels*kh*kw = {self.channels}*{kh}*{kw}")
@@ -341,7 +349,12 @@ class MPOConv2D(_MPOLayer):
         return max((size - extent) // self.strides[axis] + 1, 0)
 
     def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
-        return (input_shape[0], self._output_size(input_shape[1], 0), self._output_size(input_shape[2], 1), self.filters)
+        return (
+            input_shape[0],
+            self._output_size(input_shape[1], 0),
+            self._output_size(input_shape[2], 1),
+            self.filters,
+        )
 
     def kernel(self) -> Any:
         """The ``(kh, kw, channels, filters)`` kernel ``Conv2D.kernel`` would hold (differentiable)."""

@@ -157,7 +157,7 @@ _SELECTED = os.environ.get("TNLAYERS_TEST_BACKENDS")
 
 
 def _param(name: str) -> Any:
-    module = {"numpy": "numpy", "torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}[name]
+    module = {"numpy": "numpy", "torch": "torch", "tensorflow": "tensorflow", "jax": "jax", "keras": "keras"}[name]
     missing = importlib.util.find_spec(module) is None
     return pytest.param(name, id=name, marks=pytest.mark.skipif(missing, reason=f"{module} is not installed"))
 
@@ -227,7 +227,64 @@ class TorchLayerHarness:
         return x_t.grad.numpy(), [c.grad.numpy() for c in layer.cores], layer.bias.grad.numpy()
 
 
-LAYER_HARNESSES = {"numpy": NumpyLayerHarness, "torch": TorchLayerHarness}
+class KerasLayerHarness:
+    """The Keras MPODense on whichever Keras backend runs (KERAS_BACKEND); gradients by that backend."""
+
+    name = "keras"
+
+    def make(self, in_modes: Any, out_modes: Any, rank: Any, strategy: Any, dtype: Any, seed: int = 0) -> Any:
+        from tnlayers.backends.keras import MPODense
+
+        layer = MPODense(in_modes, out_modes, rank, strategy=strategy, seed=seed, dtype=np.dtype(dtype).name)
+        layer.build((None, int(np.prod(in_modes))))
+        return layer
+
+    def set_bias(self, layer: Any, values: np.ndarray) -> None:
+        layer.bias.assign(values)
+
+    def weights(self, layer: Any) -> tuple[list[np.ndarray], np.ndarray | None]:
+        return layer.numpy_weights()  # type: ignore[no-any-return]
+
+    def forward(self, layer: Any, x: np.ndarray) -> np.ndarray:
+        import keras
+
+        return keras.ops.convert_to_numpy(layer(x))  # type: ignore[no-any-return]
+
+    def grads(self, layer: Any, x: np.ndarray, grad_out: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], Any]:
+        import keras
+
+        backend = keras.backend.backend()
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            x_t = tf.constant(x)
+            with tf.GradientTape() as tape:
+                tape.watch(x_t)
+                y = layer(x_t)
+            grads = tape.gradient(y, [x_t, *layer.trainable_variables], output_gradients=tf.constant(grad_out))
+        elif backend == "jax":
+            import jax
+
+            def loss(variables: Any, x: Any) -> Any:
+                y, _ = layer.stateless_call(variables, [], x)
+                return (y * grad_out).sum()
+
+            values = [v.value for v in layer.trainable_variables]
+            grad_vars, grad_x = jax.grad(loss, argnums=(0, 1))(values, x)
+            grads = [grad_x, *grad_vars]
+        else:
+            import torch
+
+            x_t = torch.from_numpy(x).requires_grad_(True)
+            for v in layer.trainable_variables:
+                v.value.grad = None
+            layer(x_t).backward(torch.from_numpy(grad_out))
+            grads = [x_t.grad, *[v.value.grad for v in layer.trainable_variables]]
+        arrays = [keras.ops.convert_to_numpy(g) for g in grads]
+        return arrays[0], arrays[1:-1], arrays[-1]
+
+
+LAYER_HARNESSES = {"numpy": NumpyLayerHarness, "torch": TorchLayerHarness, "keras": KerasLayerHarness}
 
 
 @pytest.fixture(params=[_param(name) for name in LAYER_HARNESSES])

@@ -1,0 +1,336 @@
+"""The Keras layers: against NumPy references, serialisation, portability, XLA, MirroredStrategy, errors.
+
+These tests run on the Keras backend of the process (TensorFlow by default); one of them re-runs
+this file and the shared layer tests under KERAS_BACKEND=jax and KERAS_BACKEND=torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import assert_close, dense_reference
+
+import tnlayers
+
+keras = pytest.importorskip("keras", reason="keras is not installed")
+from tnlayers.backends import numpy as numpy_backend  # noqa: E402
+from tnlayers.backends.keras import MPOConv2D, MPODense  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::tnlayers.RankClippedWarning", "ignore::DeprecationWarning")
+ROOT = Path(__file__).resolve().parents[1]
+BACKEND = keras.backend.backend()
+tensorflow_only = pytest.mark.skipif(
+    BACKEND != "tensorflow", reason=f"needs the TensorFlow Keras backend, not {BACKEND}"
+)
+
+
+def _np(value: Any) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(value))
+
+
+def _reference_kernel(layer: MPOConv2D) -> np.ndarray:
+    """``(kh, kw, channels, filters)`` from the NumPy dense reference; rows of W are (channel, kh, kw)."""
+    cores, _ = layer.numpy_weights()
+    kh, kw = layer.kernel_size
+    return dense_reference(cores).reshape(layer.channels, kh, kw, layer.filters).transpose(1, 2, 0, 3)
+
+
+def test_weights_are_tracked_and_shapes_inferred() -> None:
+    layer = MPODense(units=256, n_cores=4, rank=8)
+    y = layer(np.zeros((2, 3, 784), "float32"))
+    assert tuple(y.shape) == (2, 3, 256)
+    assert layer.spec == tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 8)
+    assert len(layer.trainable_weights) == 4 + 1
+    no_bias = MPODense((2, 3), (3, 2), 2, use_bias=False)
+    no_bias.build((None, 6))
+    assert len(no_bias.trainable_weights) == 2
+    assert layer.compute_output_shape((None, 5, 784)) == (None, 5, 256)
+    cores, _ = layer.numpy_weights()
+    assert_close(_np(layer.to_dense()), dense_reference(cores), np.float32)
+
+
+def test_get_config_roundtrip_and_dot_keras_file_is_bit_exact(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 4, 3))
+    hidden = MPOConv2D(8, 3, (3, 3, 3), (2, 2, 2), 3, padding="same", activation="relu")(inputs)
+    flat = keras.layers.Flatten()(hidden)
+    outputs = MPODense((8, 4, 4), (1, 5, 2), (2, 4), activation="softmax", strategy="zipper")(flat)
+    model = keras.Model(inputs, outputs)
+    for layer in model.layers[1:]:
+        config = layer.get_config()
+        clone = type(layer).from_config(config)
+        assert clone.get_config() == config
+        assert json.loads(json.dumps(config)) == config
+    x = np.random.default_rng(0).normal(size=(3, 4, 4, 3)).astype("float32")
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), loaded.get_weights()))
+    np.testing.assert_array_equal(_np(loaded(x)), _np(model(x)))
+    assert isinstance(loaded.layers[1], MPOConv2D) and isinstance(loaded.layers[-1], MPODense)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "materialize", "zipper", "dp"])
+@pytest.mark.parametrize(
+    ("kernel", "strides", "padding", "dilation"),
+    [(3, 1, "same", 1), ((2, 3), 2, "valid", 1), (4, 1, "same", 1), (3, 1, "valid", 2)],
+)
+def test_conv_matches_the_dense_convolution(
+    strategy: str, kernel: Any, strides: Any, padding: str, dilation: Any
+) -> None:
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    layer = MPOConv2D(8, kernel, (3, kh, kw), (2, 2, 2), 3, strides, padding, dilation, strategy=strategy,
+                      seed=4, dtype="float64")  # fmt: skip
+    x = np.random.default_rng(1).normal(size=(2, 9, 11, 3))
+    layer.build(x.shape)
+    layer.bias.assign(np.linspace(-1, 1, 8))
+    expected = _np(keras.ops.conv(x, _reference_kernel(layer), strides, padding, dilation_rate=dilation)) + np.linspace(
+        -1, 1, 8
+    )
+    assert_close(_np(layer(x)), expected, np.float64)
+    assert layer.compute_output_shape(x.shape) == expected.shape
+
+
+@tensorflow_only
+def test_conv_gradients_match_the_dense_convolution() -> None:
+    import tensorflow as tf
+
+    for strategy in ("materialize", "zipper"):
+        layer = MPOConv2D(4, 3, (2, 3, 3), (2, 1, 2), 3, padding="same", strategy=strategy, dtype="float64", seed=2)
+        x = tf.constant(np.random.default_rng(2).normal(size=(2, 6, 5, 2)))
+        layer.build(x.shape)
+        kernel = tf.constant(_reference_kernel(layer))
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch([x, kernel])
+            actual = layer(x)
+            expected = tf.nn.conv2d(x, kernel, 1, "SAME") + layer.bias
+        assert_close(tape.gradient(actual, x).numpy(), tape.gradient(expected, x).numpy(), np.float64)
+        assert_close(tape.gradient(actual, layer.bias).numpy(), tape.gradient(expected, layer.bias).numpy(), np.float64)
+
+
+def test_from_dense_keeps_the_trained_layer_within_the_reported_error() -> None:
+    keras.utils.set_random_seed(1)
+    dense = keras.layers.Dense(256, activation="relu")
+    dense.build((None, 784))
+    layer = MPODense.from_dense(dense, (4, 7, 7, 4), (4, 4, 4, 4), max_rank=16)
+    report = layer.decomposition
+    assert report is not None and report.ranks == (1, 16, 16, 16, 1)
+    kernel = _np(dense.kernel).astype(np.float64)
+    measured = np.linalg.norm(_np(layer.to_dense()) - kernel) / np.linalg.norm(kernel)
+    np.testing.assert_allclose(measured, report.relative_error, rtol=1e-4)
+    x = np.random.default_rng(0).normal(size=(16, 784)).astype("float32")
+    gap = np.linalg.norm(_np(layer(x)) - _np(dense(x)))  # relu is 1-Lipschitz
+    assert gap <= np.linalg.norm(x) * report.relative_error * np.linalg.norm(kernel) * 1.001
+    exact = MPODense.from_dense(_dense_with(_np(layer.to_dense())))
+    assert exact.decomposition is not None and exact.decomposition.relative_error < 1e-5
+
+
+def _dense_with(kernel: np.ndarray) -> Any:
+    dense = keras.layers.Dense(kernel.shape[1])
+    dense.build((None, kernel.shape[0]))
+    dense.kernel.assign(kernel)
+    return dense
+
+
+def _trained_keras_model() -> Any:
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential(
+        [
+            keras.Input((784,)),
+            MPODense((4, 7, 7, 4), (4, 4, 4, 4), 6, activation="relu", name="hidden"),
+            MPODense((4, 4, 4, 4), (1, 1, 10, 1), 4, name="logits"),
+        ]
+    )
+    model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(3)
+    model.fit(rng.normal(size=(64, 784)).astype("float32"), rng.integers(0, 10, 64), epochs=2, verbose=0)
+    return model
+
+
+def test_a_model_trained_in_keras_runs_in_torch_and_numpy(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from tnlayers.backends.torch import MPOLinear
+
+    model = _trained_keras_model()
+    tnlayers.save_layers(tmp_path / "mlp.safetensors", {layer.name: layer.numpy_weights() for layer in model.layers})
+    weights = tnlayers.load_layers(tmp_path / "mlp.safetensors")
+    torch_model = torch.nn.Sequential(
+        MPOLinear.from_cores(*weights["hidden"]), torch.nn.ReLU(), MPOLinear.from_cores(*weights["logits"])
+    )
+    hidden, logits = (numpy_backend.MPOLinear.from_cores(*weights[name]) for name in ("hidden", "logits"))
+    x = np.random.default_rng(4).normal(size=(32, 784)).astype("float32")
+    expected = _np(model(x))
+    with torch.no_grad():
+        np.testing.assert_allclose(torch_model(torch.from_numpy(x)).numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits(np.maximum(hidden(x), 0)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_torch_layer_runs_in_keras(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from tnlayers.backends.torch import MPOConv2d, MPOLinear
+
+    torch.manual_seed(5)
+    linear = MPOLinear((4, 7, 7, 4), (4, 4, 4, 4), 8)
+    conv = MPOConv2d(3, 8, 3, (3, 3, 3), (2, 2, 2), 4, padding="same")
+    with torch.no_grad():
+        linear.bias.normal_()
+        conv.bias.normal_()
+    linear.save(tmp_path / "linear.safetensors")
+    conv.save(tmp_path / "conv.safetensors")
+    x = np.random.default_rng(5).normal(size=(6, 784)).astype("float32")
+    with torch.no_grad():
+        expected = linear(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_np(MPODense.load(tmp_path / "linear.safetensors")(x)), expected, rtol=1e-5, atol=1e-5)
+    images = np.random.default_rng(6).normal(size=(2, 3, 7, 7)).astype("float32")  # NCHW for torch
+    with torch.no_grad():
+        expected = conv(torch.from_numpy(images)).numpy().transpose(0, 2, 3, 1)
+    keras_conv = MPOConv2D(8, 3, (3, 3, 3), (2, 2, 2), 4, padding="same")
+    keras_conv.build((None, 7, 7, 3))
+    keras_conv.set_numpy_weights(*tnlayers.load(tmp_path / "conv.safetensors"))
+    np.testing.assert_allclose(_np(keras_conv(images.transpose(0, 2, 3, 1))), expected, rtol=1e-5, atol=1e-5)
+
+
+@tensorflow_only
+def test_xla_and_tf_function_match_eager_without_autograph_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    import tensorflow as tf
+
+    model = _trained_keras_model()
+    conv = MPOConv2D(4, 3, (1, 3, 3), (2, 1, 2), 3)
+    x = tf.constant(np.random.default_rng(7).normal(size=(8, 784)).astype("float32"))
+    images = tf.constant(np.random.default_rng(8).normal(size=(2, 6, 6, 1)).astype("float32"))
+    eager, eager_conv = model(x).numpy(), conv(images).numpy()
+    with caplog.at_level(logging.WARNING):
+        xla = tf.function(lambda v: model(v), jit_compile=True)
+        np.testing.assert_allclose(xla(x).numpy(), eager, rtol=1e-5, atol=1e-5)
+        unknown = tf.function(lambda v: model(v), input_signature=[tf.TensorSpec((None, 784), tf.float32)])
+        np.testing.assert_allclose(unknown(x).numpy(), eager, rtol=1e-5, atol=1e-5)
+        conv_xla = tf.function(lambda v: conv(v), jit_compile=True)
+        np.testing.assert_allclose(conv_xla(images).numpy(), eager_conv, rtol=1e-5, atol=1e-5)
+    assert not [r for r in caplog.records if "AutoGraph" in r.getMessage()]
+
+
+def test_keras_mpo_network_learns_mnist(mnist_dir: Path) -> None:
+    from tnlayers.datasets import load_mnist
+
+    images, labels = load_mnist(mnist_dir, "train")
+    test_images, test_labels = load_mnist(mnist_dir, "test")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((784,)),
+            MPODense((4, 7, 7, 4), (4, 4, 4, 4), 8, activation="relu", kernel_init="he"),
+            MPODense((4, 4, 4, 4), (1, 1, 10, 1), 4),
+        ]
+    )
+    model.compile(
+        keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"]
+    )
+    model.fit(images[:30000], labels[:30000], batch_size=64, epochs=3, verbose=0)
+    _, accuracy = model.evaluate(test_images, test_labels, verbose=0)
+    assert accuracy > 0.93
+
+
+MIRRORED = """
+import json, os, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np
+keras.config.set_floatx("float64")
+from tnlayers.backends.keras import MPODense
+
+def build():
+    model = keras.Sequential([keras.Input((12,)), MPODense((2, 3, 2), (2, 2, 2), 3, activation="tanh", seed=1),
+                              MPODense((2, 2, 2), (1, 2, 2), 2, seed=2)])
+    model.compile(keras.optimizers.SGD(0.2, momentum=0.9), "mse")
+    return model
+
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(16, 12)), rng.normal(size=(16, 4))
+single = build()
+start = [w.copy() for w in single.get_weights()]
+single.fit(x, y, batch_size=16, epochs=4, shuffle=False, verbose=0)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    mirrored = build()
+mirrored.fit(x, y, batch_size=16, epochs=4, shuffle=False, verbose=0)
+gap = max(float(np.abs(a - b).max()) for a, b in zip(single.get_weights(), mirrored.get_weights()))
+moved = max(float(np.abs(a - b).max()) for a, b in zip(single.get_weights(), start))
+print(json.dumps({"replicas": strategy.num_replicas_in_sync, "gap": gap, "moved": moved}))
+"""
+
+
+@tensorflow_only
+def test_mirrored_strategy_on_two_devices_matches_one(tmp_path: Path) -> None:
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, "-c", MIRRORED], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["replicas"] == 2
+    assert outcome["moved"] > 1e-3  # training changed the weights
+    assert outcome["gap"] < 1e-10
+
+
+@tensorflow_only
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_the_same_tests_pass_on_other_keras_backends(backend: str) -> None:
+    pytest.importorskip(backend)
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "JAX_ENABLE_X64": "1",
+        "TNLAYERS_TEST_BACKENDS": "keras",
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+    tests = ["tests/test_keras.py", "tests/test_layers.py"]
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests, "-k", "not mnist"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-4000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) >= 40 and not re.search(r"\d+ (failed|error)", summary), summary
+
+
+def _cores(in_modes: tuple[int, ...], out_modes: tuple[int, ...]) -> list[np.ndarray]:
+    return tnlayers.init_cores(tnlayers.MPOSpec(in_modes, out_modes, 2), seed=0)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: MPODense((2, 3), None, 2), ValueError, "needs units or out_modes, got neither"),
+        (lambda: MPODense((2, 3), (3, 2), 2, units=7), ValueError, r"multiply to 6, not units=7"),
+        (lambda: MPODense((2, 3), (3, 2), 2)(np.ones((4, 7), "float32")), ValueError, "multiply to 6.*= 7"),
+        (lambda: MPODense("2x3", (3, 2), 2), TypeError, "in_modes must be a sequence.*'2x3'"),
+        (lambda: MPODense((2, 3), (3, 2), 2, kernel_init="xavier"), ValueError, "unknown kernel_init 'xavier'"),
+        (lambda: MPODense((2, 3), (3, 2), 2, strategy="fastest").build((None, 6)), ValueError, "unknown strategy"),
+        (lambda: MPODense(units=0), ValueError, "units must be a positive int, got 0"),
+        (lambda: MPOConv2D(8, 3, (3, 3, 2), (2, 2, 2), 2)(np.ones((1, 5, 5, 3), "float32")), ValueError, "= 27"),
+        (lambda: MPOConv2D(8, 3, padding="full"), ValueError, "'valid' or 'same', got 'full'"),
+        (lambda: MPOConv2D(8, 3, strides=2, dilation_rate=2), ValueError, "cannot both exceed 1"),
+        (lambda: MPOConv2D(8, 3)(np.ones((5, 5, 3), "float32")), ValueError, r"\(batch, height, width, channels\)"),
+        (lambda: MPODense.from_dense(keras.layers.Dense(4)), TypeError, "expects a built keras.layers.Dense"),
+        (lambda: MPODense((2, 3), (3, 2), 2).to_dense(), RuntimeError, "not built yet"),
+        (
+            lambda: MPODense.from_cores(
+                tnlayers.init_cores(tnlayers.MPOSpec((2, 3), (3, 2), 2), seed=0)
+            ).set_numpy_weights(tnlayers.init_cores(tnlayers.MPOSpec((3, 2), (3, 2), 2), seed=0)),
+            ValueError,
+            "do not fit this layer's cores",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_bad_input(call: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        call()
