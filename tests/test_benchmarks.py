@@ -49,3 +49,16 @@ def test_torch_layers_quick(tmp_path: Path) -> None:
         for mode in ("forward", "forward+backward"):
             assert record[mode]["mpo"] > 0 and record[mode]["dense"] > 0
     assert "forward+backward ms: mpo, dense, ratio" in result.stdout
+
+
+def test_keras_layers_quick(tmp_path: Path) -> None:
+    pytest.importorskip("tensorflow")
+    out = tmp_path / "records.jsonl"
+    command = [sys.executable, "-m", "benchmarks.keras_layers", "--quick", "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["rank"], r["batch"]) for r in records] == [(8, 1), (8, 32)]
+    for record in records:
+        for mode in ("forward", "forward+backward"):
+            assert set(record[mode]) == {"mpo", "dense", "tn_keras"} and min(record[mode].values()) > 0
