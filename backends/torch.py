@@ -167,8 +167,9 @@ class MPOLinear(_MPOModule):
     """``nn.Linear`` with its weight stored as MPO cores: ``y = x @ W + b`` for ``x`` of shape ``(..., in)``.
 
     ``to_dense()`` returns the ``(out_features, in_features)`` matrix ``nn.Linear.weight`` would hold.
-    In ``eval()`` under ``torch.no_grad()``, when the plan for the batch says that materialising
-    ``W`` is cheaper, ``W`` is built once and reused until a core changes.
+    In ``eval()`` under ``torch.no_grad()``, when the plan for the batch builds ``W`` before
+    touching the input (it found materialising cheaper), ``W`` is built once and reused until a
+    core changes.
     """
 
     def __init__(
@@ -263,7 +264,7 @@ class MPOLinear(_MPOModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.in_features, self.cores[0].dtype, "MPOLinear")
         plan = _linear_plan(self.spec, _bucket(math.prod(x.shape[:-1])), self.strategy)
-        if plan.method == "materialize" and self._serve_cached():
+        if plan.builds_weight and self._serve_cached():
             return F.linear(x, self._inference_weight().T, self.bias)
         return execute(plan, x, list(self.cores), self.bias, _OPS)  # type: ignore[no-any-return]
 
@@ -284,8 +285,8 @@ class MPOConv2d(_MPOModule):
     Rows of that matrix are ordered ``(channel, kernel row, kernel column)``, as in
     ``conv.weight.reshape(out_channels, -1).T``. The forward either builds the kernel and calls
     ``F.conv2d``, or contracts the cores with the unfolded input patches, whichever the cost model
-    prefers for the number of output positions (``strategy="materialize"`` always builds the kernel,
-    any other explicit strategy always unfolds).
+    prefers for the number of output positions (an explicit strategy builds the kernel when its plan
+    builds ``W``, as ``"materialize"`` does, and unfolds otherwise).
     """
 
     def __init__(

@@ -115,3 +115,13 @@ def test_cost_model_is_configurable() -> None:
     flops_only = tnlayers.CostModel(bandwidth=float("inf"), half_size=0.0, step_overhead=0.0)
     plan = tnlayers.plan(FC2, 1024, "auto", cost_model=flops_only)
     assert plan.flops == min(tnlayers.plan(FC2, 1024, s).flops for s in ("zipper", "materialize", "greedy", "dp"))
+
+
+def test_builds_weight_recognises_materialising_paths() -> None:
+    spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 8)
+    assert tnlayers.plan(spec, 1, "materialize").builds_weight
+    assert not tnlayers.plan(spec, 1, "zipper").builds_weight
+    assert not tnlayers.plan(spec, 1, "reverse-zipper").builds_weight
+    # the cores first (1+2, then 3+4, then the halves), the input last: W is built, by another name
+    assert tnlayers.plan(spec, 1, [(1, 2), (1, 2), (1, 2), (0, 1)]).builds_weight
+    assert not tnlayers.plan(spec, 1, [(1, 2), (0, 1), (0, 1), (0, 1)]).builds_weight

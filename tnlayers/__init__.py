@@ -6,8 +6,20 @@ The core (this package) imports only NumPy and opt_einsum; framework layers live
 
 from .checkpoint import MPOWeights, load, load_layers, save, save_layers
 from .contract import ArrayOps, contract, dense_weight, get_ops
-from .decompose import DecompositionReport, frobenius_norm, from_dense, spec_from_cores, to_dense, truncate
+from .decompose import (
+    DecompositionReport,
+    EntanglementReport,
+    cores_of,
+    entanglement,
+    frobenius_norm,
+    from_dense,
+    spec_from_cores,
+    to_dense,
+    truncate,
+)
+from .diagram import draw, draw_ascii
 from .init import INITIALIZERS, init_cores
+from .interop import MPONetwork, from_tensornetwork, to_tensornetwork
 from .plan import DEFAULT_COST_MODEL, STRATEGIES, ContractionPlan, CostModel, batch_bucket, conv_route, dense_cost, plan
 from .report import CompressionReport, LayerReport
 from .spec import MPOSpec, RankClippedWarning
@@ -23,6 +35,8 @@ __all__ = [
     "ContractionPlan",
     "CostModel",
     "DecompositionReport",
+    "MPONetwork",
+    "EntanglementReport",
     "LayerReport",
     "MPOSpec",
     "MPOWeights",
@@ -30,6 +44,12 @@ __all__ = [
     "__version__",
     "batch_bucket",
     "contract",
+    "to_tensornetwork",
+    "from_tensornetwork",
+    "entanglement",
+    "draw_ascii",
+    "draw",
+    "cores_of",
     "conv_route",
     "dense_cost",
     "dense_weight",

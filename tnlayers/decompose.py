@@ -13,7 +13,17 @@ from numpy.typing import NDArray
 
 from .spec import MPOSpec, _as_modes, _as_positive_int
 
-__all__ = ["DecompositionReport", "from_dense", "frobenius_norm", "spec_from_cores", "to_dense", "truncate"]
+__all__ = [
+    "DecompositionReport",
+    "EntanglementReport",
+    "cores_of",
+    "entanglement",
+    "from_dense",
+    "frobenius_norm",
+    "spec_from_cores",
+    "to_dense",
+    "truncate",
+]
 
 
 def spec_from_cores(cores: Sequence[Any]) -> MPOSpec:
@@ -56,8 +66,11 @@ def spec_from_cores(cores: Sequence[Any]) -> MPOSpec:
 
 
 def _numpy_cores(cores: Sequence[Any]) -> tuple[MPOSpec, list[NDArray[Any]]]:
+    """Checked NumPy views (or copies, for tensors) of cores given as arrays, tensors or a layer."""
+    if hasattr(cores, "cores") or hasattr(cores, "numpy_weights"):
+        cores = cores_of(cores)
     spec = spec_from_cores(cores)
-    arrays = [np.asarray(core) for core in cores]
+    arrays = [np.asarray(core.detach().cpu() if hasattr(core, "detach") else core) for core in cores]
     for k, array in enumerate(arrays):
         if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating)):
             raise TypeError(f"core {k} must hold floating-point numbers, got dtype {array.dtype}")
@@ -253,3 +266,62 @@ def truncate(
     result = [np.ascontiguousarray(c.astype(out_dtype, copy=False)) for c in work]
     relative = math.sqrt(discarded / norm_sq) if norm_sq > 0 else 0.0
     return result, DecompositionReport(spec_from_cores(result), relative_error=relative, singular_values=tuple(spectra))
+
+
+def cores_of(source: Any) -> list[NDArray[Any]]:
+    """NumPy copies of the cores of a layer of any backend, or of a sequence of arrays or tensors."""
+    if hasattr(source, "numpy_weights"):  # Keras layers
+        return [np.array(c) for c in source.numpy_weights()[0]]
+    if hasattr(source, "cores"):  # NumPy and torch layers
+        source = source.cores
+    arrays = []
+    for core in source:
+        if hasattr(core, "detach"):  # a torch tensor that may require grad
+            core = core.detach().cpu()
+        arrays.append(np.array(core))
+    return arrays
+
+
+@dataclass(frozen=True)
+class EntanglementReport:
+    """Singular values and entanglement entropy of the MPO's dense matrix cut at each inner bond."""
+
+    singular_values: tuple[NDArray[np.float64], ...]
+    """At bond ``k`` (between core ``k`` and ``k+1``): the Schmidt values of ``W`` across that cut."""
+    entropies: tuple[float, ...]
+    """``S = -sum p log p`` with ``p = s**2 / sum(s**2)`` (natural log, as in Gao et al.)."""
+    bond_dimensions: tuple[int, ...]
+    """The inner bonds of the cores; ``log(bond)`` bounds the entropy at that bond."""
+
+    @property
+    def max_entropies(self) -> tuple[float, ...]:
+        return tuple(math.log(d) for d in self.bond_dimensions)
+
+    def __str__(self) -> str:
+        lines = ["bond | dimension | entropy | bound log(D) | largest singular values"]
+        for k, (s, entropy, dim) in enumerate(zip(self.singular_values, self.entropies, self.bond_dimensions)):
+            top = ", ".join(f"{v:.3g}" for v in s[:4]) + (", ..." if len(s) > 4 else "")
+            lines.append(f"{k + 1:>4} | {dim:>9} | {entropy:>7.4f} | {math.log(dim):>12.4f} | {top}")
+        return "\n".join(lines)
+
+
+def _entropy(singular_values: NDArray[np.float64]) -> float:
+    weights = singular_values**2
+    total = float(np.sum(weights))
+    if total == 0.0:
+        return 0.0
+    p = weights[weights > 0] / total
+    return float(-np.sum(p * np.log(p)))
+
+
+def entanglement(source: Any) -> EntanglementReport:
+    """Entanglement across every bond of an MPO (cores, or a layer of any backend).
+
+    The cores are brought to canonical form (QR sweep from the right, then SVDs from the left, as
+    in :func:`truncate` with no truncation), so the singular values at each bond are those of the
+    dense matrix reshaped across that cut, without ever forming it.
+    """
+    spec, arrays = _numpy_cores(source)
+    _, report = truncate(arrays)
+    spectra = tuple(np.asarray(s, dtype=np.float64) for s in report.singular_values)
+    return EntanglementReport(spectra, tuple(_entropy(s) for s in spectra), spec.ranks[1:-1])

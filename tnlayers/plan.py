@@ -126,6 +126,9 @@ class ContractionPlan:
     """Per step ``(M, N, K, elements moved)``: the matrix product ``(M, K) @ (K, N)`` it amounts to."""
     largest_intermediate: int
     """Elements of the largest array a step creates (the output included)."""
+    builds_weight: bool
+    """Whether the cores are contracted into ``W`` before the input is touched (the input joins only
+    in the last step): a materialising plan, whatever its name."""
     cost: float
     """The cost model's estimate: relative units (the defaults overestimate seconds about 4x); only ranks plans."""
 
@@ -226,6 +229,17 @@ def _ordering_path(name: str, n: int) -> list[tuple[int, int]]:
     return [(int(i), int(j)) for i, j in ssa_to_linear(ssa)]
 
 
+def _builds_weight(steps: Sequence[PlanStep], n_operands: int) -> bool:
+    ids = list(range(n_operands))
+    for step in steps[:-1]:
+        i, j = step.positions
+        a, b = ids.pop(i), ids.pop(j)
+        if 0 in (a, b):
+            return False
+        ids.append(-1)
+    return True
+
+
 def _build(spec: MPOSpec, batch: int, strategy: str, method: str, optimize: Any, model: CostModel) -> ContractionPlan:
     equation = _equation(spec)
     shapes = _operand_shapes(spec, batch)
@@ -261,6 +275,7 @@ def _build(spec: MPOSpec, batch: int, strategy: str, method: str, optimize: Any,
         steps=tuple(steps),
         step_sizes=tuple(step_sizes),
         largest_intermediate=largest,
+        builds_weight=_builds_weight(steps, len(shapes)),
         cost=model.estimate(step_sizes),
     )
 
@@ -379,11 +394,12 @@ def conv_route(
     Returns the plan for contracting the unfolded input (``rows`` patches of ``in_features``) and
     whether building the kernel and running the framework's own convolution is cheaper instead.
     ``"auto"`` decides by the cost model (unfolding writes and reads every patch once more);
-    ``"materialize"`` always builds the kernel; any other strategy always unfolds.
+    an explicit strategy builds the kernel when its plan does (:attr:`ContractionPlan.builds_weight`,
+    e.g. ``"materialize"``), and unfolds otherwise.
     """
     chosen = plan(spec, rows, strategy, cost_model=cost_model)
     if chosen.strategy != "auto":
-        return chosen, chosen.method == "materialize"
+        return chosen, chosen.builds_weight
     patches = batch_bucket(rows) * spec.in_features
     unfolded = chosen.cost + 2 * patches / cost_model.bandwidth
     return chosen, dense_cost(spec, rows, cost_model=cost_model) < unfolded

@@ -1,0 +1,178 @@
+"""Teaching tools: entanglement, tensornetwork interop, diagrams, and the tutorial notebook."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import dense_reference
+
+import tnlayers
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def _dense_schmidt_values(cores: list[np.ndarray], bond: int) -> np.ndarray:
+    """Singular values of W cut after core ``bond`` (1-based): rows (i1 j1 .. ik jk), from the dense matrix."""
+    n = len(cores)
+    in_modes = [c.shape[1] for c in cores]
+    out_modes = [c.shape[2] for c in cores]
+    tensor = dense_reference(cores).reshape(*in_modes, *out_modes)
+    order = [axis for k in range(n) for axis in (k, n + k)]
+    rows = math.prod(in_modes[:bond]) * math.prod(out_modes[:bond])
+    return np.linalg.svd(tensor.transpose(order).reshape(rows, -1), compute_uv=False)
+
+
+@pytest.mark.parametrize(
+    ("in_modes", "out_modes", "ranks"),
+    [((2, 3, 4), (3, 2, 2), (2, 3)), ((4, 7, 7, 4), (4, 1, 4, 2), 5), ((2, 2, 2, 2, 2), (2, 2, 2, 2, 2), 3)],
+)
+def test_entanglement_matches_the_dense_svd_at_every_bond(in_modes: Any, out_modes: Any, ranks: Any) -> None:
+    spec = tnlayers.MPOSpec(in_modes, out_modes, ranks)
+    cores = tnlayers.init_cores(spec, seed=1, dtype=np.float64)
+    report = tnlayers.entanglement(cores)
+    assert report.bond_dimensions == spec.ranks[1:-1]
+    for bond, (found, entropy) in enumerate(zip(report.singular_values, report.entropies), start=1):
+        dense = _dense_schmidt_values(cores, bond)
+        kept = dense[: len(found)]
+        np.testing.assert_allclose(found, kept, rtol=1e-9, atol=1e-12 * dense[0])
+        assert np.all(dense[len(found) :] < 1e-10 * dense[0])
+        p = dense**2 / np.sum(dense**2)
+        p = p[p > 1e-30]
+        np.testing.assert_allclose(entropy, -np.sum(p * np.log(p)), rtol=1e-9, atol=1e-12)
+        assert 0 <= entropy <= math.log(spec.ranks[bond]) + 1e-12
+
+
+def test_a_product_mpo_has_zero_entropy() -> None:
+    rng = np.random.default_rng(2)
+    factors = [rng.normal(size=(1, 3, 2, 1)), rng.normal(size=(1, 4, 4, 1)), rng.normal(size=(1, 2, 5, 1))]
+    report = tnlayers.entanglement(factors)
+    assert report.entropies == (0.0, 0.0)
+    padded = []  # the same product, carried by bonds of dimension 3 with one direction used
+    for k, factor in enumerate(factors):
+        core = np.zeros((1 if k == 0 else 3, *factor.shape[1:3], 1 if k == 2 else 3))
+        core[0, :, :, 0] = factor[0, :, :, 0]
+        padded.append(core)
+    padded_report = tnlayers.entanglement(padded)
+    assert padded_report.bond_dimensions == (3, 3)
+    assert max(padded_report.entropies) < 1e-12
+    assert "entropy" in str(padded_report)
+
+
+def test_entanglement_and_truncate_accept_layers_of_every_backend() -> None:
+    from tnlayers.backends.numpy import MPOLinear
+
+    numpy_layer = MPOLinear((2, 3, 4), (3, 2, 2), 3, seed=0, dtype=np.float64)
+    expected = tnlayers.entanglement(numpy_layer.cores).entropies
+    layers: list[Any] = [numpy_layer]
+    if importlib_available("torch"):
+        from tnlayers.backends.torch import MPOLinear as TorchMPOLinear
+
+        layers.append(TorchMPOLinear.from_cores(numpy_layer.cores))
+    if importlib_available("keras"):
+        from tnlayers.backends.keras import MPODense
+
+        layers.append(MPODense.from_cores(numpy_layer.cores, dtype="float64"))
+    for layer in layers:
+        np.testing.assert_allclose(tnlayers.entanglement(layer).entropies, expected, rtol=1e-9)
+        _, report = tnlayers.truncate(layer, max_rank=2)
+        cores, _ = tnlayers.truncate(numpy_layer.cores, max_rank=2)
+        measured = np.linalg.norm(tnlayers.to_dense(cores) - numpy_layer.to_dense()) / np.linalg.norm(
+            numpy_layer.to_dense()
+        )
+        np.testing.assert_allclose(report.relative_error, measured, rtol=1e-9)
+
+
+def importlib_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def test_to_tensornetwork_contracts_to_the_dense_matrix_and_comes_back() -> None:
+    tn = pytest.importorskip("tensornetwork")
+    for spec in (tnlayers.MPOSpec((2, 3, 4), (3, 2, 2), (2, 3)), tnlayers.MPOSpec((5,), (3,), 1)):
+        cores = tnlayers.init_cores(spec, seed=3, dtype=np.float64)
+        network = tnlayers.to_tensornetwork(cores)
+        assert [e.name for e in network.input_edges] == [f"in{k + 1}" for k in range(spec.n_cores)]
+        assert [e.name for e in network.output_edges] == [f"out{k + 1}" for k in range(spec.n_cores)]
+        dangling = {id(e) for node in network.nodes for e in node.edges if e.is_dangling()}
+        assert dangling == {id(e) for e in network.input_edges + network.output_edges}
+        back = tnlayers.from_tensornetwork(network)
+        assert all(np.array_equal(a, b) for a, b in zip(back, cores))
+        result = tn.contractors.greedy(network.nodes, output_edge_order=network.input_edges + network.output_edges)
+        matrix = np.asarray(result.tensor).reshape(spec.in_features, spec.out_features)
+        np.testing.assert_allclose(matrix, dense_reference(cores), rtol=1e-12, atol=1e-14)
+
+
+def test_from_tensornetwork_reads_axes_by_name_and_rejects_strangers() -> None:
+    tn = pytest.importorskip("tensornetwork")
+    cores = tnlayers.init_cores(tnlayers.MPOSpec((2, 3), (3, 2), 2), seed=4, dtype=np.float64)
+    network = tnlayers.to_tensornetwork(cores)
+    first = network.nodes[0]
+    first.reorder_axes([2, 0, 1])  # (bond1, in1, out1)
+    assert all(np.array_equal(a, b) for a, b in zip(tnlayers.from_tensornetwork(network.nodes), cores))
+    stranger = tn.Node(np.ones((2, 3, 2)), axis_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"node 0 .* has axes \['a', 'b', 'c'\], expected \['in1', 'out1', 'bond1'\]"):
+        tnlayers.from_tensornetwork([stranger, network.nodes[1]])
+    with pytest.raises(ValueError, match="at least one node"):
+        tnlayers.from_tensornetwork([])
+
+
+def test_ascii_diagram_and_numbered_steps() -> None:
+    spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 8)
+    text = tnlayers.draw_ascii(spec)
+    for label in ("i1=4", "i2=7", "j4=4", "[G1]--8--[G2]--8--[G3]--8--[G4]"):
+        assert label in text
+    zipper = tnlayers.draw_ascii(spec, tnlayers.plan(spec, 64, "zipper"))
+    assert "1. G1 * x over i1:" in zipper and "4. (x G1 G2 G3) * G4 over i4, b3:" in zipper
+    materialize = tnlayers.draw_ascii(spec, tnlayers.plan(spec, 64, "materialize"))
+    assert "4. (G1 G2 G3 G4) * x over i1, i2, i3, i4:" in materialize
+    assert tnlayers.draw_ascii(tnlayers.init_cores(spec, seed=0)) == text
+
+
+def test_matplotlib_diagram(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 8)
+    plan = tnlayers.plan(spec, 256, "zipper")
+    ax = tnlayers.draw(spec, plan)
+    texts = [t.get_text() for t in ax.texts]
+    assert {"G1", "G4", "D=8", "i2=7", "j1=4"} <= set(texts)
+    numbers = [t for t in texts if t.isdigit()]
+    assert sorted(numbers) == ["1", "2", "2", "3", "3", "4", "4"]  # 4 input legs and 3 bonds, by step
+    ax.figure.savefig(tmp_path / "plan.png")
+    assert (tmp_path / "plan.png").stat().st_size > 1000
+    assert "G3" in [t.get_text() for t in tnlayers.draw(tnlayers.init_cores(spec, seed=0)).texts]
+
+
+def test_the_tutorial_runs_top_to_bottom() -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    notebook = nbformat.read(DOCS / "tutorial.ipynb", as_version=4)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    client = nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(DOCS)}}
+    )
+    client.execute()
+    outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+    assert "tensornetwork's contraction equals W: True" in outputs
+    assert "test accuracy after one epoch" in outputs
+
+
+def test_the_rendered_tutorial_shows_the_notebook_code() -> None:
+    nbformat = pytest.importorskip("nbformat")
+    notebook = nbformat.read(DOCS / "tutorial.ipynb", as_version=4)
+    rendered = (DOCS / "tutorial.md").read_text()
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            assert cell.source in rendered  # regenerate with: python docs/make_tutorial.py
+    for image in ("tutorial_files/" + name for name in os.listdir(DOCS / "tutorial_files")):
+        assert image in rendered
