@@ -273,9 +273,7 @@ class MPODense(_MPOLayer):
         if not isinstance(dense, keras.layers.Dense) or not dense.built:
             raise TypeError(f"from_dense expects a built keras.layers.Dense, got {type(dense).__name__}")
         matrix = np.asarray(ops.convert_to_numpy(dense.kernel), dtype=np.float64)
-        in_modes = factorize_balanced(matrix.shape[0], n_cores) if in_modes is None else in_modes
-        out_modes = factorize_balanced(matrix.shape[1], len(in_modes)) if out_modes is None else out_modes
-        cores, report = tnlayers.from_dense(matrix, in_modes, out_modes, max_rank=max_rank, tol=tol)
+        cores, report = tnlayers.from_dense(matrix, in_modes, out_modes, max_rank, tol, n_cores=n_cores)
         bias = ops.convert_to_numpy(dense.bias) if dense.use_bias else None
         layer = cls.from_cores(cores, bias, activation=dense.activation, strategy=strategy, dtype=dense.dtype_policy)
         layer.decomposition = report

@@ -19,7 +19,6 @@ from numpy.typing import DTypeLike, NDArray
 import tnlayers
 from tnlayers.contract import Tape, backprop, execute, get_ops
 from tnlayers.plan import ContractionPlan
-from tnlayers.spec import factorize_balanced
 
 __all__ = ["SGD", "Adam", "MPOLinear"]
 
@@ -95,12 +94,7 @@ class MPOLinear:
         strategy: Any = "auto",
     ) -> MPOLinear:
         """TT-SVD of a dense ``(in_features, out_features)`` matrix; the report is in ``.decomposition``."""
-        shape = np.shape(matrix)
-        if len(shape) != 2:
-            raise ValueError(f"matrix must be 2-D (in_features, out_features), got shape {shape}")
-        in_modes = factorize_balanced(shape[0], n_cores) if in_modes is None else in_modes
-        out_modes = factorize_balanced(shape[1], len(in_modes)) if out_modes is None else out_modes
-        cores, report = tnlayers.from_dense(matrix, in_modes, out_modes, max_rank=max_rank, tol=tol)
+        cores, report = tnlayers.from_dense(matrix, in_modes, out_modes, max_rank, tol, n_cores=n_cores)
         layer = cls.from_cores(cores, bias, strategy)
         layer.decomposition = report
         return layer

@@ -229,7 +229,7 @@ class MPOLinear(_MPOModule):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight.detach()
         matrix = weight.cpu().double().numpy().T
-        cores, report = _decompose(matrix, in_modes, out_modes, max_rank, tol, n_cores)
+        cores, report = tnlayers.from_dense(matrix, in_modes, out_modes, max_rank, tol, n_cores=n_cores)
         layer = cls.from_cores([c.astype(np.float64) for c in cores], None, strategy, weight.device)
         layer = layer.to(weight.dtype)
         if linear.bias is None:
@@ -369,7 +369,7 @@ class MPOConv2d(_MPOModule):
             )
         weight = conv.weight.detach()
         matrix = weight.cpu().double().reshape(conv.out_channels, -1).numpy().T
-        cores, report = _decompose(matrix, in_modes, out_modes, max_rank, tol, n_cores)
+        cores, report = tnlayers.from_dense(matrix, in_modes, out_modes, max_rank, tol, n_cores=n_cores)
         spec = tnlayers.spec_from_cores(cores)
         padding: Any = conv.padding
         layer = cls(
@@ -462,19 +462,6 @@ class MPOConv2d(_MPOModule):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, {self._describe()}"
         )
-
-
-def _decompose(
-    matrix: np.ndarray,
-    in_modes: Sequence[int] | None,
-    out_modes: Sequence[int] | None,
-    max_rank: int | Sequence[int] | None,
-    tol: float | None,
-    n_cores: int,
-) -> tuple[list[np.ndarray], tnlayers.DecompositionReport]:
-    in_modes = factorize_balanced(matrix.shape[0], n_cores) if in_modes is None else in_modes
-    out_modes = factorize_balanced(matrix.shape[1], len(in_modes)) if out_modes is None else out_modes
-    return tnlayers.from_dense(matrix, in_modes, out_modes, max_rank=max_rank, tol=tol)
 
 
 def _matches(name: str, patterns: str | Iterable[str] | None) -> bool:

@@ -14,14 +14,13 @@ quote the ratios, which move far less between runs than absolute times.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
-import json
 import math
 import os
 import platform
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts: see 
 import numpy as np
 
 import tnlayers
+from benchmarks.timing import round_robin, write_records
 from tnlayers.contract import execute, get_ops
 
 ORDERINGS = ("zipper", "reverse-zipper", "materialize", "greedy", "dp", "optimal")
@@ -85,13 +85,8 @@ def measure(backend: str, cases: Sequence[Any], batches: Sequence[int], repeats:
             if error > 1e-4:
                 raise RuntimeError(f"{name} on {spec} at batch {batch} is wrong: relative error {error:.2e}")
         inner = max(1, int(2e6 // max(min(p.flops for p in plans.values()), 1)))  # ~ms per sample
-        times: dict[str, list[float]] = {name: [] for name in ORDERINGS}
-        for _ in range(repeats):
-            for name, plan in plans.items():  # round-robin: every ordering sees the same machine state
-                start = time.perf_counter()
-                for _ in range(inner):
-                    run(plan)
-                times[name].append((time.perf_counter() - start) / inner)
+        contenders = {name: functools.partial(run, plan) for name, plan in plans.items()}
+        times = round_robin(contenders, repeats, inner, warmup=0)  # the check above warmed them up
         for name, plan in plans.items():
             records.append(
                 {
@@ -188,12 +183,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         best = fit(records)
         fitted = summary(records, best)
         print(f"fitted {best}: median {fitted[0]:.3f}x, geomean {fitted[1]:.3f}x, worst {fitted[2]:.3f}x")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("w") as handle:
-            for record in records:
-                handle.write(json.dumps({**record, **environment}) + "\n")
-        print(f"wrote {len(records)} records to {args.out}")
+    write_records(args.out, records, environment)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Ratios are to the dense layer: below 1 is faster than Dense.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,7 +27,7 @@ import tensorflow as tf
 from tnlayers.backends.keras import MPODense
 
 import tnlayers
-from benchmarks.timing import calls_per_sample, median, round_robin
+from benchmarks.timing import calls_per_sample, median, round_robin, write_records
 
 CASES = [  # (label, modes, rank)
     ("1024 as 4^5", (4,) * 5, 8),
@@ -121,12 +120,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("case          D    batch  auto plan    forward | forward+backward")
     cases, batches = (QUICK_CASES, QUICK_BATCHES) if args.quick else (CASES, BATCHES)
     records = measure(cases, batches, 2 if args.quick else args.repeats)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("w") as handle:
-            for record in records:
-                handle.write(json.dumps({**record, "tensorflow": tf.__version__, "keras": keras.__version__}) + "\n")
-        print(f"wrote {len(records)} records to {args.out}")
+    write_records(args.out, records, {"tensorflow": tf.__version__, "keras": keras.__version__})
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 
 def round_robin(
@@ -34,3 +37,14 @@ def calls_per_sample(run: Callable[[], object], target_s: float = 2e-3) -> int:
 
 def median(samples: list[float]) -> float:
     return statistics.median(samples)
+
+
+def write_records(path: Path | None, records: Sequence[Mapping[str, Any]], environment: Mapping[str, Any]) -> None:
+    """One JSON line per record (with the environment's fields added), if ``path`` is given."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        for record in records:
+            handle.write(json.dumps({**record, **environment}) + "\n")
+    print(f"wrote {len(records)} records to {path}")

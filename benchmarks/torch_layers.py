@@ -11,7 +11,6 @@ MPO layer is faster. Quote ratios: absolute times move between runs far more tha
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import warnings
@@ -25,7 +24,7 @@ import torch
 from tnlayers.backends.torch import MPOLinear
 
 import tnlayers
-from benchmarks.timing import calls_per_sample, median, round_robin
+from benchmarks.timing import calls_per_sample, median, round_robin, write_records
 
 CASES = [  # (label, in_modes, out_modes, rank)
     *[("784->256 FC2", (4, 7, 7, 4), (4, 4, 4, 4), r) for r in (4, 8, 16)],
@@ -101,13 +100,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{'case':<13} {'D':>3} {'batch':>5} {'auto plan':<14}")
     cases, batches = (QUICK_CASES, QUICK_BATCHES) if args.quick else (CASES, BATCHES)
     records = measure(cases, batches, 2 if args.quick else args.repeats)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        environment = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor()}
-        with args.out.open("w") as handle:
-            for record in records:
-                handle.write(json.dumps({**record, **environment}) + "\n")
-        print(f"wrote {len(records)} records to {args.out}")
+    environment = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor()}
+    write_records(args.out, records, environment)
 
 
 if __name__ == "__main__":

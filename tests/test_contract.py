@@ -161,7 +161,10 @@ def test_dense_weight_in_every_framework(harness: Any, dtype: Any) -> None:
 def test_dense_cost_grows_with_rows_and_conv_route_respects_explicit_strategies() -> None:
     spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 8)
     assert tnlayers.dense_cost(spec, 1) < tnlayers.dense_cost(spec, 1024) < tnlayers.dense_cost(spec, 1 << 16)
-    for strategy in ("zipper", "greedy", [(0, 1), (0, 1), (0, 1), (0, 1)]):
+    for strategy in ("zipper", "reverse-zipper", [(0, 1), (0, 1), (0, 1), (0, 1)]):
         plan, build_kernel = tnlayers.conv_route(spec, 1 << 16, strategy)
         assert not build_kernel and plan.strategy != "auto"
-    assert tnlayers.conv_route(spec, 1, "materialize")[1]
+    for strategy in ("materialize", [(1, 2), (1, 2), (1, 2), (0, 1)]):  # plans that build W first
+        assert tnlayers.conv_route(spec, 1, strategy)[1]
+    greedy, build_kernel = tnlayers.conv_route(spec, 1 << 16, "greedy")
+    assert build_kernel == greedy.builds_weight

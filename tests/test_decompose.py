@@ -149,3 +149,15 @@ def test_truncate_matches_tt_svd_of_the_dense_matrix(options) -> None:
     assert report.ranks == dense_report.ranks
     assert report.relative_error == pytest.approx(dense_report.relative_error, rel=1e-8)
     assert all(c.dtype == np.float64 for c in truncated)
+
+
+def test_from_dense_factorises_the_modes_it_is_not_given() -> None:
+    matrix = np.random.default_rng(5).normal(size=(784, 256))
+    _, report = tnlayers.from_dense(matrix, max_rank=4)
+    assert (report.spec.in_modes, report.spec.out_modes) == ((4, 7, 7, 4), (4, 4, 4, 4))
+    _, report = tnlayers.from_dense(matrix, (28, 28), max_rank=4)
+    assert report.spec.out_modes == (16, 16)
+    _, report = tnlayers.from_dense(matrix, out_modes=(4, 8, 8), max_rank=4)
+    assert report.spec.in_modes == tnlayers.MPOSpec.auto(784, 256, 3, 4).in_modes
+    _, report = tnlayers.from_dense(matrix, n_cores=2, max_rank=4)
+    assert report.spec.n_cores == 2

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from .spec import MPOSpec, _as_modes, _as_positive_int
+from .spec import MPOSpec, _as_modes, _as_positive_int, factorize_balanced
 
 __all__ = [
     "DecompositionReport",
@@ -165,10 +165,12 @@ def _truncated_svd(
 
 def from_dense(
     matrix: Any,
-    in_modes: Sequence[int],
-    out_modes: Sequence[int],
+    in_modes: Sequence[int] | None = None,
+    out_modes: Sequence[int] | None = None,
     max_rank: int | Sequence[int] | None = None,
     tol: float | None = None,
+    *,
+    n_cores: int = 4,
 ) -> tuple[list[NDArray[Any]], DecompositionReport]:
     """Cores of an MPO approximating ``matrix`` (shape ``(in_features, out_features)``) by TT-SVD.
 
@@ -177,7 +179,8 @@ def from_dense(
     error budget ``tol**2 * ||W||**2`` is shared among the bonds still to cut, so the result has
     ``relative_error <= tol``. With neither, only numerically zero singular values are dropped (as in
     ``np.linalg.matrix_rank``), so bonds come out at the matrix's exact TT ranks and the error is at
-    rounding level.
+    rounding level. Modes not given are balanced factorisations (:func:`factorize_balanced`) over
+    ``n_cores`` cores, or as many cores as the modes that are given.
     The SVDs run in float64 (complex128 for complex input); cores come back in the input's
     floating dtype.
     """
@@ -186,6 +189,10 @@ def from_dense(
         raise ValueError(f"matrix must be 2-D (in_features, out_features), got shape {dense.shape}")
     if not (np.issubdtype(dense.dtype, np.number) and not np.issubdtype(dense.dtype, np.bool_)):
         raise TypeError(f"matrix must hold numbers, got dtype {dense.dtype}")
+    if in_modes is None:
+        in_modes = factorize_balanced(dense.shape[0], n_cores if out_modes is None else len(out_modes))
+    if out_modes is None:
+        out_modes = factorize_balanced(dense.shape[1], len(in_modes))
     ins, outs = _as_modes(in_modes, "in_modes"), _as_modes(out_modes, "out_modes")
     if len(ins) != len(outs):
         raise ValueError(f"in_modes {ins} and out_modes {outs} must have the same length")
