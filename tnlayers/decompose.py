@@ -70,7 +70,7 @@ def _numpy_cores(cores: Sequence[Any]) -> tuple[MPOSpec, list[NDArray[Any]]]:
     if hasattr(cores, "cores") or hasattr(cores, "numpy_weights"):
         cores = cores_of(cores)
     spec = spec_from_cores(cores)
-    arrays = [np.asarray(core.detach().cpu() if hasattr(core, "detach") else core) for core in cores]
+    arrays = [np.asarray(_host_array(core)) for core in cores]
     for k, array in enumerate(arrays):
         if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating)):
             raise TypeError(f"core {k} must hold floating-point numbers, got dtype {array.dtype}")
@@ -281,12 +281,16 @@ def cores_of(source: Any) -> list[NDArray[Any]]:
         return [np.array(c) for c in source.numpy_weights()[0]]
     if hasattr(source, "cores"):  # NumPy and torch layers
         source = source.cores
-    arrays = []
-    for core in source:
-        if hasattr(core, "detach"):  # a torch tensor that may require grad
-            core = core.detach().cpu()
-        arrays.append(np.array(core))
-    return arrays
+    return [np.array(_host_array(core)) for core in source]
+
+
+def _host_array(array: Any) -> Any:
+    """A NumPy-convertible view of a framework's array (a torch tensor may require grad)."""
+    if hasattr(array, "detach"):
+        return array.detach().cpu().numpy()
+    if not isinstance(array, np.ndarray) and callable(getattr(array, "numpy", None)):  # TF tensors, Keras variables
+        return array.numpy()
+    return array
 
 
 @dataclass(frozen=True)
