@@ -489,7 +489,10 @@ def compress(
     min_features`` (for a conv, ``in_features = in_channels*kh*kw``), its name matches one of the
     ``include`` glob patterns (all names if ``None``) and none of ``exclude``. ``modes(name, in,
     out)`` may choose the factorisation (``None`` for balanced modes over ``n_cores`` cores). A layer
-    whose MPO would not be smaller is kept, and listed in the report's ``skipped``.
+    whose MPO would not be smaller is kept, and listed in the report's ``skipped``, as is the output
+    projection of ``nn.MultiheadAttention`` (which reads its ``.weight``). An
+    ``nn.TransformerEncoderLayer`` whose feed-forward layers are replaced runs its regular path in
+    inference too (its fused fast path reads their ``.weight``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
@@ -510,6 +513,9 @@ def compress(
             continue
         chosen = modes(name, *shape) if modes is not None else None
         in_modes, out_modes = chosen if chosen is not None else (None, None)
+        if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            skipped.append((name, "nn.MultiheadAttention reads this projection's .weight directly"))
+            continue
         if isinstance(module, nn.Linear):
             replacement: _MPOModule = MPOLinear.from_linear(module, in_modes, out_modes, rank, tol, n_cores)
         elif module.groups != 1 or module.padding_mode != "zeros":
@@ -545,3 +551,6 @@ def _replace(model: nn.Module, name: str, replacement: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, replacement)
+    if isinstance(parent, nn.TransformerEncoderLayer):
+        # its fused inference fast path reads linear1.weight and linear2.weight; this flag turns it off
+        parent.activation_relu_or_gelu = 0

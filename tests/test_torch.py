@@ -162,6 +162,22 @@ def test_compress_skips_what_it_cannot_shrink_and_needs_a_budget() -> None:
         compress(net)
 
 
+def test_compress_leaves_multihead_attention_projections_alone() -> None:
+    torch.manual_seed(4)
+    block = nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=256, dropout=0.0, batch_first=True)
+    report = compress(block, rank=8, min_features=64)
+    assert {row.name for row in report.layers} == {"linear1", "linear2"}
+    assert [name for name, _ in report.skipped] == ["self_attn.out_proj"]
+    assert block(torch.randn(2, 5, 64)).shape == (2, 5, 64)
+    dense = nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=256, dropout=0.0, batch_first=True)
+    parts = {"self_attn": block.self_attn, "norm1": block.norm1, "norm2": block.norm2}
+    parts.update(linear1=block.linear1.to_linear(), linear2=block.linear2.to_linear())
+    dense.load_state_dict({k: v for name, part in parts.items() for k, v in part.state_dict(prefix=f"{name}.").items()})
+    x = torch.randn(3, 7, 64)
+    with torch.no_grad():  # eval + no_grad is where the fused fast path would have read linear1.weight
+        np.testing.assert_allclose(block.eval()(x).numpy(), dense.eval()(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("strategy", ["auto", "materialize", "zipper", "dp"])
 @pytest.mark.parametrize(
     ("kernel", "stride", "padding", "dilation"),
