@@ -8,7 +8,8 @@
 
 The cores are Keras weights made with ``add_weight`` (``core_0 .. core_{n-1}``, layout
 ``(r, in, out, r')``, then ``bias``), so Keras tracks, trains, saves and distributes them. The
-contraction is the core's plan for the batch-size bucket, run as a few ``keras.ops.einsum`` calls.
+contraction is the core's plan for the batch-size bucket, run as a few ``keras.ops.tensordot`` (on
+TensorFlow) or ``keras.ops.einsum`` calls.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ __all__ = ["MPOConv2D", "MPODense"]
 
 
 def _pairwise(step: Pairwise, a: Any, b: Any) -> Any:
+    if keras.backend.backend() == "tensorflow":  # 3x faster than einsum there at batch 512 (same at 1)
+        product = ops.tensordot(a, b, axes=[list(step.axes[0]), list(step.axes[1])])
+        return ops.transpose(product, step.perm)
+    # keras.ops.tensordot computes float64 in float32 on the torch backend (Keras 3.15); einsum does not
     return ops.einsum(step.equation, a, b)
 
 

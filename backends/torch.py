@@ -6,7 +6,7 @@
 >>> layer(torch.zeros(2, 784)).shape
 torch.Size([2, 256])
 
-The layers hold the cores as parameters and run the core's plans with ``torch.einsum``; the plan
+The layers hold the cores as parameters and run the core's plans with ``torch.tensordot``; the plan
 for an input is looked up by batch-size bucket in a function ``torch.compile`` treats as a
 constant, so compiled graphs hold only tensor ops (no graph breaks).
 """
