@@ -397,9 +397,18 @@ def conv_route(
     an explicit strategy builds the kernel when its plan does (:attr:`ContractionPlan.builds_weight`,
     e.g. ``"materialize"``), and unfolds otherwise.
     """
-    chosen = plan(spec, rows, strategy, cost_model=cost_model)
+    bucket = batch_bucket(rows)
+    if isinstance(strategy, str) or (isinstance(strategy, tuple) and all(isinstance(p, tuple) for p in strategy)):
+        return _conv_route_cached(spec, bucket, strategy, cost_model)  # layers call this on every forward
+    return _conv_route_cached.__wrapped__(spec, bucket, strategy, cost_model)
+
+
+@functools.lru_cache(maxsize=1024)
+def _conv_route_cached(
+    spec: MPOSpec, bucket: int, strategy: Any, cost_model: CostModel
+) -> tuple[ContractionPlan, bool]:
+    chosen = plan(spec, bucket, strategy, cost_model=cost_model)
     if chosen.strategy != "auto":
         return chosen, chosen.builds_weight
-    patches = batch_bucket(rows) * spec.in_features
-    unfolded = chosen.cost + 2 * patches / cost_model.bandwidth
-    return chosen, dense_cost(spec, rows, cost_model=cost_model) < unfolded
+    unfolded = chosen.cost + 2 * bucket * spec.in_features / cost_model.bandwidth
+    return chosen, dense_cost(spec, bucket, cost_model=cost_model) < unfolded
