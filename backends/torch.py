@@ -433,11 +433,12 @@ class MPOConv2d(_MPOModule):
         return sizes[0], sizes[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MPOConv2d expects a torch.Tensor, got {type(x).__name__}")
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(
                 f"MPOConv2d expects a tensor of shape (batch, {self.in_channels}, height, width) or "
-                f"({self.in_channels}, height, width), got "
-                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+                f"({self.in_channels}, height, width), got {tuple(x.shape)}"
             )
         if x.dtype != self.cores[0].dtype:
             raise TypeError(f"MPOConv2d has dtype {self.cores[0].dtype} but the input has dtype {x.dtype}")

@@ -386,6 +386,7 @@ def test_distributed_data_parallel_matches_one_process(tmp_path: Path) -> None:
             r"\(batch, 3, height, width\).*\(2, 4, 5, 5\)",
         ),
         (lambda: MPOConv2d(3, 8, 5)(torch.ones(1, 3, 3, 3)), ValueError, r"spatial size \(3, 3\) is smaller"),
+        (lambda: MPOConv2d(3, 8, 3)(np.ones((1, 3, 5, 5))), TypeError, "expects a torch.Tensor, got ndarray"),
         (lambda: MPOLinear.from_linear(nn.Conv2d(1, 1, 1)), TypeError, "expects an nn.Linear, got Conv2d"),
         (lambda: MPOConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2)), ValueError, "groups=1.*got groups=2"),
         (lambda: compress("model", rank=2), TypeError, "expects an nn.Module, got str"),
