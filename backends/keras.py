@@ -25,7 +25,7 @@ from keras import ops
 
 import tnlayers
 from tnlayers.contract import ArrayOps, dense_weight, execute
-from tnlayers.plan import ContractionPlan, Pairwise
+from tnlayers.plan import ContractionPlan, Pairwise, strategy_key
 from tnlayers.spec import factorize_balanced
 
 __all__ = ["MPOConv2D", "MPODense"]
@@ -59,12 +59,6 @@ _OPS = ArrayOps(name="keras", pairwise=_pairwise, reshape=ops.reshape, restore_l
 def _static_rows(shape: Sequence[int | None]) -> int | None:
     """The product of the given dimensions, or ``None`` when one is unknown (a traced batch)."""
     return None if any(d is None for d in shape) else math.prod(shape)  # type: ignore[arg-type]
-
-
-def _strategy_key(spec: tnlayers.MPOSpec, strategy: Any) -> str | tuple[tuple[int, int], ...]:
-    """Check ``strategy`` now; keep a name, or the path (a path optimiser searches once, here)."""
-    planned = tnlayers.plan(spec, None, strategy)
-    return strategy.lower() if isinstance(strategy, str) else planned.path
 
 
 def _draw_seed(seed: int | None) -> int:
@@ -123,7 +117,7 @@ class _MPOLayer(keras.layers.Layer):  # type: ignore[misc]
         if spec.out_features != out_features:
             raise ValueError(f"out_modes {spec.out_modes} multiply to {spec.out_features}, expected {out_features}")
         self.spec, self.in_modes, self.out_modes, self.rank = spec, spec.in_modes, spec.out_modes, spec.ranks
-        self._plan_key = _strategy_key(spec, self.strategy)
+        self._plan_key = strategy_key(spec, self.strategy)
         values = tnlayers.init_cores(spec, self.kernel_init, _draw_seed(self.seed), np.float64)
         self.cores = [
             self.add_weight(name=f"core_{k}", shape=value.shape, initializer=_constant(value))

@@ -18,7 +18,7 @@ from numpy.typing import DTypeLike, NDArray
 
 import tnlayers
 from tnlayers.contract import Tape, backprop, execute, get_ops
-from tnlayers.plan import ContractionPlan
+from tnlayers.plan import ContractionPlan, strategy_key
 
 __all__ = ["SGD", "Adam", "MPOLinear"]
 
@@ -58,9 +58,7 @@ class MPOLinear:
         if any(c.dtype != self.dtype for c in self.cores) or (self.bias is not None and self.bias.dtype != self.dtype):
             given = [str(c.dtype) for c in self.cores] + ([] if self.bias is None else [f"bias {self.bias.dtype}"])
             raise TypeError(f"cores and bias must share one dtype, got {given}")
-        planned = tnlayers.plan(self.spec, None, strategy)  # rejects a bad strategy now, not at the first call
-        # a path optimiser object searches on every plan() call: search once here and keep its path
-        self.strategy = strategy if isinstance(strategy, (str, Sequence)) else planned.path
+        self.strategy = strategy_key(self.spec, strategy)  # checked now; an optimiser searches once
         self.training = True
         self.decomposition: tnlayers.DecompositionReport | None = None
         """The TT-SVD report when the layer was made by :meth:`from_dense`."""

@@ -26,7 +26,7 @@ from torch import nn
 
 import tnlayers
 from tnlayers.contract import dense_weight, execute, get_ops
-from tnlayers.plan import ContractionPlan, conv_route
+from tnlayers.plan import ContractionPlan, conv_route, strategy_key
 from tnlayers.report import CompressionReport, LayerReport
 from tnlayers.spec import factorize_balanced
 
@@ -53,17 +53,6 @@ def _linear_plan(spec: tnlayers.MPOSpec, bucket: int, strategy: Any) -> Contract
 @torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
 def _conv_route(spec: tnlayers.MPOSpec, bucket: int, strategy: Any) -> tuple[ContractionPlan, bool]:
     return conv_route(spec, bucket, strategy)
-
-
-def _strategy_key(spec: tnlayers.MPOSpec, strategy: Any) -> str | tuple[tuple[int, int], ...]:
-    """Validate ``strategy`` now (not at the first call) and turn it into a constant, hashable key.
-
-    A path optimiser object searches once here; the layer keeps the path it found.
-    """
-    planned = tnlayers.plan(spec, None, strategy)
-    if isinstance(strategy, str):
-        return strategy.lower()
-    return planned.path
 
 
 def _draw_seed(seed: int | None) -> int:
@@ -100,7 +89,7 @@ class _MPOModule(nn.Module):
             raise ValueError(f"unknown init {init!r}; expected one of {', '.join(tnlayers.INITIALIZERS)}")
         self.spec = spec
         self.init = init
-        self.strategy = _strategy_key(spec, strategy)
+        self.strategy = strategy_key(spec, strategy)
         self.decomposition = None
         """The TT-SVD report when the layer was made from a trained dense layer."""
         factory = {"device": device, "dtype": dtype if dtype is not None else torch.get_default_dtype()}

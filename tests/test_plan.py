@@ -7,6 +7,7 @@ import math
 import pickle
 
 import numpy as np
+import opt_einsum
 import pytest
 
 import tnlayers
@@ -125,3 +126,15 @@ def test_builds_weight_recognises_materialising_paths() -> None:
     # the cores first (1+2, then 3+4, then the halves), the input last: W is built, by another name
     assert tnlayers.plan(spec, 1, [(1, 2), (1, 2), (1, 2), (0, 1)]).builds_weight
     assert not tnlayers.plan(spec, 1, [(1, 2), (0, 1), (0, 1), (0, 1)]).builds_weight
+
+
+def test_strategy_key_is_hashable_and_checked_at_once() -> None:
+    from tnlayers.plan import strategy_key
+
+    spec = tnlayers.MPOSpec((2, 3, 4), (3, 2, 2), 2)
+    assert strategy_key(spec, "Greedy") == "greedy"
+    assert strategy_key(spec, [[0, 1], [0, 1], [0, 1]]) == ((0, 1), (0, 1), (0, 1))
+    found = strategy_key(spec, opt_einsum.DynamicProgramming())
+    assert found == tnlayers.plan(spec, None, "dp").path and hash(found) is not None
+    with pytest.raises(ValueError, match="unknown strategy 'fast'"):
+        strategy_key(spec, "fast")

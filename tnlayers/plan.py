@@ -34,6 +34,7 @@ __all__ = [
     "conv_route",
     "dense_cost",
     "plan",
+    "strategy_key",
 ]
 
 #: Orderings built here (besides ``"auto"``, the cost-model choice among candidates).
@@ -373,6 +374,16 @@ def plan(
     raise TypeError(
         f"strategy must be a name, an explicit path or an opt_einsum PathOptimizer, got {type(strategy).__name__}"
     )
+
+
+def strategy_key(spec: MPOSpec, strategy: Any) -> str | Path:
+    """What a layer keeps of ``strategy``: checked now (not at the first call), hashable and constant.
+
+    A name comes back lower-cased; an explicit path or a path optimiser (searched once, here) comes
+    back as the path it stands for, a tuple of pairs.
+    """
+    planned = plan(spec, None, strategy)
+    return strategy.lower() if isinstance(strategy, str) else planned.path
 
 
 def dense_cost(spec: MPOSpec, rows: int | None, *, cost_model: CostModel = DEFAULT_COST_MODEL) -> float:
