@@ -16,7 +16,7 @@ $(STAMP): requirements-dev.txt setup.cfg pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/python -m tnlayers demo
+	$(BIN)/tnlayers demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

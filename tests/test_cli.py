@@ -14,8 +14,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "tnlayers", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_demo() -> None:
-    result = _run("demo", "--ranks", "2", "8", "--batches", "1", "256", "--repeats", "1")
+def test_basics() -> None:
+    result = _run("basics", "--ranks", "2", "8", "--batches", "1", "256", "--repeats", "1")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "blur 28x28 -> 16x16" in out and "gaussian random" in out

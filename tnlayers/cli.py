@@ -1,4 +1,4 @@
-"""Command line: ``python -m tnlayers demo`` (the README's main command) and ``python -m tnlayers plan``."""
+"""The ``tnlayers`` command (also ``python -m tnlayers``): ``demo``, ``basics`` and ``plan``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from numpy.typing import NDArray
 
 from .contract import contract
 from .decompose import from_dense
+from .demo import run_demo
 from .init import init_cores
 from .plan import OPT_EINSUM_STRATEGIES, OWN_STRATEGIES, plan
 from .spec import MPOSpec
@@ -52,7 +53,7 @@ def _median_ms(function: Any, repeats: int) -> float:
     return 1e3 * float(np.median(times))
 
 
-def demo(ranks: Sequence[int], batches: Sequence[int], seed: int, repeats: int) -> None:
+def basics(ranks: Sequence[int], batches: Sequence[int], seed: int, repeats: int) -> None:
     in_modes, out_modes = (4, 7, 7, 4), (4, 4, 4, 4)
     rng = np.random.default_rng(seed)
     matrices = {
@@ -116,13 +117,29 @@ def _modes(text: str) -> tuple[int, ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tnlayers", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="decompose dense matrices and compare contraction orderings")
-    demo_parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser = argparse.ArgumentParser(prog="tnlayers", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,basics,plan}")
+    demo_parser = commands.add_parser(
+        "demo",
+        help="train dense and MPO networks on MNIST, compress, share across frameworks, time orderings, plot",
+        description=run_demo.__doc__,
+    )
+    demo_parser.add_argument(
+        "--data", help="MNIST folder (default: TNLAYERS_DATA, ../shared/data/mnist, else synthetic)"
+    )
+    demo_parser.add_argument("--epochs", type=int, default=3)
+    demo_parser.add_argument("--bonds", type=int, nargs=2, default=[4, 16], help="two bond dimensions of MPO-FC2")
     demo_parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 1024])
-    demo_parser.add_argument("--seed", type=int, default=0)
     demo_parser.add_argument("--repeats", type=int, default=7)
+    demo_parser.add_argument("--out", default="results", help="folder for the plot, JSON and checkpoint")
+    demo_parser.add_argument("--quick", action="store_true", help="3,000 training images and 1 epoch (a smoke run)")
+    basics_parser = commands.add_parser(
+        "basics", help="NumPy only: decompose dense matrices and compare contraction orderings"
+    )
+    basics_parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    basics_parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 1024])
+    basics_parser.add_argument("--seed", type=int, default=0)
+    basics_parser.add_argument("--repeats", type=int, default=7)
     plan_parser = commands.add_parser("plan", help="print the plan of one MPO layer")
     plan_parser.add_argument("in_modes", type=_modes, help="e.g. 4x7x7x4")
     plan_parser.add_argument("out_modes", type=_modes, help="e.g. 4x4x4x4")
@@ -131,7 +148,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     plan_parser.add_argument("--strategy", default="auto")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        demo(args.ranks, args.batches, args.seed, args.repeats)
+        epochs = 1 if args.quick else args.epochs
+        try:
+            run_demo(
+                args.data, epochs, args.bonds, args.batches, 3 if args.quick else args.repeats, args.out, args.quick
+            )
+        except ImportError as err:
+            parser.exit(
+                1, f"tnlayers demo needs the torch and keras extras (pip install 'tnlayers[torch,keras]'): {err}\n"
+            )
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
+    elif args.command == "basics":
+        basics(args.ranks, args.batches, args.seed, args.repeats)
     else:
         try:
             spec = MPOSpec(args.in_modes, args.out_modes, args.rank)

@@ -1,22 +1,54 @@
-"""Reading the MNIST family of data sets from the standard IDX files (gzip or raw), from a local folder."""
+"""The MNIST family of data sets: read the standard IDX files (gzip or raw) from a folder, or download them.
+
+Loading never touches the network. :func:`download` is for users who have internet: it fetches the
+four files, checks the SHA-256 of their decompressed contents and writes them atomically.
+"""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
+import shutil
+import tempfile
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["load_mnist", "read_idx"]
+__all__ = ["DATASETS", "download", "load_mnist", "read_idx", "resolve_folder", "synthetic_digits"]
 
 _IDX_TYPES: dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+
+DATASETS: dict[str, dict[str, Any]] = {
+    "mnist": {
+        "url": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        # SHA-256 of the decompressed files of the original release (LeCun, Cortes, Burges)
+        "sha256": {
+            "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+            "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+            "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+            "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+        },
+    },
+    "fashion-mnist": {
+        "url": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        # SHA-256 of the decompressed files of Zalando's release
+        "sha256": {
+            "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        },
+    },
+}
+"""Where each data set can be downloaded from, and the checksums its files must have."""
 
 
 def read_idx(path: str | os.PathLike[str]) -> NDArray[Any]:
@@ -48,6 +80,15 @@ def _find(folder: Path, stem: str) -> Path:
     raise FileNotFoundError(f"{stem}(.gz) not found in {folder}")
 
 
+def resolve_folder(folder: str | os.PathLike[str] | None = None) -> Path:
+    """``folder``, else the ``TNLAYERS_DATA`` environment variable; a ``ValueError`` when neither is set."""
+    if folder is None:
+        if not os.environ.get("TNLAYERS_DATA"):
+            raise ValueError("pass the folder holding the IDX files, or set TNLAYERS_DATA")
+        folder = os.environ["TNLAYERS_DATA"]
+    return Path(folder)
+
+
 def load_mnist(
     folder: str | os.PathLike[str] | None = None, split: str = "train"
 ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
@@ -57,13 +98,105 @@ def load_mnist(
     """
     if split not in _FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if folder is None:
-        if "TNLAYERS_DATA" not in os.environ:
-            raise ValueError("pass the folder holding the IDX files, or set TNLAYERS_DATA")
-        folder = os.environ["TNLAYERS_DATA"]
-    root = Path(folder)
+    root = resolve_folder(folder)
     images = read_idx(_find(root, _FILES[split][0]))
     labels = read_idx(_find(root, _FILES[split][1]))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(f"{root}: images of shape {images.shape} do not match labels of shape {labels.shape}")
     return (images.reshape(len(images), -1) / np.float32(255)).astype(np.float32), labels.astype(np.int64)
+
+
+def _sha256_of_gunzipped(path: Path) -> str:
+    digest = hashlib.sha256()
+    with gzip.open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _already_verified(path: Path, expected: str) -> bool:
+    try:
+        return _sha256_of_gunzipped(path) == expected
+    except (OSError, EOFError):
+        return False  # a broken file from an interrupted copy: fetch it again
+
+
+def download(
+    folder: str | os.PathLike[str] | None = None,
+    dataset: str = "mnist",
+    base_url: str | None = None,
+    timeout: float = 60.0,
+) -> Path:
+    """Fetch the four IDX ``.gz`` files of ``dataset`` into ``folder`` and return it (needs internet).
+
+    A file already present with the right checksum is kept. Each download is checked against the
+    SHA-256 of the decompressed original before it is moved into place; a mismatch is a
+    ``ValueError`` and leaves nothing behind. ``base_url`` overrides the mirror (``file://`` works).
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    root = resolve_folder(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    source = base_url if base_url is not None else DATASETS[dataset]["url"]
+    for stem, expected in DATASETS[dataset]["sha256"].items():
+        target = root / f"{stem}.gz"
+        if target.is_file() and _already_verified(target, expected):
+            continue
+        url = source.rstrip("/") + f"/{stem}.gz"
+        handle, temporary = tempfile.mkstemp(dir=root, suffix=".part")
+        try:
+            with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+                shutil.copyfileobj(response, out)
+            try:
+                actual = _sha256_of_gunzipped(Path(temporary))
+            except (OSError, EOFError) as err:
+                raise ValueError(f"{url} is not a gzip file: {err}") from None
+            if actual != expected:
+                raise ValueError(f"{url}: checksum mismatch (SHA-256 {actual}, expected {expected}); not saved")
+            os.replace(temporary, target)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+    return root
+
+
+_GLYPHS = (
+    ("01110", "10001", "10011", "10101", "11001", "10001", "01110"),
+    ("00100", "01100", "00100", "00100", "00100", "00100", "01110"),
+    ("01110", "10001", "00001", "00010", "00100", "01000", "11111"),
+    ("11111", "00010", "00100", "00010", "00001", "10001", "01110"),
+    ("00010", "00110", "01010", "10010", "11111", "00010", "00010"),
+    ("11111", "10000", "11110", "00001", "00001", "10001", "01110"),
+    ("00110", "01000", "10000", "11110", "10001", "10001", "01110"),
+    ("11111", "00001", "00010", "00100", "01000", "01000", "01000"),
+    ("01110", "10001", "10001", "01110", "10001", "10001", "01110"),
+    ("01110", "10001", "10001", "01111", "00001", "00010", "01100"),
+)
+
+
+def synthetic_digits(count: int, seed: int = 0) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """MNIST-shaped ``(count, 784)`` images in [0, 1] of the digits 0-9 drawn from a 5x7 font, and labels.
+
+    An offline stand-in for MNIST (it is *not* MNIST): each glyph is scaled 2x or 3x, sheared, shifted,
+    has strokes dropped and noise added, so a classifier has something to learn.
+    """
+    rng = np.random.default_rng(seed)
+    glyphs = np.array([[[c == "1" for c in row] for row in glyph] for glyph in _GLYPHS], dtype=np.float32)
+    labels = rng.integers(0, 10, size=count)
+    images = np.zeros((count, 28, 28), dtype=np.float32)
+    for k, label in enumerate(labels):
+        scale = int(rng.integers(2, 4))
+        glyph = np.kron(glyphs[label], np.ones((scale, scale), dtype=np.float32))
+        glyph *= rng.random(glyph.shape) > 0.15  # dropped stroke pixels
+        height, width = glyph.shape
+        shear = rng.uniform(-0.3, 0.3)
+        top = int(rng.integers(0, 28 - height + 1))
+        for row in range(height):
+            offset = round(shear * (row - height / 2))
+            left = int(np.clip(int(rng.integers(0, 2)) + (28 - width) // 2 + offset, 0, 28 - width))
+            images[k, top + row, left : left + width] = np.maximum(
+                images[k, top + row, left : left + width], glyph[row]
+            )
+        images[k] = np.roll(images[k], int(rng.integers(-3, 4)), axis=1)
+    images += rng.normal(0.0, 0.2, size=images.shape).astype(np.float32)
+    return np.clip(images, 0.0, 1.0).reshape(count, 784), labels.astype(np.int64)
