@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import keras
@@ -43,6 +43,10 @@ def _einsum_pairwise(step: Pairwise, a: Any, b: Any) -> Any:
 # tensordot on TensorFlow: 3x faster than einsum there at batch 512 (the same at batch 1). Elsewhere
 # einsum: keras.ops.tensordot computes float64 in float32 on the torch backend (Keras 3.15).
 _pairwise = _tensordot_pairwise if keras.backend.backend() == "tensorflow" else _einsum_pairwise
+
+
+def _cost_model() -> tnlayers.CostModel:
+    return tnlayers.cost_model_for(keras.backend.backend())
 
 
 def _restore_leading(y: Any, x: Any, out: int) -> Any:
@@ -157,6 +161,22 @@ class _MPOLayer(keras.layers.Layer):  # type: ignore[misc]
         if self.bias is not None:
             self.bias.assign(np.asarray(bias, dtype=self.bias.dtype))
 
+    def freeze(self, cores: str | Iterable[int] = "central", bias: bool = False) -> _MPOLayer:
+        """Stop training some cores: ``"central"`` (the largest), ``"auxiliary"`` (the others), ``"all"`` or indices.
+
+        The other cores become trainable; ``bias=True`` freezes the bias too (sets ``Variable.trainable``).
+        """
+        frozen = self.built_spec.select_cores(cores)
+        for k, core in enumerate(self.cores):
+            core.trainable = k not in frozen
+        if self.bias is not None:
+            self.bias.trainable = not bias
+        return self
+
+    def unfreeze(self) -> _MPOLayer:
+        """Make every core and the bias trainable again."""
+        return self.freeze([], bias=False)
+
     def save(self, path: str | os.PathLike[str], name: str = "mpo") -> None:
         """Write the cores and bias to a portable :func:`tnlayers.save` checkpoint."""
         cores, bias = self.numpy_weights()
@@ -234,8 +254,34 @@ class MPODense(_MPOLayer):
         self._make_weights(int(input_shape[-1]), self.units, "last dimension")
 
     def call(self, inputs: Any) -> Any:
-        plan: ContractionPlan = tnlayers.plan(self.built_spec, _static_rows(inputs.shape[:-1]), self._plan_key)
+        rows = _static_rows(inputs.shape[:-1])
+        plan: ContractionPlan | None = None
+        if self._plan_key == "autotune":
+            plan = tnlayers.autotune.cached(self.built_spec, rows, self._tune_key())
+        if plan is None:
+            plan = tnlayers.plan(self.built_spec, rows, self._plan_key, cost_model=_cost_model())
         return self._finish(execute(plan, inputs, list(self.cores), self.bias, _OPS))
+
+    def _tune_key(self) -> tuple[str, ...]:
+        return ("keras-" + keras.backend.backend(), "default", str(self.cores[0].dtype), "forward")
+
+    def autotune(self, batch_size: int, repeats: int = 5) -> ContractionPlan:
+        """Time the best candidate plans for ``batch_size`` rows now (forward, eagerly) and remember the winner.
+
+        With ``strategy="autotune"`` the layer then runs that plan, also inside compiled functions
+        (which cannot time anything); without a tuned winner it uses the cost model's choice.
+        """
+        if not self.built:
+            raise ValueError("build the layer (call it once, or build(input_shape)) before autotune")
+        spec = self.built_spec
+        x = ops.convert_to_tensor(
+            np.random.default_rng(0).normal(size=(batch_size, spec.in_features)), self.compute_dtype
+        )
+
+        def make_run(candidate: ContractionPlan) -> Any:
+            return lambda: ops.convert_to_numpy(execute(candidate, x, list(self.cores), None, _OPS))
+
+        return tnlayers.autotune.tune(spec, batch_size, make_run, self._tune_key(), _cost_model(), repeats=repeats)
 
     def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
         return (*input_shape[:-1], self.units)
@@ -372,7 +418,8 @@ class MPOConv2D(_MPOLayer):
     def call(self, inputs: Any) -> Any:
         _, height, width, _ = self.compute_output_shape(tuple(inputs.shape))
         spec = self.built_spec
-        plan, build_kernel = tnlayers.conv_route(spec, _static_rows((inputs.shape[0], height, width)), self._plan_key)
+        rows = _static_rows((inputs.shape[0], height, width))
+        plan, build_kernel = tnlayers.conv_route(spec, rows, self._plan_key, cost_model=_cost_model())
         if build_kernel:
             y = ops.conv(inputs, self.kernel(), self.strides, self.padding, dilation_rate=self.dilation_rate)
             return self._finish(y if self.bias is None else y + self.bias)

@@ -23,6 +23,7 @@ from tnlayers.plan import ContractionPlan, strategy_key
 __all__ = ["SGD", "Adam", "MPOLinear"]
 
 _OPS = get_ops("numpy")
+_COST_MODEL = tnlayers.cost_model_for("numpy")
 Array = NDArray[Any]
 
 
@@ -63,6 +64,8 @@ class MPOLinear:
         self.decomposition: tnlayers.DecompositionReport | None = None
         """The TT-SVD report when the layer was made by :meth:`from_dense`."""
         self.core_grads: list[Array | None] = [None] * self.spec.n_cores
+        self.frozen_cores: frozenset[int] = frozenset()
+        self.bias_frozen = False
         self.bias_grad: Array | None = None
         self._saved: tuple[ContractionPlan, Tape, tuple[int, ...]] | None = None
 
@@ -139,13 +142,34 @@ class MPOLinear:
         """``x @ W + b`` for ``x`` of shape ``(..., in_features)``."""
         x = self._check_input(x)
         batch = int(np.prod(x.shape[:-1]))
-        plan = tnlayers.plan(self.spec, batch, self.strategy)
+        if self.strategy == "autotune":
+            plan = self._autotuned(x, batch)
+        else:
+            plan = tnlayers.plan(self.spec, batch, self.strategy, cost_model=_COST_MODEL)
         tape: Tape | None = [] if self.training else None
         y = execute(plan, x, self.cores, self.bias, _OPS, tape)
         self._saved = (plan, tape, x.shape) if tape is not None else None
         return y  # type: ignore[no-any-return]
 
     __call__ = forward
+
+    def _autotuned(self, x: Array, batch: int) -> ContractionPlan:
+        """Time the best candidates on this input (with the backward pass in training mode), once."""
+        mode = "train" if self.training else "infer"
+        grad = np.ones((batch, *self.spec.out_modes), self.dtype)
+
+        def make_run(candidate: ContractionPlan) -> Any:
+            def run() -> object:
+                tape: Tape | None = [] if self.training else None
+                y = execute(candidate, x, self.cores, None, _OPS, tape)
+                if tape is not None:
+                    backprop(candidate.steps, tape, grad, _OPS, self.spec.n_cores + 1)
+                return y
+
+            return run
+
+        key = ("numpy", "cpu", str(self.dtype), mode)
+        return tnlayers.autotune.tune(self.spec, batch, make_run, key, cost_model=_COST_MODEL)
 
     def backward(self, grad_out: Array) -> Array:
         """Gradient for the last ``forward``'s input; stores the core and bias gradients."""
@@ -165,13 +189,30 @@ class MPOLinear:
         self._saved = None
         return grads[0].reshape(x_shape)  # type: ignore[no-any-return]
 
+    def freeze(self, cores: str | Sequence[int] = "central", bias: bool = False) -> MPOLinear:
+        """Stop training some cores: ``"central"`` (the largest), ``"auxiliary"`` (the others), ``"all"`` or indices.
+
+        :meth:`parameters` and :meth:`grads` then leave them out, so optimisers never touch them.
+        """
+        self.frozen_cores = self.spec.select_cores(cores)
+        self.bias_frozen = bool(bias)
+        return self
+
+    def unfreeze(self) -> MPOLinear:
+        return self.freeze([], bias=False)
+
+    def _trainable(self) -> list[int]:
+        return [k for k in range(self.spec.n_cores) if k not in self.frozen_cores]
+
     def parameters(self) -> list[Array]:
-        """Cores then bias: the arrays an optimiser updates in place."""
-        return [*self.cores, *([] if self.bias is None else [self.bias])]
+        """Trainable cores then bias: the arrays an optimiser updates in place (frozen ones left out)."""
+        bias = [] if self.bias is None or self.bias_frozen else [self.bias]
+        return [*(self.cores[k] for k in self._trainable()), *bias]
 
     def grads(self) -> list[Array]:
         """Gradients in the order of :meth:`parameters`, from the last ``backward``."""
-        grads = [*self.core_grads, *([] if self.bias is None else [self.bias_grad])]
+        bias = [] if self.bias is None or self.bias_frozen else [self.bias_grad]
+        grads = [*(self.core_grads[k] for k in self._trainable()), *bias]
         if any(g is None for g in grads):
             raise RuntimeError("no gradients yet: call forward and backward first")
         return grads  # type: ignore[return-value]

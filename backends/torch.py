@@ -27,10 +27,10 @@ from torch import nn
 import tnlayers
 from tnlayers.contract import dense_weight, execute, get_ops
 from tnlayers.plan import ContractionPlan, conv_route, strategy_key
-from tnlayers.report import CompressionReport, LayerReport
+from tnlayers.reports import CompressionReport, LayerReport
 from tnlayers.spec import factorize_balanced
 
-__all__ = ["MPOConv2d", "MPOLinear", "compress"]
+__all__ = ["MPOConv2d", "MPOLinear", "compress", "freeze_cores"]
 
 _OPS = get_ops("torch")
 _LARGEST_BUCKET = 1 << 24
@@ -45,14 +45,47 @@ def _bucket(rows: Any) -> int:
     return bucket
 
 
+_COST_MODEL = tnlayers.cost_model_for("torch")
+
+
 @torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
-def _linear_plan(spec: tnlayers.MPOSpec, bucket: int, strategy: Any) -> ContractionPlan:
-    return tnlayers.plan(spec, bucket, strategy)
+def _linear_plan(spec: tnlayers.MPOSpec, bucket: int, strategy: Any, tune_key: tuple[str, ...]) -> ContractionPlan:
+    if strategy == "autotune":  # under torch.compile nothing is timed: a winner tuned before, else the model's
+        tuned = tnlayers.autotune.cached(spec, bucket, tune_key)
+        if tuned is not None:
+            return tuned
+    return tnlayers.plan(spec, bucket, strategy, cost_model=_COST_MODEL)
 
 
 @torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
 def _conv_route(spec: tnlayers.MPOSpec, bucket: int, strategy: Any) -> tuple[ContractionPlan, bool]:
-    return conv_route(spec, bucket, strategy)
+    return conv_route(spec, bucket, strategy, cost_model=_COST_MODEL)
+
+
+def _tune_key(x: torch.Tensor, cores: Sequence[torch.Tensor]) -> tuple[str, ...]:
+    training = torch.is_grad_enabled() and any(core.requires_grad for core in cores)
+    return ("torch", str(x.device), str(x.dtype), "train" if training else "infer")
+
+
+def _autotuned(spec: tnlayers.MPOSpec, bucket: int, x: torch.Tensor, cores: Sequence[torch.Tensor]) -> ContractionPlan:
+    """Time the best candidates on this input (forward, and backward when training), once per bucket."""
+    key = _tune_key(x, cores)
+    rows = x.detach().reshape(-1, spec.in_features)
+    trial = [core.detach().requires_grad_(key[-1] == "train") for core in cores]  # leaves of their own
+
+    def make_run(candidate: ContractionPlan) -> Callable[[], object]:
+        def run() -> object:
+            with torch.set_grad_enabled(key[-1] == "train"):
+                y = execute(candidate, rows, trial, None, _OPS)
+                if key[-1] == "train":
+                    y.backward(torch.ones_like(y))
+            if rows.is_cuda:
+                torch.cuda.synchronize(rows.device)
+            return y
+
+        return run
+
+    return tnlayers.autotune.tune(spec, bucket, make_run, key, cost_model=_COST_MODEL)
 
 
 def _draw_seed(seed: int | None) -> int:
@@ -120,6 +153,27 @@ class _MPOModule(nn.Module):
     @property
     def ranks(self) -> tuple[int, ...]:
         return self.spec.ranks
+
+    def freeze(self, cores: str | Iterable[int] = "central", bias: bool = False) -> _MPOModule:
+        """Stop training some cores: ``"central"`` (the largest), ``"auxiliary"`` (the others), ``"all"`` or indices.
+
+        The other cores become trainable; ``bias=True`` freezes the bias too. Frozen parameters get
+        ``requires_grad=False``, so optimisers skip them and they stay bit-identical. Returns the layer.
+        """
+        frozen = self.spec.select_cores(cores)
+        for k, core in enumerate(self.cores):
+            core.requires_grad_(k not in frozen)
+        if self.bias is not None:
+            self.bias.requires_grad_(not bias)
+        return self
+
+    def unfreeze(self) -> _MPOModule:
+        """Make every core and the bias trainable again."""
+        return self.freeze([], bias=False)
+
+    @property
+    def frozen_cores(self) -> tuple[int, ...]:
+        return tuple(k for k, core in enumerate(self.cores) if not core.requires_grad)
 
     def weight_matrix(self) -> torch.Tensor:
         """``W`` of shape ``(in_features, out_features)``, the core layout's orientation (differentiable)."""
@@ -252,7 +306,13 @@ class MPOLinear(_MPOModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.in_features, self.cores[0].dtype, "MPOLinear")
-        plan = _linear_plan(self.spec, _bucket(math.prod(x.shape[:-1])), self.strategy)
+        bucket = _bucket(math.prod(x.shape[:-1]))
+        if self.strategy != "autotune":
+            plan = _linear_plan(self.spec, bucket, self.strategy, ())
+        elif torch.compiler.is_compiling():
+            plan = _linear_plan(self.spec, bucket, self.strategy, _tune_key(x, list(self.cores)))
+        else:
+            plan = _autotuned(self.spec, bucket, x, list(self.cores))
         if plan.builds_weight and self._serve_cached():
             return F.linear(x, self._inference_weight().T, self.bias)
         return execute(plan, x, list(self.cores), self.bias, _OPS)  # type: ignore[no-any-return]
@@ -535,6 +595,26 @@ def compress(
         )
     params_after = sum(p.numel() for p in model.parameters())
     return CompressionReport(tuple(rows), params_before, params_after, tuple(skipped))
+
+
+def freeze_cores(model: nn.Module, cores: str | Iterable[int] = "central", bias: bool = False) -> tuple[int, int]:
+    """:meth:`MPOLinear.freeze` on every MPO layer of ``model``; returns ``(trainable, frozen)`` MPO parameters.
+
+    With the default, only the small auxiliary cores (and biases) of each layer stay trainable, the
+    recovery step of MPOP (Liu et al., ACL 2021) after decomposing a pretrained model.
+    """
+    layers = [module for module in model.modules() if isinstance(module, _MPOModule)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MPO layers to freeze; run compress first")
+    trainable = frozen = 0
+    for layer in layers:
+        layer.freeze(cores, bias)
+        for core in layer.cores:
+            if core.requires_grad:
+                trainable += core.numel()
+            else:
+                frozen += core.numel()
+    return trainable, frozen
 
 
 def _replace(model: nn.Module, name: str, replacement: nn.Module) -> None:

@@ -299,3 +299,10 @@ def mnist_dir() -> Path:
     if not (MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"MNIST not found in {MNIST_DIR} (set TNLAYERS_DATA)")
     return MNIST_DIR
+
+
+@pytest.fixture(autouse=True)
+def _private_autotune_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never read or write the user's ~/.cache/tnlayers."""
+    monkeypatch.setenv("TNLAYERS_CACHE_DIR", str(tmp_path_factory.mktemp("tnlayers-cache")))
+    tnlayers.autotune.clear()

@@ -4,6 +4,7 @@ The core (this package) imports only NumPy and opt_einsum; framework layers live
 ``tnlayers.backends.<framework>``.
 """
 
+from . import autotune
 from .checkpoint import MPOWeights, load, load_layers, save, save_layers
 from .contract import ArrayOps, contract, dense_weight, get_ops
 from .decompose import (
@@ -20,18 +21,32 @@ from .decompose import (
 from .diagram import draw, draw_ascii
 from .init import INITIALIZERS, init_cores
 from .interop import MPONetwork, from_tensornetwork, to_tensornetwork
-from .plan import DEFAULT_COST_MODEL, STRATEGIES, ContractionPlan, CostModel, batch_bucket, conv_route, dense_cost, plan
-from .report import CompressionReport, LayerReport
+from .plan import (
+    COST_MODELS,
+    DEFAULT_COST_MODEL,
+    STRATEGIES,
+    ContractionPlan,
+    CostModel,
+    auto_candidates,
+    batch_bucket,
+    conv_route,
+    cost_model_for,
+    dense_cost,
+    plan,
+)
+from .reports import CompressionReport, CostReport, LayerReport, report
 from .spec import MPOSpec, RankClippedWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "COST_MODELS",
     "DEFAULT_COST_MODEL",
     "INITIALIZERS",
     "STRATEGIES",
     "ArrayOps",
     "CompressionReport",
+    "CostReport",
     "ContractionPlan",
     "CostModel",
     "DecompositionReport",
@@ -42,6 +57,9 @@ __all__ = [
     "MPOWeights",
     "RankClippedWarning",
     "__version__",
+    "auto_candidates",
+    "autotune",
+    "cost_model_for",
     "batch_bucket",
     "contract",
     "to_tensornetwork",
@@ -60,6 +78,7 @@ __all__ = [
     "load",
     "load_layers",
     "plan",
+    "report",
     "save",
     "save_layers",
     "spec_from_cores",

@@ -12,6 +12,7 @@ step is a plain matrix product.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -28,9 +29,12 @@ __all__ = [
     "STRATEGIES",
     "ContractionPlan",
     "CostModel",
+    "COST_MODELS",
     "Pairwise",
     "PlanStep",
+    "auto_candidates",
     "batch_bucket",
+    "cost_model_for",
     "conv_route",
     "dense_cost",
     "plan",
@@ -52,7 +56,7 @@ OPT_EINSUM_STRATEGIES = (
     "auto-hq",
     "eager",
 )
-STRATEGIES = ("auto", *OWN_STRATEGIES, *OPT_EINSUM_STRATEGIES)
+STRATEGIES = ("auto", "autotune", *OWN_STRATEGIES, *OPT_EINSUM_STRATEGIES)
 #: Plans are made for powers of two; this bucket is used when the batch size is unknown.
 DEFAULT_BATCH = 128
 Path = tuple[tuple[int, int], ...]
@@ -105,6 +109,20 @@ class CostModel:
 
 
 DEFAULT_COST_MODEL = CostModel()
+
+#: Per backend, weights fitted to forward+backward times on a 2-core x86 CPU (float32) by
+#: ``python -m benchmarks.orderings --fit``; refit them for other hardware.
+COST_MODELS: dict[str, CostModel] = {
+    "numpy": DEFAULT_COST_MODEL,
+    "torch": DEFAULT_COST_MODEL,
+    "tensorflow": DEFAULT_COST_MODEL,
+    "jax": DEFAULT_COST_MODEL,
+}
+
+
+def cost_model_for(backend: str) -> CostModel:
+    """The calibrated :class:`CostModel` of ``backend`` (numpy, torch, tensorflow, jax), else the default."""
+    return COST_MODELS.get(backend, DEFAULT_COST_MODEL)
 
 
 @dataclass(frozen=True)
@@ -294,6 +312,22 @@ def _auto_candidates(n: int) -> list[tuple[str, Any]]:
     return candidates
 
 
+@functools.lru_cache(maxsize=256)
+def _candidates_cached(spec: MPOSpec, batch: int, model: CostModel) -> tuple[ContractionPlan, ...]:
+    plans = []
+    for name, optimizer in _auto_candidates(spec.n_cores):
+        optimize = _ordering_path(name, spec.n_cores) if optimizer is None else optimizer
+        plans.append(_build(spec, batch, "auto", name, optimize, model))
+    return tuple(plans)
+
+
+def auto_candidates(
+    spec: MPOSpec, batch_size: int | None = None, cost_model: CostModel = DEFAULT_COST_MODEL
+) -> list[ContractionPlan]:
+    """The plans ``"auto"`` chooses among (zipper, reverse-zipper, materialize, greedy, dp variants, optimal)."""
+    return list(_candidates_cached(spec, batch_bucket(batch_size), cost_model))
+
+
 @functools.lru_cache(maxsize=1024)
 def _plan_cached(spec: MPOSpec, batch: int, key: str | tuple[str, Path], model: CostModel) -> ContractionPlan:
     """``key`` is a strategy name or ``(label, explicit path)``."""
@@ -303,12 +337,9 @@ def _plan_cached(spec: MPOSpec, batch: int, key: str | tuple[str, Path], model: 
         return _build(spec, batch, label, label, list(path), model)
     if key in OWN_STRATEGIES:
         return _build(spec, batch, key, key, _ordering_path(key, n), model)
-    if key == "auto":
-        plans = []
-        for name, optimizer in _auto_candidates(n):
-            optimize = _ordering_path(name, n) if optimizer is None else optimizer
-            plans.append(_build(spec, batch, "auto", name, optimize, model))
-        return min(plans, key=lambda p: (p.cost, p.flops))
+    if key in ("auto", "autotune"):
+        chosen = min(_candidates_cached(spec, batch, model), key=lambda p: (p.cost, p.flops))
+        return chosen if key == "auto" else dataclasses.replace(chosen, strategy=key)
     return _build(spec, batch, key, key, key, model)
 
 
@@ -332,7 +363,9 @@ def plan(
     """Plan the contraction of a ``(batch_size, in_features)`` input with the cores of ``spec``.
 
     ``strategy`` is ``"auto"`` (the cost model's choice among zipper, reverse-zipper, materialize,
-    greedy, dp and optimal), one of :data:`STRATEGIES`, any other path optimiser name opt_einsum
+    greedy, dp and optimal), ``"autotune"`` (here the same choice, as planning never times
+    anything; layers time candidates on their first call, see :mod:`tnlayers.autotune`), one of
+    :data:`STRATEGIES`, any other path optimiser name opt_einsum
     knows, an explicit opt_einsum path (pairs of operand positions; operand 0 is the input), or an
     opt_einsum ``PathOptimizer`` instance. Plans are cached per ``(spec, batch bucket, strategy)``;
     the bucket is the next power of two. An optimiser object is not a cache key (it is stateful and
@@ -419,7 +452,7 @@ def _conv_route_cached(
     spec: MPOSpec, bucket: int, strategy: Any, cost_model: CostModel
 ) -> tuple[ContractionPlan, bool]:
     chosen = plan(spec, bucket, strategy, cost_model=cost_model)
-    if chosen.strategy != "auto":
+    if chosen.strategy not in ("auto", "autotune"):  # convolutions do not time: autotune is the model's choice
         return chosen, chosen.builds_weight
     unfolded = chosen.cost + 2 * bucket * spec.in_features / cost_model.bandwidth
     return chosen, dense_cost(spec, bucket, cost_model=cost_model) < unfolded

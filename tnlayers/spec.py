@@ -6,7 +6,7 @@ import functools
 import math
 import operator
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,6 +140,28 @@ class MPOSpec:
     def core_shapes(self) -> tuple[tuple[int, int, int, int], ...]:
         r = self.ranks
         return tuple((r[k], i, o, r[k + 1]) for k, (i, o) in enumerate(zip(self.in_modes, self.out_modes)))
+
+    @property
+    def central_core(self) -> int:
+        """Index of the core with the most parameters (the "central tensor" of Liu et al., ACL 2021)."""
+        sizes = [math.prod(shape) for shape in self.core_shapes]
+        return sizes.index(max(sizes))
+
+    def select_cores(self, cores: str | Iterable[int]) -> frozenset[int]:
+        """Core indices named by ``"central"``, ``"auxiliary"`` (all but the central one), ``"all"`` or indices."""
+        n = self.n_cores
+        if isinstance(cores, str):
+            named = {"central": {self.central_core}, "auxiliary": set(range(n)) - {self.central_core},
+                     "all": set(range(n))}  # fmt: skip
+            if cores not in named:
+                raise ValueError(f"cores must be 'central', 'auxiliary', 'all' or core indices, got {cores!r}")
+            return frozenset(named[cores])
+        chosen = set()
+        for index in cores:
+            if not isinstance(index, int) or isinstance(index, bool) or not -n <= index < n:
+                raise ValueError(f"a core index must be an int in [{-n}, {n - 1}] for {n} cores, got {index!r}")
+            chosen.add(index % n)
+        return frozenset(chosen)
 
     @property
     def num_params(self) -> int:

@@ -1,11 +1,14 @@
-"""Reports of what compressing a model did: one row per replaced layer and network totals."""
+"""Reports: what compressing a model did (per layer and in total), and what a layer costs per strategy."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CompressionReport", "LayerReport"]
+from .plan import ContractionPlan, batch_bucket, cost_model_for, plan
+from .spec import MPOSpec
+
+__all__ = ["CompressionReport", "CostReport", "LayerReport", "report"]
 
 
 @dataclass(frozen=True)
@@ -87,3 +90,61 @@ class CompressionReport:
         )
         lines += [f"kept dense: {name} ({reason})" for name, reason in self.skipped]
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """What one MPO layer costs at one batch size under every strategy, and which one ``auto`` picks."""
+
+    spec: MPOSpec
+    batch_size: int
+    backend: str
+    plans: tuple[ContractionPlan, ...]
+    """One plan per strategy, in the order of :data:`REPORTED_STRATEGIES`."""
+    chosen: ContractionPlan
+
+    @property
+    def dense_flops(self) -> int:
+        return 2 * self.batch_size * self.spec.in_features * self.spec.out_features
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        keys = ("strategy", "method", "flops", "largest_intermediate", "memory_traffic", "cost")
+        return [{**{k: getattr(p, k) for k in keys}, "chosen": p.path == self.chosen.path} for p in self.plans]
+
+    def __str__(self) -> str:
+        spec = self.spec
+        lines = [
+            f"{spec}: {spec.num_params:,} params of {spec.dense_params:,} dense (rho {spec.compression_ratio:.4g}, "
+            f"{1 / spec.compression_ratio:.1f}x smaller); batch {self.batch_size}, {self.backend} cost model; "
+            f"auto picks {self.chosen.method}",
+            f"{'strategy':<15} {'flops':>11} {'vs dense':>8} {'largest interm.':>15} {'model cost':>10}",
+        ]
+        for p in self.plans:
+            mark = "  <- auto" if p.path == self.chosen.path else ""
+            lines.append(
+                f"{p.strategy:<15} {p.flops:>11.3e} {p.flops / self.dense_flops:>8.3f} {p.largest_intermediate:>15,} "
+                f"{p.cost / self.chosen.cost:>10.2f}{mark}"
+            )
+        lines.append(f"dense x @ W: {self.dense_flops:.3e} flops; model cost is relative to the chosen plan")
+        return "\n".join(lines)
+
+
+REPORTED_STRATEGIES = ("zipper", "reverse-zipper", "materialize", "greedy", "dp", "optimal")
+
+
+def report(layer_or_spec: Any, batch_size: int = 1, backend: str = "numpy") -> CostReport:
+    """Per-strategy flops, largest intermediate and model cost of one layer (or spec) at ``batch_size``.
+
+    ``layer_or_spec`` is an :class:`MPOSpec`, a list of cores or any backend's MPO layer; ``backend``
+    picks the calibrated cost model (see :func:`tnlayers.cost_model_for`). ``print`` it for a table.
+    """
+    if isinstance(layer_or_spec, MPOSpec):
+        spec = layer_or_spec
+    else:
+        from .decompose import cores_of, spec_from_cores
+
+        spec = spec_from_cores(cores_of(layer_or_spec))
+    model = cost_model_for(backend)
+    strategies = [s for s in REPORTED_STRATEGIES if s != "optimal" or spec.n_cores <= 6]
+    plans = tuple(plan(spec, batch_size, s, cost_model=model) for s in strategies)
+    return CostReport(spec, batch_bucket(batch_size), backend, plans, plan(spec, batch_size, "auto", cost_model=model))

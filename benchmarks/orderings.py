@@ -1,0 +1,670 @@
+"""Contraction orderings of MPO layers compared on the same hardware, and the planner's ``auto`` judged.
+
+    python -m benchmarks.orderings                          # numpy, torch and tensorflow; the full grid
+    python -m benchmarks.orderings --backends torch --cases paper --batches 1 32 1024
+    python -m benchmarks.orderings --quick                  # a smoke run (< 60 s), used by a test
+    python -m benchmarks.orderings --backends torch --fit   # also fit the torch cost model to the times
+
+For each case (layer shape and bond dimension), batch size and backend, every ordering runs on the
+same inputs: its output is checked against the dense product (NumPy, float64) first, then the
+orderings are timed round-robin (warm-up, then ``--repeats`` samples), forward and
+forward+backward (gradients of the cores, ``loss = y.sum()``). The dense layer and, where
+installed, TensorLy-Torch's blockTT ``FactorizedLinear`` (torch) and TensorNetwork's tn_keras
+``DenseMPO`` (tensorflow) run beside them. Output in ``--out``: ``records.jsonl`` (one line per
+measurement, with versions, threads and CPU), ``summary.md`` and two PNG plots.
+
+GPU: ``--device cuda`` runs torch on the GPU and synchronises before reading the clock (untested
+here: this project's machines have no GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts: see ../shared/BENCHMARKING.md
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import opt_einsum
+from tqdm.auto import tqdm
+
+import tnlayers
+from tnlayers.contract import backprop, execute, get_ops
+from tnlayers.timing import calls_per_sample, round_robin
+
+ORDERINGS = ("zipper", "reverse-zipper", "materialize", "greedy", "dp", "dp-combo", "optimal", "random-greedy",
+             "cotengra", "auto", "autotune")  # fmt: skip
+BASELINES = ("dense", "tltorch-blocktt", "tn_keras")
+BATCHES = (1, 8, 64, 256, 1024, 4096)
+QUICK_BATCHES = (1, 64)
+MAX_DENSE_FLOPS = 2e10
+"""Cases whose dense forward exceeds this many flops are skipped (4096 x 4096 at batch >= 1024)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    group: str
+    in_modes: tuple[int, ...]
+    out_modes: tuple[int, ...]
+    rank: int
+
+    @property
+    def spec(self) -> tnlayers.MPOSpec:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", tnlayers.RankClippedWarning)
+            return tnlayers.MPOSpec(self.in_modes, self.out_modes, self.rank)
+
+
+def _cases() -> list[Case]:
+    cases = [Case(f"FC2 784->256 D{d}", "paper", (4, 7, 7, 4), (4, 4, 4, 4), d) for d in (2, 4, 8, 16, 22)]
+    cases += [
+        Case("LeNet conv3 400->120", "paper", (2, 10, 10, 2), (2, 5, 6, 2), 4),
+        Case("LeNet fc 120->84", "paper", (2, 5, 6, 2), (2, 3, 7, 2), 4),
+        Case("LeNet fc 84->10", "paper", (2, 3, 7, 2), (1, 5, 2, 1), 2),
+        Case("VGG conv-as-MPO 2048", "paper", (2, 8, 8, 8, 2), (2, 8, 8, 8, 2), 4),
+        Case("VGG fc 512->4096", "paper", (4, 4, 4, 4, 2), (4, 4, 8, 8, 4), 4),
+        Case("VGG fc 4096->4096", "paper", (4, 4, 8, 8, 4), (4, 4, 8, 8, 4), 4),
+    ]
+    square = [(8, 16, 8), (4, 8, 8, 4), (4,) * 5, (2, 4, 4, 4, 4, 2)]  # 3 to 6 cores
+    for modes in square:
+        for rank in (4, 16, 64):
+            cases.append(Case(f"1024 {'x'.join(map(str, modes))} D{rank}", "square", modes, modes, rank))
+    big = [(16, 16, 16), (8, 8, 8, 8), (4,) * 6]
+    for modes in big:
+        for rank in (8, 32):
+            cases.append(Case(f"4096 {'x'.join(map(str, modes))} D{rank}", "square", modes, modes, rank))
+    cases += [
+        Case("uneven 3072->512 D8", "uneven", (4, 8, 12, 8), (2, 4, 8, 8), 8),
+        Case("uneven 1000->300 D16", "uneven", (10, 10, 10), (5, 6, 10), 16),
+        Case("uneven 4096->64 D16", "uneven", (8, 8, 8, 8), (2, 2, 4, 4), 16),
+        Case("uneven 64->4096 D16", "uneven", (2, 2, 4, 4), (8, 8, 8, 8), 16),
+    ]
+    return cases
+
+
+CASES = _cases()
+QUICK_CASES = [CASES[1], CASES[5]]
+
+
+def _optimizers(n_cores: int) -> dict[str, Any]:
+    """How each ordering is asked of the planner (a name, or an opt_einsum / cotengra path optimiser)."""
+    chosen: dict[str, Any] = {name: name for name in ("zipper", "reverse-zipper", "materialize", "greedy")}
+    chosen["dp"] = opt_einsum.DynamicProgramming(minimize="flops")
+    chosen["dp-combo"] = opt_einsum.DynamicProgramming(minimize="combo")  # flops + bytes written
+    if n_cores <= 5:
+        chosen["optimal"] = "optimal"
+    chosen["random-greedy"] = opt_einsum.RandomGreedy(max_repeats=32, minimize="flops")
+    try:
+        import cotengra
+
+        chosen["cotengra"] = cotengra.HyperOptimizer(max_repeats=16, minimize="flops", progbar=False, parallel=False)
+    except ImportError:
+        pass
+    return chosen
+
+
+def _time_now(sync: Callable[[], None]) -> float:
+    sync()
+    return time.perf_counter()
+
+
+class Runner:
+    """One backend's arrays for one case and batch: forward and forward+backward of any plan, and the peers."""
+
+    backend = "numpy"
+
+    def __init__(self, spec: tnlayers.MPOSpec, batch: int, dtype: str, device: str, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.spec, self.batch, self.device = spec, batch, device
+        self.cores_np = [c.astype(dtype) for c in tnlayers.init_cores(spec, seed=seed)]
+        self.x_np = rng.normal(size=(batch, spec.in_features)).astype(dtype)
+        self.weight_np = tnlayers.to_dense(self.cores_np).astype(dtype)
+        self.setup()
+
+    def setup(self) -> None:
+        self.ops = get_ops("numpy")
+
+    def sync(self) -> None:
+        pass
+
+    def forward(self, plan: tnlayers.ContractionPlan) -> Callable[[], Any]:
+        return lambda: execute(plan, self.x_np, self.cores_np, None, self.ops)
+
+    def train_step(self, plan: tnlayers.ContractionPlan) -> Callable[[], Any]:
+        grad = np.ones((self.batch, *self.spec.out_modes), self.x_np.dtype)
+
+        def run() -> Any:
+            tape: list[Any] = []
+            execute(plan, self.x_np, self.cores_np, None, self.ops, tape)
+            return backprop(plan.steps, tape, grad, self.ops, self.spec.n_cores + 1)
+
+        return run
+
+    def dense(self) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        grad = np.ones((self.batch, self.spec.out_features), self.x_np.dtype)
+        return (lambda: self.x_np @ self.weight_np), (lambda: self.x_np.T @ grad)
+
+    def peers(self) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+        return {}
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return np.asarray(value)
+
+    def memory(self, run: Callable[[], Any]) -> int | None:
+        """Peak bytes allocated during one call (NumPy: tracemalloc)."""
+        tracemalloc.start()
+        run()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return int(peak)
+
+    def gemm_gflops(self, size: int) -> float:
+        a = np.ones((size, size), self.x_np.dtype)
+        times = round_robin({"gemm": lambda: a @ a}, 3)["gemm"]
+        return 2 * size**3 / statistics.median(times) / 1e9
+
+
+class TorchRunner(Runner):
+    backend = "torch"
+
+    def setup(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.ops = get_ops("torch")
+        self.x = torch.from_numpy(self.x_np).to(self.device)
+        self.cores = [torch.from_numpy(c).to(self.device).requires_grad_(True) for c in self.cores_np]
+        self.weight = torch.from_numpy(self.weight_np).to(self.device).requires_grad_(True)
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize()
+
+    def _backward(self, y: Any) -> Any:
+        y.backward(self.torch.ones_like(y))  # gradients accumulate in place: no fresh buffers per call
+        self.sync()
+
+    def forward(self, plan: tnlayers.ContractionPlan) -> Callable[[], Any]:
+        def run() -> Any:
+            with self.torch.no_grad():
+                y = execute(plan, self.x, self.cores, None, self.ops)
+            self.sync()
+            return y
+
+        return run
+
+    def train_step(self, plan: tnlayers.ContractionPlan) -> Callable[[], Any]:
+        return lambda: self._backward(execute(plan, self.x, self.cores, None, self.ops))
+
+    def dense(self) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        def forward() -> Any:
+            with self.torch.no_grad():
+                y = self.x @ self.weight
+            self.sync()
+            return y
+
+        return forward, (lambda: self._backward(self.x @ self.weight))
+
+    def peers(self) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+        try:
+            import tltorch
+        except ImportError:
+            return {}
+        layer = tltorch.FactorizedLinear(self.spec.in_modes, self.spec.out_modes, bias=False, factorization="blocktt",
+                                         rank=list(self.spec.ranks), implementation="factorized")  # fmt: skip
+        with self.torch.no_grad():  # the same W: blockTT factors are (r, out, in, r')
+            for factor, core in zip(layer.weight.factors, self.cores_np):
+                factor.copy_(self.torch.from_numpy(core.transpose(0, 2, 1, 3)))
+        layer = layer.to(self.device)
+
+        def forward() -> Any:
+            with self.torch.no_grad():
+                y = layer(self.x)
+            self.sync()
+            return y
+
+        return {"tltorch-blocktt": (forward, lambda: self._backward(layer(self.x)))}
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return np.asarray(value.detach().cpu().numpy())
+
+    def memory(self, run: Callable[[], Any]) -> int | None:
+        """Bytes autograd keeps for the backward pass (measured with saved-tensor hooks)."""
+        saved = [0]
+
+        def pack(tensor: Any) -> Any:
+            saved[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with self.torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+        return saved[0]
+
+    def gemm_gflops(self, size: int) -> float:
+        a = self.torch.ones(size, size, device=self.device)
+
+        def run() -> None:
+            a @ a
+            self.sync()
+
+        return 2 * size**3 / statistics.median(round_robin({"gemm": run}, 3)["gemm"]) / 1e9
+
+
+class TensorFlowRunner(Runner):
+    backend = "tensorflow"
+
+    def setup(self) -> None:
+        import tensorflow as tf
+
+        self.tf = tf
+        self.ops = get_ops("tensorflow")
+        self.x = tf.constant(self.x_np)
+        self.cores = [tf.Variable(c) for c in self.cores_np]
+        self.weight = tf.Variable(self.weight_np)
+
+    def _pair(
+        self, compute: Callable[[], Any], variables: Sequence[Any]
+    ) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        forward = self.tf.function(compute)
+
+        @self.tf.function  # type: ignore[untyped-decorator]
+        def train() -> Any:
+            with self.tf.GradientTape() as tape:
+                y = compute()
+            return tape.gradient(y, variables)
+
+        return (lambda: forward().numpy()), (lambda: [g.numpy() for g in train()])
+
+    def forward(self, plan: tnlayers.ContractionPlan) -> Callable[[], Any]:
+        return self._pair(lambda: execute(plan, self.x, self.cores, None, self.ops), self.cores)[0]
+
+    def train_step(self, plan: tnlayers.ContractionPlan) -> Callable[[], Any]:
+        return self._pair(lambda: execute(plan, self.x, self.cores, None, self.ops), self.cores)[1]
+
+    def dense(self) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        return self._pair(lambda: self.x @ self.weight, [self.weight])
+
+    def peers(self) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+        from benchmarks.keras_layers import _peer
+
+        try:
+            layer = _peer(self.cores_np, np.zeros(self.spec.out_features, self.x_np.dtype))
+        except (ValueError, TypeError, AssertionError):
+            return {}  # DenseMPO needs in and out features that are perfect n-th powers and one bond
+        if layer is None or self.spec.ranks[1:-1] != (max(self.spec.ranks),) * (self.spec.n_cores - 1):
+            return {}
+        return {"tn_keras": self._pair(lambda: layer(self.x), layer.trainable_weights)}
+
+    def memory(self, run: Callable[[], Any]) -> int | None:
+        return None
+
+    def gemm_gflops(self, size: int) -> float:
+        a = self.tf.ones((size, size))
+        matmul = self.tf.function(lambda: self.tf.matmul(a, a))
+        return 2 * size**3 / statistics.median(round_robin({"gemm": lambda: matmul().numpy()}, 3)["gemm"]) / 1e9
+
+
+class JaxRunner(Runner):
+    backend = "jax"
+
+    def setup(self) -> None:
+        import jax
+
+        self.jax = jax
+        self.ops = get_ops("jax")
+        self.x = jax.numpy.asarray(self.x_np)
+        self.cores = [jax.numpy.asarray(c) for c in self.cores_np]
+        self.weight = jax.numpy.asarray(self.weight_np)
+
+    def forward(self, plan: tnlayers.ContractionPlan) -> Callable[[], Any]:
+        run = self.jax.jit(lambda cores: execute(plan, self.x, cores, None, self.ops))
+        return lambda: run(self.cores).block_until_ready()
+
+    def train_step(self, plan: tnlayers.ContractionPlan) -> Callable[[], Any]:
+        run = self.jax.jit(self.jax.grad(lambda cores: execute(plan, self.x, cores, None, self.ops).sum()))
+        return lambda: self.jax.block_until_ready(run(self.cores))
+
+    def dense(self) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        forward = self.jax.jit(lambda w: self.x @ w)
+        train = self.jax.jit(self.jax.grad(lambda w: (self.x @ w).sum()))
+        return (lambda: forward(self.weight).block_until_ready()), (lambda: train(self.weight).block_until_ready())
+
+    def memory(self, run: Callable[[], Any]) -> int | None:
+        return None
+
+    def gemm_gflops(self, size: int) -> float:
+        a = self.jax.numpy.ones((size, size))
+        matmul = self.jax.jit(lambda: a @ a)
+        return (
+            2
+            * size**3
+            / statistics.median(round_robin({"gemm": lambda: matmul().block_until_ready()}, 3)["gemm"])
+            / 1e9
+        )
+
+
+RUNNERS: dict[str, type[Runner]] = {"numpy": Runner, "torch": TorchRunner, "tensorflow": TensorFlowRunner,
+                                    "jax": JaxRunner}  # fmt: skip
+
+
+def available_backends() -> list[str]:
+    import importlib.util
+
+    names = {"numpy": "numpy", "torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}
+    return [name for name, module in names.items() if importlib.util.find_spec(module) is not None]
+
+
+def _plans(runner: Runner, orderings: Sequence[str]) -> dict[str, tnlayers.ContractionPlan]:
+    spec, batch = runner.spec, runner.batch
+    model = tnlayers.cost_model_for(runner.backend)
+    chosen = _optimizers(spec.n_cores)
+    plans = {}
+    for name in orderings:
+        if name == "auto":
+            plans[name] = tnlayers.plan(spec, batch, "auto", cost_model=model)
+        elif name == "autotune":
+            plans[name] = tnlayers.autotune.tune(spec, batch, runner.train_step, key=(runner.backend, runner.device,
+                                                 str(runner.x_np.dtype), "train"), cost_model=model)  # fmt: skip
+        elif name in chosen:
+            plans[name] = tnlayers.plan(spec, batch, chosen[name], cost_model=model)
+    return plans
+
+
+def measure_case(
+    runner: Runner, orderings: Sequence[str], repeats: int, modes: Sequence[str], case: Case
+) -> list[dict[str, Any]]:
+    """Check every contender's output against the dense product, then time them round-robin."""
+    plans = _plans(runner, orderings)
+    reference = runner.x_np.astype(np.float64) @ runner.weight_np.astype(np.float64)
+    scale = float(np.abs(reference).max())
+    tolerance = 1e-3 if runner.x_np.dtype == np.float32 else 1e-9
+    dense_forward, dense_train = runner.dense()
+    contenders: dict[str, dict[str, Callable[[], Any]]] = {
+        "forward": {name: runner.forward(p) for name, p in plans.items()},
+        "forward+backward": {name: runner.train_step(p) for name, p in plans.items()},
+    }
+    contenders["forward"]["dense"], contenders["forward+backward"]["dense"] = dense_forward, dense_train
+    for name, (peer_forward, peer_train) in runner.peers().items():
+        contenders["forward"][name], contenders["forward+backward"][name] = peer_forward, peer_train
+    for name, run in contenders["forward"].items():
+        error = float(np.abs(runner.to_numpy(run()).astype(np.float64) - reference).max()) / scale
+        if error > tolerance:
+            raise RuntimeError(f"{name} is wrong on {case.name} at batch {runner.batch}: relative error {error:.1e}")
+    records = []
+    for mode in modes:
+        runs = contenders[mode]
+        inner = calls_per_sample(runs["auto"] if "auto" in runs else next(iter(runs.values())), 5e-3)
+        times = round_robin(runs, repeats, inner, warmup=2)
+        for name, samples in times.items():
+            plan = plans.get(name)
+            median = statistics.median(samples)
+            flops = plan.flops if plan else 2 * runner.batch * runner.spec.in_features * runner.spec.out_features
+            work = flops if mode == "forward" else 3 * flops  # backward: two products per forward product
+            record: dict[str, Any] = {
+                "backend": runner.backend, "device": runner.device, "case": case.name, "group": case.group,
+                "in_modes": list(case.in_modes), "out_modes": list(case.out_modes), "ranks": list(runner.spec.ranks),
+                "batch": runner.batch, "dtype": str(runner.x_np.dtype), "mode": mode, "ordering": name,
+                "method": plan.method if plan else name, "path": [list(p) for p in plan.path] if plan else None,
+                "median_s": median, "q25_s": float(np.quantile(samples, 0.25)),
+                "q75_s": float(np.quantile(samples, 0.75)), "repeats": len(samples), "calls_per_sample": inner,
+                "flops": flops, "gflops_per_s": work / median / 1e9,
+                "largest_intermediate": plan.largest_intermediate if plan else runner.batch * runner.spec.out_features,
+                "step_sizes": [list(s) for s in plan.step_sizes] if plan else None,
+                "model_cost": plan.cost if plan else None,
+            }  # fmt: skip
+            records.append(record)
+        if mode == "forward+backward":
+            for record in records[-len(times) :]:
+                record["memory_bytes"] = runner.memory(runs[record["ordering"]])
+    return records
+
+
+def environment(backends: Sequence[str], threads: int | None, device: str, gemm: dict[str, float]) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "python": sys.version.split()[0], "numpy": np.__version__, "opt_einsum": opt_einsum.__version__,
+        "tnlayers": tnlayers.__version__, "cpu": _cpu_model(), "cores": os.cpu_count(), "device": device,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gemm_gflops": gemm,
+    }  # fmt: skip
+    if "torch" in backends:
+        import torch
+
+        env.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    if "tensorflow" in backends:
+        import tensorflow as tf
+
+        env["tensorflow"] = tf.__version__
+    if "jax" in backends:
+        import jax
+
+        env["jax"] = jax.__version__
+    env["threads"] = threads
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def ratio_table(records: Sequence[dict[str, Any]], mode: str = "forward+backward") -> list[dict[str, Any]]:
+    """Per (backend, case, batch): the fastest ordering and each contender's time / that fastest time."""
+    groups: dict[tuple[Any, ...], dict[str, float]] = {}
+    chosen: dict[tuple[Any, ...], str] = {}
+    for r in records:
+        if r["mode"] != mode:
+            continue
+        key = (r["backend"], r["case"], r["batch"])
+        groups.setdefault(key, {})[r["ordering"]] = r["median_s"]
+        if r["ordering"] == "auto":
+            chosen[key] = r["method"]
+    rows = []
+    for key, times in groups.items():
+        orderings = {name: t for name, t in times.items() if name not in BASELINES and name != "autotune"}
+        fastest_name = min(orderings, key=orderings.__getitem__)
+        fastest = orderings[fastest_name]
+        rows.append({"backend": key[0], "case": key[1], "batch": key[2], "fastest": fastest_name,
+                     "fastest_ms": 1e3 * fastest, "auto_chose": chosen.get(key),
+                     **{name: t / fastest for name, t in times.items()}})  # fmt: skip
+    return rows
+
+
+def planner_figures(rows: Sequence[dict[str, Any]], contender: str = "auto") -> tuple[float, float, float]:
+    """Median, geometric mean and worst of ``contender``'s time / the fastest ordering's."""
+    ratios = [row[contender] for row in rows if contender in row]
+    if not ratios:
+        return math.nan, math.nan, math.nan
+    return statistics.median(ratios), math.exp(statistics.fmean(map(math.log, ratios))), max(ratios)
+
+
+def markdown_summary(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> str:
+    lines = [f"# Contraction orderings on {env['cpu']} ({env['cores']} cores, {env['device']})", ""]
+    lines.append("Time / the fastest ordering of that case (forward+backward, median of round-robin repeats).")
+    lines.append(
+        "GEMM ceiling measured here (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in env["gemm_gflops"].items())
+    )
+    lines.append("")
+    rows = ratio_table(records)
+    for backend in sorted({row["backend"] for row in rows}):
+        subset = [row for row in rows if row["backend"] == backend]
+        lines.append(f"## {backend}")
+        lines.append("")
+        for contender in ("auto", "autotune", "dense", "tltorch-blocktt", "tn_keras"):
+            med, geo, worst = planner_figures(subset, contender)
+            if not math.isnan(med):
+                lines.append(f"- `{contender}`: median {med:.2f}x, geometric mean {geo:.2f}x, worst {worst:.2f}x "
+                             f"of the fastest ordering over {sum(contender in r for r in subset)} cases")  # fmt: skip
+        lines.append("")
+        columns = [c for c in (*ORDERINGS, *BASELINES) if any(c in r for r in subset)]
+        lines.append("| case | batch | fastest | ms | auto chose | " + " | ".join(columns) + " |")
+        lines.append("|---|---|---|---|---|" + "---|" * len(columns))
+        for row in subset:
+            cells = [f"{row[c]:.2f}" if c in row else "" for c in columns]
+            lines.append(f"| {row['case']} | {row['batch']} | {row['fastest']} | {row['fastest_ms']:.3f} | "
+                         f"{row['auto_chose']} | " + " | ".join(cells) + " |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    """Time against batch size per ordering (a few cases), and measured time against the model's cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    train = [r for r in records if r["mode"] == "forward+backward"]
+    backends = sorted({r["backend"] for r in train})
+    cases = list(dict.fromkeys(r["case"] for r in train))[:4]
+    figure, axes = plt.subplots(len(backends), len(cases), figsize=(4.2 * len(cases), 3.4 * len(backends)),
+                                squeeze=False)  # fmt: skip
+    for row, backend in enumerate(backends):
+        for column, case in enumerate(cases):
+            ax = axes[row][column]
+            subset = [r for r in train if r["backend"] == backend and r["case"] == case]
+            for name in dict.fromkeys(r["ordering"] for r in subset):
+                points = sorted((r["batch"], 1e3 * r["median_s"]) for r in subset if r["ordering"] == name)
+                style = "--" if name in BASELINES else "-"
+                ax.plot(
+                    *zip(*points), style, marker="o", markersize=3, label=name, linewidth=2.5 if name == "auto" else 1
+                )
+            ax.set(xscale="log", yscale="log", title=f"{backend}: {case}", xlabel="batch", ylabel="ms (fwd+bwd)")
+    axes[0][-1].legend(fontsize=6)
+    figure.tight_layout()
+    paths.append(out / "time_vs_batch.png")
+    figure.savefig(paths[-1], dpi=100)
+    plt.close(figure)
+    figure, axes = plt.subplots(1, len(backends), figsize=(4.5 * len(backends), 4), squeeze=False)
+    for column, backend in enumerate(backends):
+        points = [(r["model_cost"], r["median_s"]) for r in records if r["backend"] == backend
+                  and r["mode"] == "forward" and r["model_cost"]]  # fmt: skip
+        ax = axes[0][column]
+        ax.scatter(*zip(*points), s=6, alpha=0.6)
+        ax.set(xscale="log", yscale="log", title=f"{backend}: forward", xlabel="cost model (units)",
+               ylabel="measured s")  # fmt: skip
+    figure.tight_layout()
+    paths.append(out / "measured_vs_model.png")
+    figure.savefig(paths[-1], dpi=100)
+    plt.close(figure)
+    return paths
+
+
+def fit_cost_model(records: Sequence[dict[str, Any]], mode: str = "forward+backward") -> tnlayers.CostModel:
+    """Grid search of CostModel weights: minimise the geometric mean of the picked / fastest ratio, then the worst."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in records:
+        if r["mode"] == mode and r["step_sizes"] and r["ordering"] not in ("auto", "autotune"):
+            groups.setdefault((r["backend"], r["case"], r["batch"]), []).append(r)
+
+    def score(model: tnlayers.CostModel) -> tuple[float, float]:
+        ratios = []
+        for group in groups.values():
+            picked = min(group, key=lambda r: (model.estimate([tuple(s) for s in r["step_sizes"]]), r["flops"]))
+            ratios.append(picked["median_s"] / min(r["median_s"] for r in group))
+        return round(math.exp(statistics.fmean(map(math.log, ratios))), 4), max(ratios)
+
+    grid = itertools.product([1e10, 2e10, 4e10, 8e10, 1.6e11], [2.5e7, 5e7, 1e8, 2e8, 4e8, 1e9, 4e9],
+                             [2, 4, 8, 16, 32, 64], [5e-6, 2e-5, 6e-5])  # fmt: skip
+    models = [tnlayers.CostModel(p, b, h, o) for p, b, h, o in grid]
+    return min(models, key=score)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.orderings", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--backends", nargs="+", default=None, help="numpy torch tensorflow jax (default: installed)")
+    parser.add_argument("--cases", nargs="+", default=["all"], help="all, paper, square, uneven, or case names")
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--orderings", nargs="+", default=list(ORDERINGS))
+    parser.add_argument("--modes", nargs="+", default=["forward", "forward+backward"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--threads", type=int, default=None, help="torch / TF intra-op threads")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda (untested here)")
+    parser.add_argument("--out", type=Path, default=Path("results/orderings"))
+    parser.add_argument("--quick", action="store_true", help="2 cases at batch 1 and 64, 2 repeats (< 60 s)")
+    parser.add_argument("--fit", action="store_true", help="fit each backend's CostModel weights to these times")
+    args = parser.parse_args(argv)
+    backends = args.backends or [b for b in ("numpy", "torch", "tensorflow") if b in available_backends()]
+    unknown = [b for b in backends if b not in RUNNERS]
+    if unknown:
+        parser.error(f"unknown backend(s) {unknown}; expected some of {', '.join(RUNNERS)}")
+    missing = [b for b in backends if b not in available_backends()]
+    if missing:
+        parser.error(f"backend(s) {missing} not installed")
+    if args.quick:
+        cases, batches, repeats = QUICK_CASES, list(QUICK_BATCHES), 2
+    else:
+        selected = set(args.cases)
+        cases = [c for c in CASES if "all" in selected or c.group in selected or c.name in selected]
+        batches, repeats = args.batches, args.repeats
+        if not cases:
+            parser.error(f"no case matches {args.cases}")
+    if args.threads:
+        if "torch" in backends:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        if "tensorflow" in backends:
+            import tensorflow as tf
+
+            tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    records: list[dict[str, Any]] = []
+    jobs = [(b, c, n) for b in backends for c in cases for n in batches
+            if 2 * n * c.spec.in_features * c.spec.out_features <= MAX_DENSE_FLOPS]  # fmt: skip
+    gemm = {}
+    for backend in tqdm(jobs and backends, desc="GEMM ceilings", leave=False):
+        gemm[backend] = RUNNERS[backend](CASES[0].spec, 1, args.dtype, args.device).gemm_gflops(
+            1024 if args.quick else 2048
+        )
+    for backend, case, batch in tqdm(jobs, desc="cases"):
+        runner = RUNNERS[backend](case.spec, batch, args.dtype, args.device if backend == "torch" else "cpu")
+        records += measure_case(runner, args.orderings, repeats, args.modes, case)
+    env = environment(backends, args.threads, args.device, gemm)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "records.jsonl").open("w") as handle:
+        for record in records:
+            handle.write(json.dumps({**record, **env}) + "\n")
+    summary = markdown_summary(records, env)
+    (args.out / "summary.md").write_text(summary + "\n")
+    figures = plot(records, args.out)
+    rows = ratio_table(records)
+    result: dict[str, Any] = {"records": records, "environment": env, "figures": {}}
+    print()
+    for backend in backends:
+        subset = [row for row in rows if row["backend"] == backend]
+        for contender in ("auto", "autotune"):
+            med, geo, worst = planner_figures(subset, contender)
+            result["figures"][(backend, contender)] = (med, geo, worst)
+            print(f"{backend:<10} {contender:<8} fwd+bwd time / fastest ordering: median {med:.3f}x, "
+                  f"geomean {geo:.3f}x, worst {worst:.3f}x over {len(subset)} cases")  # fmt: skip
+        if args.fit:
+            fitted = fit_cost_model([r for r in records if r["backend"] == backend])
+            print(f"{backend:<10} fitted {fitted}")
+    print(f"\nwrote {args.out / 'records.jsonl'} ({len(records)} records), {args.out / 'summary.md'}, "
+          + ", ".join(str(p) for p in figures))  # fmt: skip
+    return result
+
+
+if __name__ == "__main__":
+    main()

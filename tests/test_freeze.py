@@ -1,0 +1,83 @@
+"""Freezing cores (MPOP-style recovery trains only the auxiliary cores): frozen ones stay bit-identical."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import tnlayers
+
+
+def test_central_core_is_the_largest() -> None:
+    spec = tnlayers.MPOSpec((2, 8, 8, 8, 2), (2, 8, 8, 8, 2), 4)
+    sizes = [int(np.prod(s)) for s in spec.core_shapes]
+    assert spec.central_core == 1 == sizes.index(max(sizes))  # the first of the three equal middle cores
+    assert spec.select_cores("auxiliary") == {0, 2, 3, 4}
+    assert spec.select_cores("all") == set(range(5)) and spec.select_cores([-1, 0]) == {0, 4}
+
+
+@pytest.mark.parametrize(("cores", "message"), [("middle", "'middle'"), ([5], "got 5"), ([True], "got True")])
+def test_bad_core_selections_are_clear_errors(cores: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tnlayers.MPOSpec((2, 3, 4), (2, 3, 4), 2).select_cores(cores)
+
+
+def _step(layer_harness: Any, layer: Any, x: np.ndarray) -> None:
+    """One optimiser step with weight decay (which would move every trainable array)."""
+    name = layer_harness.name
+    if name == "numpy":
+        from tnlayers.backends.numpy import Adam
+
+        optimizer = Adam(layer.parameters(), lr=0.1)
+        layer(x)
+        layer.backward(np.ones((len(x), layer.out_features), np.float32))
+        optimizer.step(layer.grads())
+    elif name == "torch":
+        import torch
+
+        optimizer = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
+        layer(torch.from_numpy(x)).sum().backward()
+        optimizer.step()
+    else:
+        import keras
+
+        model = keras.Sequential([keras.Input((x.shape[1],)), layer])
+        model.compile(optimizer=keras.optimizers.AdamW(0.1, weight_decay=0.1), loss="mse")
+        model.fit(x, np.ones((len(x), 12), np.float32), epochs=1, batch_size=len(x), verbose=0)
+
+
+def test_frozen_cores_stay_bit_identical_through_an_optimiser_step(layer_harness: Any) -> None:
+    layer = layer_harness.make((2, 3, 4), (3, 2, 2), 3, "auto", np.float32)
+    spec = tnlayers.spec_from_cores(layer_harness.weights(layer)[0])
+    layer.freeze("central")
+    before = [np.array(c, copy=True) for c in layer_harness.weights(layer)[0]]  # numpy's are the live arrays
+    _step(layer_harness, layer, np.random.default_rng(0).normal(size=(8, 24)).astype(np.float32))
+    after, _ = layer_harness.weights(layer)
+    for k, (old, new) in enumerate(zip(before, after)):
+        if k == spec.central_core:
+            assert np.array_equal(old, new), "the frozen central core moved"
+        else:
+            assert not np.array_equal(old, new), f"trainable core {k} did not move"
+
+
+def test_unfreeze_makes_everything_trainable_again(layer_harness: Any) -> None:
+    layer = layer_harness.make((2, 3, 4), (3, 2, 2), 3, "auto", np.float32)
+    layer.freeze("all", bias=True).unfreeze()
+    before = [np.array(c, copy=True) for c in layer_harness.weights(layer)[0]]  # numpy's are the live arrays
+    _step(layer_harness, layer, np.random.default_rng(0).normal(size=(8, 24)).astype(np.float32))
+    after, _ = layer_harness.weights(layer)
+    assert all(not np.array_equal(old, new) for old, new in zip(before, after))
+
+
+def test_torch_freeze_cores_over_a_model() -> None:
+    torch = pytest.importorskip("torch")
+    from tnlayers.backends.torch import MPOLinear, freeze_cores
+
+    model = torch.nn.Sequential(MPOLinear((4, 4, 4), (4, 4, 4), 4), torch.nn.ReLU(), MPOLinear((4, 4, 4), (2, 5, 1), 2))
+    trainable, frozen = freeze_cores(model)
+    central = [m.cores[m.spec.central_core].numel() for m in (model[0], model[2])]
+    assert frozen == sum(central) and trainable + frozen == sum(c.numel() for m in (model[0], model[2]) for c in m.cores)
+    with pytest.raises(ValueError, match="no MPO layers"):
+        freeze_cores(torch.nn.Linear(3, 3))
