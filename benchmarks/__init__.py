@@ -1,1 +1,1 @@
-"""Benchmarks of tnlayers: ``python -m benchmarks.calibrate`` (see its docstring)."""
+"""Benchmarks of tnlayers: ``python -m benchmarks.orderings`` and its siblings (see the README)."""

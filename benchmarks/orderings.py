@@ -20,6 +20,7 @@ here: this project's machines have no GPU).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -46,8 +47,19 @@ import tnlayers
 from tnlayers.contract import backprop, execute, get_ops
 from tnlayers.timing import calls_per_sample, round_robin
 
-ORDERINGS = ("zipper", "reverse-zipper", "materialize", "greedy", "dp", "dp-combo", "optimal", "random-greedy",
-             "cotengra", "auto", "autotune")  # fmt: skip
+ORDERINGS = (
+    "zipper",
+    "reverse-zipper",
+    "materialize",
+    "greedy",
+    "dp",
+    "dp-combo",
+    "optimal",
+    "random-greedy",
+    "cotengra",
+    "auto",
+    "autotune",
+)
 BASELINES = ("dense", "tltorch-blocktt", "tn_keras")
 BATCHES = (1, 8, 64, 256, 1024, 4096)
 QUICK_BATCHES = (1, 64)
@@ -225,8 +237,14 @@ class TorchRunner(Runner):
             import tltorch
         except ImportError:
             return {}
-        layer = tltorch.FactorizedLinear(self.spec.in_modes, self.spec.out_modes, bias=False, factorization="blocktt",
-                                         rank=list(self.spec.ranks), implementation="factorized")  # fmt: skip
+        layer = tltorch.FactorizedLinear(
+            self.spec.in_modes,
+            self.spec.out_modes,
+            bias=False,
+            factorization="blocktt",
+            rank=list(self.spec.ranks),
+            implementation="factorized",
+        )
         with self.torch.no_grad():  # the same W: blockTT factors are (r, out, in, r')
             for factor, core in zip(layer.weight.factors, self.cores_np):
                 factor.copy_(self.torch.from_numpy(core.transpose(0, 2, 1, 3)))
@@ -358,8 +376,12 @@ class JaxRunner(Runner):
         )
 
 
-RUNNERS: dict[str, type[Runner]] = {"numpy": Runner, "torch": TorchRunner, "tensorflow": TensorFlowRunner,
-                                    "jax": JaxRunner}  # fmt: skip
+RUNNERS: dict[str, type[Runner]] = {
+    "numpy": Runner,
+    "torch": TorchRunner,
+    "tensorflow": TensorFlowRunner,
+    "jax": JaxRunner,
+}
 
 
 def available_backends() -> list[str]:
@@ -378,8 +400,13 @@ def _plans(runner: Runner, orderings: Sequence[str]) -> dict[str, tnlayers.Contr
         if name == "auto":
             plans[name] = tnlayers.plan(spec, batch, "auto", cost_model=model)
         elif name == "autotune":
-            plans[name] = tnlayers.autotune.tune(spec, batch, runner.train_step, key=(runner.backend, runner.device,
-                                                 str(runner.x_np.dtype), "train"), cost_model=model)  # fmt: skip
+            plans[name] = tnlayers.autotune.tune(
+                spec,
+                batch,
+                runner.train_step,
+                key=(runner.backend, runner.device, str(runner.x_np.dtype), "train"),
+                cost_model=model,
+            )
         elif name in chosen:
             plans[name] = tnlayers.plan(spec, batch, chosen[name], cost_model=model)
     return plans
@@ -416,17 +443,30 @@ def measure_case(
             flops = plan.flops if plan else 2 * runner.batch * runner.spec.in_features * runner.spec.out_features
             work = flops if mode == "forward" else 3 * flops  # backward: two products per forward product
             record: dict[str, Any] = {
-                "backend": runner.backend, "device": runner.device, "case": case.name, "group": case.group,
-                "in_modes": list(case.in_modes), "out_modes": list(case.out_modes), "ranks": list(runner.spec.ranks),
-                "batch": runner.batch, "dtype": str(runner.x_np.dtype), "mode": mode, "ordering": name,
-                "method": plan.method if plan else name, "path": [list(p) for p in plan.path] if plan else None,
-                "median_s": median, "q25_s": float(np.quantile(samples, 0.25)),
-                "q75_s": float(np.quantile(samples, 0.75)), "repeats": len(samples), "calls_per_sample": inner,
-                "flops": flops, "gflops_per_s": work / median / 1e9,
+                "backend": runner.backend,
+                "device": runner.device,
+                "case": case.name,
+                "group": case.group,
+                "in_modes": list(case.in_modes),
+                "out_modes": list(case.out_modes),
+                "ranks": list(runner.spec.ranks),
+                "batch": runner.batch,
+                "dtype": str(runner.x_np.dtype),
+                "mode": mode,
+                "ordering": name,
+                "method": plan.method if plan else name,
+                "path": [list(p) for p in plan.path] if plan else None,
+                "median_s": median,
+                "q25_s": float(np.quantile(samples, 0.25)),
+                "q75_s": float(np.quantile(samples, 0.75)),
+                "repeats": len(samples),
+                "calls_per_sample": inner,
+                "flops": flops,
+                "gflops_per_s": work / median / 1e9,
                 "largest_intermediate": plan.largest_intermediate if plan else runner.batch * runner.spec.out_features,
                 "step_sizes": [list(s) for s in plan.step_sizes] if plan else None,
                 "model_cost": plan.cost if plan else None,
-            }  # fmt: skip
+            }
             records.append(record)
         if mode == "forward+backward":
             for record in records[-len(times) :]:
@@ -434,12 +474,90 @@ def measure_case(
     return records
 
 
+def overhead(repeats: int = 7) -> list[dict[str, Any]]:
+    """Per-call cost of a torch ``MPOLinear`` forward at batch 1 against a bare chain of ``torch.einsum`` calls.
+
+    Three contenders on the same input and cores, under ``no_grad``: the layer (input checks, bucket,
+    plan lookup, execute), ``execute`` of the cached plan alone, and the plan's pairwise equations
+    typed out as ``torch.einsum`` calls (no tnlayers code at all). The layer's Python overhead is
+    layer minus bare chain.
+    """
+    import torch
+    from tnlayers.backends.torch import MPOLinear
+
+    TORCH_OPS = get_ops("torch")
+    records = []
+    for case in (CASES[1], Case("1024 4x4x4x4x4 D8", "square", (4,) * 5, (4,) * 5, 8)):
+        layer = MPOLinear(case.in_modes, case.out_modes, case.rank, bias=False, seed=0)
+        x = torch.randn(1, layer.in_features)
+        plan = tnlayers.plan(layer.spec, 1, cost_model=tnlayers.cost_model_for("torch"))
+        cores = [c.detach() for c in layer.cores]
+        shapes = plan.operand_shapes
+        equations = [(step.positions, step.forward.equation) for step in plan.steps]
+
+        def bare(x: Any = x, cores: Any = cores, shapes: Any = shapes, equations: Any = equations) -> Any:
+            arrays = [x.reshape(shapes[0]), *(c.reshape(s) for c, s in zip(cores, shapes[1:]))]
+            for (i, j), equation in equations:
+                a, b = arrays.pop(i), arrays.pop(j)
+                arrays.append(torch.einsum(equation, a, b))
+            return arrays[0].reshape(1, -1)
+
+        runs: dict[str, Callable[[], object]] = {
+            "layer forward": functools.partial(layer, x),
+            "execute (cached plan)": functools.partial(execute, plan, x, cores, None, TORCH_OPS),
+            "bare torch.einsum chain": bare,
+        }
+        with torch.no_grad():
+            torch.testing.assert_close(runs["layer forward"](), bare(), rtol=1e-4, atol=1e-5)
+            times = round_robin(runs, repeats, calls_per_sample(bare, 5e-3), warmup=2)
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        base = medians["bare torch.einsum chain"]
+        layer_s = medians["layer forward"]
+        records.append(
+            {
+                "case": case.name,
+                "method": plan.method,
+                **{k: 1e6 * v for k, v in medians.items()},
+                "overhead_us": 1e6 * (layer_s - base),
+                "overhead_vs_contraction": (layer_s - base) / base,
+                "dispatch_us": 1e6 * (layer_s - medians["execute (cached plan)"]),
+            }
+        )
+    return records
+
+
+def overhead_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    header = (
+        "| case (batch 1, torch, no_grad) | plan | layer forward us | execute us | bare einsum chain us | "
+        "checks + plan lookup us | layer - bare chain, / bare chain |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    for r in records:
+        cells = [
+            r["case"],
+            r["method"],
+            f"{r['layer forward']:.1f}",
+            f"{r['execute (cached plan)']:.1f}",
+            f"{r['bare torch.einsum chain']:.1f}",
+            f"{r['dispatch_us']:.1f}",
+            f"{r['overhead_us']:.1f} us, {r['overhead_vs_contraction']:+.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def environment(backends: Sequence[str], threads: int | None, device: str, gemm: dict[str, float]) -> dict[str, Any]:
     env: dict[str, Any] = {
-        "python": sys.version.split()[0], "numpy": np.__version__, "opt_einsum": opt_einsum.__version__,
-        "tnlayers": tnlayers.__version__, "cpu": _cpu_model(), "cores": os.cpu_count(), "device": device,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gemm_gflops": gemm,
-    }  # fmt: skip
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "opt_einsum": opt_einsum.__version__,
+        "tnlayers": tnlayers.__version__,
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "device": device,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gemm_gflops": gemm,
+    }
     if "torch" in backends:
         import torch
 
@@ -482,9 +600,17 @@ def ratio_table(records: Sequence[dict[str, Any]], mode: str = "forward+backward
         orderings = {name: t for name, t in times.items() if name not in BASELINES and name != "autotune"}
         fastest_name = min(orderings, key=orderings.__getitem__)
         fastest = orderings[fastest_name]
-        rows.append({"backend": key[0], "case": key[1], "batch": key[2], "fastest": fastest_name,
-                     "fastest_ms": 1e3 * fastest, "auto_chose": chosen.get(key),
-                     **{name: t / fastest for name, t in times.items()}})  # fmt: skip
+        rows.append(
+            {
+                "backend": key[0],
+                "case": key[1],
+                "batch": key[2],
+                "fastest": fastest_name,
+                "fastest_ms": 1e3 * fastest,
+                "auto_chose": chosen.get(key),
+                **{name: t / fastest for name, t in times.items()},
+            }
+        )
     return rows
 
 
@@ -511,16 +637,20 @@ def markdown_summary(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> 
         for contender in ("auto", "autotune", "dense", "tltorch-blocktt", "tn_keras"):
             med, geo, worst = planner_figures(subset, contender)
             if not math.isnan(med):
-                lines.append(f"- `{contender}`: median {med:.2f}x, geometric mean {geo:.2f}x, worst {worst:.2f}x "
-                             f"of the fastest ordering over {sum(contender in r for r in subset)} cases")  # fmt: skip
+                lines.append(
+                    f"- `{contender}`: median {med:.2f}x, geometric mean {geo:.2f}x, worst {worst:.2f}x "
+                    f"of the fastest ordering over {sum(contender in r for r in subset)} cases"
+                )
         lines.append("")
         columns = [c for c in (*ORDERINGS, *BASELINES) if any(c in r for r in subset)]
         lines.append("| case | batch | fastest | ms | auto chose | " + " | ".join(columns) + " |")
         lines.append("|---|---|---|---|---|" + "---|" * len(columns))
         for row in subset:
             cells = [f"{row[c]:.2f}" if c in row else "" for c in columns]
-            lines.append(f"| {row['case']} | {row['batch']} | {row['fastest']} | {row['fastest_ms']:.3f} | "
-                         f"{row['auto_chose']} | " + " | ".join(cells) + " |")  # fmt: skip
+            lines.append(
+                f"| {row['case']} | {row['batch']} | {row['fastest']} | {row['fastest_ms']:.3f} | "
+                f"{row['auto_chose']} | " + " | ".join(cells) + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -536,8 +666,9 @@ def plot(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     train = [r for r in records if r["mode"] == "forward+backward"]
     backends = sorted({r["backend"] for r in train})
     cases = list(dict.fromkeys(r["case"] for r in train))[:4]
-    figure, axes = plt.subplots(len(backends), len(cases), figsize=(4.2 * len(cases), 3.4 * len(backends)),
-                                squeeze=False)  # fmt: skip
+    figure, axes = plt.subplots(
+        len(backends), len(cases), figsize=(4.2 * len(cases), 3.4 * len(backends)), squeeze=False
+    )
     for row, backend in enumerate(backends):
         for column, case in enumerate(cases):
             ax = axes[row][column]
@@ -556,12 +687,16 @@ def plot(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     plt.close(figure)
     figure, axes = plt.subplots(1, len(backends), figsize=(4.5 * len(backends), 4), squeeze=False)
     for column, backend in enumerate(backends):
-        points = [(r["model_cost"], r["median_s"]) for r in records if r["backend"] == backend
-                  and r["mode"] == "forward" and r["model_cost"]]  # fmt: skip
+        points = [
+            (r["model_cost"], r["median_s"])
+            for r in records
+            if r["backend"] == backend and r["mode"] == "forward" and r["model_cost"]
+        ]
         ax = axes[0][column]
         ax.scatter(*zip(*points), s=6, alpha=0.6)
-        ax.set(xscale="log", yscale="log", title=f"{backend}: forward", xlabel="cost model (units)",
-               ylabel="measured s")  # fmt: skip
+        ax.set(
+            xscale="log", yscale="log", title=f"{backend}: forward", xlabel="cost model (units)", ylabel="measured s"
+        )
     figure.tight_layout()
     paths.append(out / "measured_vs_model.png")
     figure.savefig(paths[-1], dpi=100)
@@ -583,15 +718,20 @@ def fit_cost_model(records: Sequence[dict[str, Any]], mode: str = "forward+backw
             ratios.append(picked["median_s"] / min(r["median_s"] for r in group))
         return round(math.exp(statistics.fmean(map(math.log, ratios))), 4), max(ratios)
 
-    grid = itertools.product([1e10, 2e10, 4e10, 8e10, 1.6e11], [2.5e7, 5e7, 1e8, 2e8, 4e8, 1e9, 4e9],
-                             [2, 4, 8, 16, 32, 64], [5e-6, 2e-5, 6e-5])  # fmt: skip
+    grid = itertools.product(
+        [1e10, 2e10, 4e10, 8e10, 1.6e11],
+        [2.5e7, 5e7, 1e8, 2e8, 4e8, 1e9, 4e9],
+        [2, 4, 8, 16, 32, 64],
+        [5e-6, 2e-5, 6e-5],
+    )
     models = [tnlayers.CostModel(p, b, h, o) for p, b, h, o in grid]
     return min(models, key=score)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.orderings", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.orderings", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backends", nargs="+", default=None, help="numpy torch tensorflow jax (default: installed)")
     parser.add_argument("--cases", nargs="+", default=["all"], help="all, paper, square, uneven, or case names")
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
@@ -604,6 +744,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=Path("results/orderings"))
     parser.add_argument("--quick", action="store_true", help="2 cases at batch 1 and 64, 2 repeats (< 60 s)")
     parser.add_argument("--fit", action="store_true", help="fit each backend's CostModel weights to these times")
+    parser.add_argument("--no-overhead", action="store_true", help="skip the per-call overhead measurement (torch)")
     args = parser.parse_args(argv)
     backends = args.backends or [b for b in ("numpy", "torch", "tensorflow") if b in available_backends()]
     unknown = [b for b in backends if b not in RUNNERS]
@@ -630,8 +771,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
             tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     records: list[dict[str, Any]] = []
-    jobs = [(b, c, n) for b in backends for c in cases for n in batches
-            if 2 * n * c.spec.in_features * c.spec.out_features <= MAX_DENSE_FLOPS]  # fmt: skip
+    jobs = [
+        (b, c, n)
+        for b in backends
+        for c in cases
+        for n in batches
+        if 2 * n * c.spec.in_features * c.spec.out_features <= MAX_DENSE_FLOPS
+    ]
     gemm = {}
     for backend in tqdm(jobs and backends, desc="GEMM ceilings", leave=False):
         gemm[backend] = RUNNERS[backend](CASES[0].spec, 1, args.dtype, args.device).gemm_gflops(
@@ -641,28 +787,40 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         runner = RUNNERS[backend](case.spec, batch, args.dtype, args.device if backend == "torch" else "cpu")
         records += measure_case(runner, args.orderings, repeats, args.modes, case)
     env = environment(backends, args.threads, args.device, gemm)
+    calls = [] if args.no_overhead or "torch" not in backends else overhead(3 if args.quick else 9)
     args.out.mkdir(parents=True, exist_ok=True)
     with (args.out / "records.jsonl").open("w") as handle:
         for record in records:
             handle.write(json.dumps({**record, **env}) + "\n")
+        for record in calls:
+            handle.write(json.dumps({"mode": "overhead", **record, **env}) + "\n")
     summary = markdown_summary(records, env)
+    if calls:
+        summary += "\n## Per-call overhead\n\n" + "\n".join(overhead_lines(calls)) + "\n"
     (args.out / "summary.md").write_text(summary + "\n")
     figures = plot(records, args.out)
     rows = ratio_table(records)
-    result: dict[str, Any] = {"records": records, "environment": env, "figures": {}}
+    result: dict[str, Any] = {"records": records, "environment": env, "figures": {}, "overhead": calls}
     print()
+    if calls:
+        print("\n".join(overhead_lines(calls)) + "\n")
     for backend in backends:
         subset = [row for row in rows if row["backend"] == backend]
         for contender in ("auto", "autotune"):
             med, geo, worst = planner_figures(subset, contender)
             result["figures"][(backend, contender)] = (med, geo, worst)
-            print(f"{backend:<10} {contender:<8} fwd+bwd time / fastest ordering: median {med:.3f}x, "
-                  f"geomean {geo:.3f}x, worst {worst:.3f}x over {len(subset)} cases")  # fmt: skip
+            print(
+                f"{backend:<10} {contender:<8} fwd+bwd time / fastest ordering: median {med:.3f}x, "
+                f"geomean {geo:.3f}x, worst {worst:.3f}x over {len(subset)} cases"
+            )
         if args.fit:
             fitted = fit_cost_model([r for r in records if r["backend"] == backend])
+            result["figures"][(backend, "fitted")] = fitted
             print(f"{backend:<10} fitted {fitted}")
-    print(f"\nwrote {args.out / 'records.jsonl'} ({len(records)} records), {args.out / 'summary.md'}, "
-          + ", ".join(str(p) for p in figures))  # fmt: skip
+    print(
+        f"\nwrote {args.out / 'records.jsonl'} ({len(records)} records), {args.out / 'summary.md'}, "
+        + ", ".join(str(p) for p in figures)
+    )
     return result
 
 
