@@ -289,6 +289,7 @@ class TensorFlowRunner(Runner):
     def setup(self) -> None:
         import tensorflow as tf
 
+        tf.get_logger().setLevel("ERROR")  # one tf.function per ordering and case: retracing is expected here
         self.tf = tf
         self.ops = get_ops("tensorflow")
         self.x = tf.constant(self.x_np)
@@ -770,6 +771,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             import tensorflow as tf
 
             tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    # autotune starts from nothing here (its winners are kept beside the results, not in ~/.cache)
+    os.environ["TNLAYERS_CACHE_DIR"] = str(args.out / "autotune-cache")
+    tnlayers.autotune.clear(disk=True)
     records: list[dict[str, Any]] = []
     jobs = [
         (b, c, n)

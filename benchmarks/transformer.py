@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 import tnlayers
 
-DEFAULT_BUDGETS = ("rank:128", "rank:64", "rank:32", "rank:16", "tol:0.3", "tol:0.5")
+DEFAULT_BUDGETS = ("rank:256", "rank:128", "rank:64", "rank:32", "tol:0.5", "tol:0.7")
 TARGETS = [
     "*attention.self.query",
     "*attention.self.key",
@@ -87,7 +87,9 @@ class SentenceEncoder(nn.Module):
 def load_minilm(folder: Path | None = None) -> tuple[Any, SentenceEncoder]:
     """The tokenizer and the encoder of all-MiniLM-L6-v2, from local files only (safetensors)."""
     from transformers import AutoTokenizer, BertModel
+    from transformers.utils import logging
 
+    logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # the unused pooler weights are expected
     folder = folder or model_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     bert = BertModel.from_pretrained(folder, local_files_only=True, use_safetensors=True, add_pooling_layer=False)
@@ -388,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--budgets", type=parse_budget, nargs="+", default=[parse_budget(b) for b in DEFAULT_BUDGETS])
     parser.add_argument("--sentences", type=int, default=4000, help="held-out plus training sentences")
     parser.add_argument("--eval", type=int, default=2000, help="held-out sentences for the metrics")
-    parser.add_argument("--epochs", type=int, default=3, help="recovery epochs (0: no recovery)")
+    parser.add_argument("--epochs", type=int, default=2, help="recovery epochs (0: no recovery)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--cores", type=int, default=4, help="cores per MPO (modes balanced per layer)")

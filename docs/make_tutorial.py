@@ -282,7 +282,7 @@ print("tensornetwork's contraction equals W:", np.allclose(W, tnlayers.to_dense(
 
 - `tnlayers.plan(spec, batch).describe()` prints any plan; `strategy=` on every layer picks one.
 - `tnlayers.backends.torch.compress(model, rank=...)` turns the dense layers of a trained model into MPOs.
-- `python -m benchmarks.calibrate --backend torch` times the orderings on your machine.""",
+- `python -m benchmarks.orderings --backends torch` times every ordering on your machine.""",
     ),
 ]
 
