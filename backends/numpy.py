@@ -145,7 +145,8 @@ class MPOLinear:
         if self.strategy == "autotune":
             plan = self._autotuned(x, batch)
         else:
-            plan = tnlayers.plan(self.spec, batch, self.strategy, cost_model=_COST_MODEL)
+            gradients = "all" if self.training else "none"  # backward returns the input's gradient too
+            plan = tnlayers.plan(self.spec, batch, self.strategy, cost_model=_COST_MODEL, gradients=gradients)
         tape: Tape | None = [] if self.training else None
         y = execute(plan, x, self.cores, self.bias, _OPS, tape)
         self._saved = (plan, tape, x.shape) if tape is not None else None

@@ -49,12 +49,21 @@ _COST_MODEL = tnlayers.cost_model_for("torch")
 
 
 @torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
-def _linear_plan(spec: tnlayers.MPOSpec, bucket: int, strategy: Any, tune_key: tuple[str, ...]) -> ContractionPlan:
+def _linear_plan(
+    spec: tnlayers.MPOSpec, bucket: int, strategy: Any, gradients: str, tune_key: tuple[str, ...]
+) -> ContractionPlan:
     if strategy == "autotune":  # under torch.compile nothing is timed: a winner tuned before, else the model's
         tuned = tnlayers.autotune.cached(spec, bucket, tune_key)
         if tuned is not None:
             return tuned
-    return tnlayers.plan(spec, bucket, strategy, cost_model=_COST_MODEL)
+    return tnlayers.plan(spec, bucket, strategy, cost_model=_COST_MODEL, gradients=gradients)
+
+
+def _gradients(x: torch.Tensor, cores: Iterable[torch.Tensor]) -> str:
+    """What the backward will need: nothing, the cores' gradients, or the input's too."""
+    if not torch.is_grad_enabled() or not any(core.requires_grad for core in cores):
+        return "none"
+    return "all" if x.requires_grad else "cores"
 
 
 @torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
@@ -308,9 +317,9 @@ class MPOLinear(_MPOModule):
         _check_input(x, self.in_features, self.cores[0].dtype, "MPOLinear")
         bucket = _bucket(math.prod(x.shape[:-1]))
         if self.strategy != "autotune":
-            plan = _linear_plan(self.spec, bucket, self.strategy, ())
+            plan = _linear_plan(self.spec, bucket, self.strategy, _gradients(x, self.cores), ())
         elif torch.compiler.is_compiling():
-            plan = _linear_plan(self.spec, bucket, self.strategy, _tune_key(x, list(self.cores)))
+            plan = _linear_plan(self.spec, bucket, self.strategy, "none", _tune_key(x, list(self.cores)))
         else:
             plan = _autotuned(self.spec, bucket, x, list(self.cores))
         if plan.builds_weight and self._serve_cached():

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 import tnlayers
 from tnlayers.contract import backprop, execute, get_ops
+from tnlayers.plan import grad_inputs
 from tnlayers.timing import calls_per_sample, round_robin
 
 ORDERINGS = (
@@ -392,22 +393,18 @@ def available_backends() -> list[str]:
     return [name for name, module in names.items() if importlib.util.find_spec(module) is not None]
 
 
-def _plans(runner: Runner, orderings: Sequence[str]) -> dict[str, tnlayers.ContractionPlan]:
+def _plans(runner: Runner, orderings: Sequence[str], gradients: str) -> dict[str, tnlayers.ContractionPlan]:
     spec, batch = runner.spec, runner.batch
     model = tnlayers.cost_model_for(runner.backend)
     chosen = _optimizers(spec.n_cores)
     plans = {}
     for name in orderings:
-        if name == "auto":
-            plans[name] = tnlayers.plan(spec, batch, "auto", cost_model=model)
+        if name == "auto":  # what a layer plans: for a forward, or for training with the input as data
+            plans[name] = tnlayers.plan(spec, batch, "auto", cost_model=model, gradients=gradients)
         elif name == "autotune":
-            plans[name] = tnlayers.autotune.tune(
-                spec,
-                batch,
-                runner.train_step,
-                key=(runner.backend, runner.device, str(runner.x_np.dtype), "train"),
-                cost_model=model,
-            )
+            run = runner.forward if gradients == "none" else runner.train_step
+            key = (runner.backend, runner.device, str(runner.x_np.dtype), "infer" if gradients == "none" else "train")
+            plans[name] = tnlayers.autotune.tune(spec, batch, run, key, cost_model=model)
         elif name in chosen:
             plans[name] = tnlayers.plan(spec, batch, chosen[name], cost_model=model)
     return plans
@@ -417,19 +414,25 @@ def measure_case(
     runner: Runner, orderings: Sequence[str], repeats: int, modes: Sequence[str], case: Case
 ) -> list[dict[str, Any]]:
     """Check every contender's output against the dense product, then time them round-robin."""
-    plans = _plans(runner, orderings)
+    plans = _plans(runner, orderings, "none")
+    planned_for_training = [name for name in ("auto", "autotune") if name in plans]
+    train_plans = {**plans, **_plans(runner, planned_for_training, "cores")}
     reference = runner.x_np.astype(np.float64) @ runner.weight_np.astype(np.float64)
     scale = float(np.abs(reference).max())
     tolerance = 1e-3 if runner.x_np.dtype == np.float32 else 1e-9
     dense_forward, dense_train = runner.dense()
     contenders: dict[str, dict[str, Callable[[], Any]]] = {
         "forward": {name: runner.forward(p) for name, p in plans.items()},
-        "forward+backward": {name: runner.train_step(p) for name, p in plans.items()},
+        "forward+backward": {name: runner.train_step(p) for name, p in train_plans.items()},
     }
     contenders["forward"]["dense"], contenders["forward+backward"]["dense"] = dense_forward, dense_train
     for name, (peer_forward, peer_train) in runner.peers().items():
         contenders["forward"][name], contenders["forward+backward"][name] = peer_forward, peer_train
-    for name, run in contenders["forward"].items():
+    checks = {
+        **contenders["forward"],
+        **{f"{n} (training plan)": runner.forward(train_plans[n]) for n in planned_for_training},
+    }
+    for name, run in checks.items():
         error = float(np.abs(runner.to_numpy(run()).astype(np.float64) - reference).max()) / scale
         if error > tolerance:
             raise RuntimeError(f"{name} is wrong on {case.name} at batch {runner.batch}: relative error {error:.1e}")
@@ -439,7 +442,7 @@ def measure_case(
         inner = calls_per_sample(runs["auto"] if "auto" in runs else next(iter(runs.values())), 5e-3)
         times = round_robin(runs, repeats, inner, warmup=2)
         for name, samples in times.items():
-            plan = plans.get(name)
+            plan = (plans if mode == "forward" else train_plans).get(name)
             median = statistics.median(samples)
             flops = plan.flops if plan else 2 * runner.batch * runner.spec.in_features * runner.spec.out_features
             work = flops if mode == "forward" else 3 * flops  # backward: two products per forward product
@@ -705,28 +708,48 @@ def plot(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
-def fit_cost_model(records: Sequence[dict[str, Any]], mode: str = "forward+backward") -> tnlayers.CostModel:
-    """Grid search of CostModel weights: minimise the geometric mean of the picked / fastest ratio, then the worst."""
+AUTO_CHOICES = ("zipper", "reverse-zipper", "materialize", "greedy", "dp", "dp-combo", "optimal")
+"""The measured orderings that ``auto`` chooses among (it also plans dp by size, which is not timed here)."""
+
+
+def fit_cost_model(
+    records: Sequence[dict[str, Any]], mode: str = "forward+backward"
+) -> tuple[tnlayers.CostModel, tuple[float, float, float]]:
+    """Grid search of CostModel weights for ``auto``'s choice among its candidates.
+
+    Scored by the geometric mean, then the worst, of the picked ordering's time / the fastest
+    ordering's (any ordering, opt_einsum's and cotengra's included); returns the model and its
+    (median, geometric mean, worst) on these records.
+    """
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    fastest: dict[tuple[Any, ...], float] = {}
     for r in records:
-        if r["mode"] == mode and r["step_sizes"] and r["ordering"] not in ("auto", "autotune"):
-            groups.setdefault((r["backend"], r["case"], r["batch"]), []).append(r)
+        if r["mode"] != mode or r["ordering"] in (*BASELINES, "auto", "autotune"):
+            continue
+        key = (r["backend"], r["case"], r["batch"])
+        fastest[key] = min(fastest.get(key, math.inf), r["median_s"])
+        if r["ordering"] in AUTO_CHOICES:
+            groups.setdefault(key, []).append(r)
+
+    gradients = "none" if mode == "forward" else "cores"
+
+    def estimate(model: tnlayers.CostModel, r: dict[str, Any]) -> float:
+        grads = grad_inputs([tuple(p) for p in r["path"]], len(r["in_modes"]) + 1, gradients)
+        return model.estimate([tuple(s) for s in r["step_sizes"]], grads)
+
+    def ratios(model: tnlayers.CostModel) -> list[float]:
+        picked = {key: min(group, key=lambda r: (estimate(model, r), r["flops"])) for key, group in groups.items()}
+        return [picked[key]["median_s"] / fastest[key] for key in groups]
 
     def score(model: tnlayers.CostModel) -> tuple[float, float]:
-        ratios = []
-        for group in groups.values():
-            picked = min(group, key=lambda r: (model.estimate([tuple(s) for s in r["step_sizes"]]), r["flops"]))
-            ratios.append(picked["median_s"] / min(r["median_s"] for r in group))
-        return round(math.exp(statistics.fmean(map(math.log, ratios))), 4), max(ratios)
+        values = ratios(model)
+        return round(math.exp(statistics.fmean(map(math.log, values))), 4), max(values)
 
-    grid = itertools.product(
-        [1e10, 2e10, 4e10, 8e10, 1.6e11],
-        [2.5e7, 5e7, 1e8, 2e8, 4e8, 1e9, 4e9],
-        [2, 4, 8, 16, 32, 64],
-        [5e-6, 2e-5, 6e-5],
-    )
-    models = [tnlayers.CostModel(p, b, h, o) for p, b, h, o in grid]
-    return min(models, key=score)
+    grid = itertools.product([1e10, 2e10, 4e10, 8e10, 1.6e11], [2.5e7, 5e7, 1e8, 2e8, 4e8, 1e9, 4e9],
+                             [2, 4, 8, 16, 32, 64], [5e-6, 2e-5, 6e-5])  # fmt: skip
+    best = min((tnlayers.CostModel(p, b, h, o) for p, b, h, o in grid), key=score)
+    values = ratios(best)
+    return best, (statistics.median(values), math.exp(statistics.fmean(map(math.log, values))), max(values))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -746,6 +769,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="2 cases at batch 1 and 64, 2 repeats (< 60 s)")
     parser.add_argument("--fit", action="store_true", help="fit each backend's CostModel weights to these times")
     parser.add_argument("--no-overhead", action="store_true", help="skip the per-call overhead measurement (torch)")
+    parser.add_argument(
+        "--from-records", type=Path, default=None, help="summarise / --fit a records.jsonl, timing nothing"
+    )
     args = parser.parse_args(argv)
     backends = args.backends or [b for b in ("numpy", "torch", "tensorflow") if b in available_backends()]
     unknown = [b for b in backends if b not in RUNNERS]
@@ -775,29 +801,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     os.environ["TNLAYERS_CACHE_DIR"] = str(args.out / "autotune-cache")
     tnlayers.autotune.clear(disk=True)
     records: list[dict[str, Any]] = []
-    jobs = [
-        (b, c, n)
-        for b in backends
-        for c in cases
-        for n in batches
-        if 2 * n * c.spec.in_features * c.spec.out_features <= MAX_DENSE_FLOPS
-    ]
-    gemm = {}
-    for backend in tqdm(jobs and backends, desc="GEMM ceilings", leave=False):
-        gemm[backend] = RUNNERS[backend](CASES[0].spec, 1, args.dtype, args.device).gemm_gflops(
-            1024 if args.quick else 2048
-        )
-    for backend, case, batch in tqdm(jobs, desc="cases"):
-        runner = RUNNERS[backend](case.spec, batch, args.dtype, args.device if backend == "torch" else "cpu")
-        records += measure_case(runner, args.orderings, repeats, args.modes, case)
-    env = environment(backends, args.threads, args.device, gemm)
-    calls = [] if args.no_overhead or "torch" not in backends else overhead(3 if args.quick else 9)
+    calls: list[dict[str, Any]] = []
     args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "records.jsonl").open("w") as handle:
-        for record in records:
-            handle.write(json.dumps({**record, **env}) + "\n")
-        for record in calls:
-            handle.write(json.dumps({"mode": "overhead", **record, **env}) + "\n")
+    if args.from_records:  # re-summarise (and refit) earlier measurements, timing nothing
+        for line in args.from_records.read_text().splitlines():
+            record = json.loads(line)
+            if record["mode"] == "overhead" or record["backend"] in backends:
+                (calls if record["mode"] == "overhead" else records).append(record)
+        env = {k: records[0][k] for k in ("cpu", "cores", "device", "gemm_gflops")} if records else {}
+    else:
+        jobs = [
+            (b, c, n)
+            for b in backends
+            for c in cases
+            for n in batches
+            if 2 * n * c.spec.in_features * c.spec.out_features <= MAX_DENSE_FLOPS
+        ]
+        gemm = {}
+        for backend in tqdm(jobs and backends, desc="GEMM ceilings", leave=False):
+            runner = RUNNERS[backend](CASES[0].spec, 1, args.dtype, args.device)
+            gemm[backend] = runner.gemm_gflops(1024 if args.quick else 2048)
+        env = environment(backends, args.threads, args.device, gemm)
+        with (args.out / "records.jsonl").open("w") as handle:  # written as measured: a long run keeps its part
+            for backend, case, batch in tqdm(jobs, desc="cases"):
+                runner = RUNNERS[backend](case.spec, batch, args.dtype, args.device if backend == "torch" else "cpu")
+                measured = measure_case(runner, args.orderings, repeats, args.modes, case)
+                records += measured
+                handle.writelines(json.dumps({**record, **env}) + "\n" for record in measured)
+                handle.flush()
+            calls = [] if args.no_overhead or "torch" not in backends else overhead(3 if args.quick else 9)
+            handle.writelines(json.dumps({"mode": "overhead", **record, **env}) + "\n" for record in calls)
     summary = markdown_summary(records, env)
     if calls:
         summary += "\n## Per-call overhead\n\n" + "\n".join(overhead_lines(calls)) + "\n"
@@ -818,9 +851,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 f"geomean {geo:.3f}x, worst {worst:.3f}x over {len(subset)} cases"
             )
         if args.fit:
-            fitted = fit_cost_model([r for r in records if r["backend"] == backend])
+            fitted, (med, geo, worst) = fit_cost_model([r for r in records if r["backend"] == backend])
             result["figures"][(backend, "fitted")] = fitted
-            print(f"{backend:<10} fitted {fitted}")
+            print(f"{backend:<10} fitted {fitted}: median {med:.3f}x, geomean {geo:.3f}x, worst {worst:.3f}x")
     print(
         f"\nwrote {args.out / 'records.jsonl'} ({len(records)} records), {args.out / 'summary.md'}, "
         + ", ".join(str(p) for p in figures)

@@ -138,3 +138,27 @@ def test_strategy_key_is_hashable_and_checked_at_once() -> None:
     assert found == tnlayers.plan(spec, None, "dp").path and hash(found) is not None
     with pytest.raises(ValueError, match="unknown strategy 'fast'"):
         strategy_key(spec, "fast")
+
+
+def test_training_plans_count_the_backward_products() -> None:
+    from tnlayers.plan import grad_inputs
+
+    spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 8)
+    zipper = tnlayers.plan(spec, 64, "zipper")
+    # the input (operand 0) is data: only the first step's core needs a gradient there
+    flags = grad_inputs(zipper.steps, 5, "cores")
+    assert sorted(flags[0]) == [False, True] and flags[1:] == ((True, True),) * 3
+    assert grad_inputs(zipper.steps, 5, "all") == ((True, True),) * 4
+    assert grad_inputs(zipper.path, 5, "cores") == flags  # the same from the bare path
+    materialize = tnlayers.plan(spec, 64, "materialize")
+    assert sorted(grad_inputs(materialize.steps, 5, "cores")[-1]) == [False, True]  # W, x: no gradient for x
+    model = tnlayers.DEFAULT_COST_MODEL
+    for chosen in (zipper, materialize):
+        steps = [model.step_cost(*sizes) for sizes in chosen.step_sizes]
+        flags = grad_inputs(chosen.steps, 5, "cores")
+        expected = sum(steps) + sum(cost * (a + b) for cost, (a, b) in zip(steps, flags))
+        trained = tnlayers.plan(spec, 64, chosen.method, gradients="cores")
+        assert trained.gradients == "cores" and abs(trained.cost - expected) < 1e-12 * expected
+        assert trained.path == chosen.path and trained.cost > chosen.cost
+    with pytest.raises(ValueError, match="gradients must be one of 'none', 'cores', 'all', got 'some'"):
+        tnlayers.plan(spec, 64, gradients="some")

@@ -32,6 +32,7 @@ __all__ = [
     "COST_MODELS",
     "Pairwise",
     "PlanStep",
+    "GRADIENTS",
     "auto_candidates",
     "batch_bucket",
     "cost_model_for",
@@ -103,9 +104,20 @@ class CostModel:
         gemm = 2.0 * m * n * k / (self.peak_flops * efficiency(m) * efficiency(n) * efficiency(k))
         return self.step_overhead + gemm + elements_moved / self.bandwidth
 
-    def estimate(self, step_sizes: Sequence[tuple[int, int, int, int]]) -> float:
-        """The cost of a plan from its ``step_sizes`` (so a plan can be re-scored under another model)."""
-        return sum(self.step_cost(*sizes) for sizes in step_sizes)
+    def estimate(
+        self,
+        step_sizes: Sequence[tuple[int, int, int, int]],
+        grad_inputs: Sequence[tuple[bool, bool]] | None = None,
+    ) -> float:
+        """The cost of a plan from its ``step_sizes`` (so a plan can be re-scored under another model).
+
+        With ``grad_inputs`` (per step, whether each of its two inputs needs a gradient) the backward
+        pass is added: one more product of the step's size per input that needs a gradient.
+        """
+        forward = sum(self.step_cost(*sizes) for sizes in step_sizes)
+        if grad_inputs is None:
+            return forward
+        return forward + sum(self.step_cost(*sizes) * (a + b) for sizes, (a, b) in zip(step_sizes, grad_inputs))
 
 
 DEFAULT_COST_MODEL = CostModel()
@@ -150,6 +162,8 @@ class ContractionPlan:
     in the last step): a materialising plan, whatever its name."""
     cost: float
     """The cost model's estimate: relative units (the defaults overestimate seconds about 4x); only ranks plans."""
+    gradients: str = "none"
+    """What ``cost`` counts: ``"none"`` a forward, ``"cores"`` also the cores' gradients, ``"all"`` the input's too."""
 
     @property
     def flops(self) -> int:
@@ -248,6 +262,28 @@ def _ordering_path(name: str, n: int) -> list[tuple[int, int]]:
     return [(int(i), int(j)) for i, j in ssa_to_linear(ssa)]
 
 
+GRADIENTS = ("none", "cores", "all")
+"""What a plan is costed for: a forward only, gradients of the cores (the input is data), or of the input too."""
+
+
+def grad_inputs(
+    steps: Sequence[PlanStep] | Sequence[tuple[int, int]], n_operands: int, gradients: str
+) -> tuple[tuple[bool, bool], ...] | None:
+    """Per step, whether each of its two inputs needs a gradient (``None`` for ``gradients="none"``)."""
+    if gradients == "none":
+        return None
+    needs = [gradients == "all"] + [True] * (n_operands - 1)
+    flags = []
+    for step in steps:
+        # a PlanStep pops its operands in its own order; a raw path pair pops the later position first
+        i, j = step.positions if isinstance(step, PlanStep) else sorted(step, reverse=True)
+        a = needs.pop(i)
+        b = needs.pop(j)
+        flags.append((a, b))
+        needs.append(a or b)
+    return tuple(flags)
+
+
 def _builds_weight(steps: Sequence[PlanStep], n_operands: int) -> bool:
     ids = list(range(n_operands))
     for step in steps[:-1]:
@@ -259,7 +295,9 @@ def _builds_weight(steps: Sequence[PlanStep], n_operands: int) -> bool:
     return True
 
 
-def _build(spec: MPOSpec, batch: int, strategy: str, method: str, optimize: Any, model: CostModel) -> ContractionPlan:
+def _build(
+    spec: MPOSpec, batch: int, strategy: str, method: str, optimize: Any, model: CostModel, gradients: str = "none"
+) -> ContractionPlan:
     equation = _equation(spec)
     shapes = _operand_shapes(spec, batch)
     try:
@@ -295,7 +333,8 @@ def _build(spec: MPOSpec, batch: int, strategy: str, method: str, optimize: Any,
         step_sizes=tuple(step_sizes),
         largest_intermediate=largest,
         builds_weight=_builds_weight(steps, len(shapes)),
-        cost=model.estimate(step_sizes),
+        cost=model.estimate(step_sizes, grad_inputs(steps, len(shapes), gradients)),
+        gradients=gradients,
     )
 
 
@@ -313,34 +352,44 @@ def _auto_candidates(n: int) -> list[tuple[str, Any]]:
 
 
 @functools.lru_cache(maxsize=256)
-def _candidates_cached(spec: MPOSpec, batch: int, model: CostModel) -> tuple[ContractionPlan, ...]:
+def _candidates_cached(
+    spec: MPOSpec, batch: int, model: CostModel, gradients: str = "none"
+) -> tuple[ContractionPlan, ...]:
     plans = []
     for name, optimizer in _auto_candidates(spec.n_cores):
         optimize = _ordering_path(name, spec.n_cores) if optimizer is None else optimizer
-        plans.append(_build(spec, batch, "auto", name, optimize, model))
+        plans.append(_build(spec, batch, "auto", name, optimize, model, gradients))
     return tuple(plans)
 
 
 def auto_candidates(
-    spec: MPOSpec, batch_size: int | None = None, cost_model: CostModel = DEFAULT_COST_MODEL
+    spec: MPOSpec, batch_size: int | None = None, cost_model: CostModel = DEFAULT_COST_MODEL, gradients: str = "none"
 ) -> list[ContractionPlan]:
     """The plans ``"auto"`` chooses among (zipper, reverse-zipper, materialize, greedy, dp variants, optimal)."""
-    return list(_candidates_cached(spec, batch_bucket(batch_size), cost_model))
+    return list(_candidates_cached(spec, batch_bucket(batch_size), cost_model, _check_gradients(gradients)))
+
+
+def _check_gradients(gradients: str) -> str:
+    if gradients not in GRADIENTS:
+        raise ValueError(f"gradients must be one of {', '.join(map(repr, GRADIENTS))}, got {gradients!r}")
+    return gradients
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan_cached(spec: MPOSpec, batch: int, key: str | tuple[str, Path], model: CostModel) -> ContractionPlan:
+def _plan_cached(
+    spec: MPOSpec, batch: int, key: str | tuple[str, Path], model: CostModel, gradients: str = "none"
+) -> ContractionPlan:
     """``key`` is a strategy name or ``(label, explicit path)``."""
     n = spec.n_cores
     if isinstance(key, tuple):
         label, path = key
-        return _build(spec, batch, label, label, list(path), model)
+        return _build(spec, batch, label, label, list(path), model, gradients)
     if key in OWN_STRATEGIES:
-        return _build(spec, batch, key, key, _ordering_path(key, n), model)
+        return _build(spec, batch, key, key, _ordering_path(key, n), model, gradients)
     if key in ("auto", "autotune"):
-        chosen = min(_candidates_cached(spec, batch, model), key=lambda p: (p.cost, p.flops))
+        chosen = min(_candidates_cached(spec, batch, model, gradients), key=lambda p: (p.cost, p.flops))
         return chosen if key == "auto" else dataclasses.replace(chosen, strategy=key)
-    return _build(spec, batch, key, key, key, model)
+    return _build(spec, batch, key, key, key, model, gradients)
 
 
 def _known_opt_einsum_name(name: str) -> bool:
@@ -359,6 +408,7 @@ def plan(
     strategy: str | Sequence[Sequence[int]] | Callable[..., Any] = "auto",
     *,
     cost_model: CostModel = DEFAULT_COST_MODEL,
+    gradients: str = "none",
 ) -> ContractionPlan:
     """Plan the contraction of a ``(batch_size, in_features)`` input with the cores of ``spec``.
 
@@ -371,11 +421,17 @@ def plan(
     the bucket is the next power of two. An optimiser object is not a cache key (it is stateful and
     hashed by identity): each call searches with it, then returns the plan cached under the path it
     found. Search once and keep that plan, or its ``path``, as layers do.
+
+    ``gradients`` says what the plan will run for, and so what its ``cost`` counts: ``"none"`` (a
+    forward), ``"cores"`` (training a first layer: the cores' gradients, not the input's) or ``"all"``.
+    A backward pass adds one product per step input that needs a gradient, so e.g. materialising,
+    whose big last product needs no gradient for the data, gains in training. It is part of the cache key.
     """
     if not isinstance(spec, MPOSpec):
         raise TypeError(f"spec must be an MPOSpec, got {type(spec).__name__}")
     if not isinstance(cost_model, CostModel):
         raise TypeError(f"cost_model must be a CostModel, got {type(cost_model).__name__}")
+    _check_gradients(gradients)
     batch = batch_bucket(batch_size)
     if isinstance(strategy, str):
         name = strategy.lower()
@@ -384,11 +440,11 @@ def plan(
                 f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}, "
                 f"another opt_einsum path optimiser name, or an explicit path"
             )
-        return _plan_cached(spec, batch, name, cost_model)
+        return _plan_cached(spec, batch, name, cost_model, gradients)
     if callable(strategy):  # PathOptimizer instance or path function: search, then cache by the path
         label = type(strategy).__name__
-        found = _build(spec, batch, label, label, strategy, cost_model)
-        return _plan_cached(spec, batch, (label, found.path), cost_model)
+        found = _build(spec, batch, label, label, strategy, cost_model, gradients)
+        return _plan_cached(spec, batch, (label, found.path), cost_model, gradients)
     if isinstance(strategy, Sequence):
         path = []
         for step in strategy:
@@ -403,7 +459,7 @@ def plan(
             raise ValueError(
                 f"an explicit path for {spec.n_cores} cores needs {spec.n_cores} pairwise steps, got {len(path)}"
             )
-        return _plan_cached(spec, batch, ("path", tuple(path)), cost_model)
+        return _plan_cached(spec, batch, ("path", tuple(path)), cost_model, gradients)
     raise TypeError(
         f"strategy must be a name, an explicit path or an opt_einsum PathOptimizer, got {type(strategy).__name__}"
     )
