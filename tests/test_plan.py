@@ -162,3 +162,26 @@ def test_training_plans_count_the_backward_products() -> None:
         assert trained.path == chosen.path and trained.cost > chosen.cost
     with pytest.raises(ValueError, match="gradients must be one of 'none', 'cores', 'all', got 'some'"):
         tnlayers.plan(spec, 64, gradients="some")
+
+
+def test_planning_leaves_the_global_random_state_alone() -> None:
+    import random
+
+    random.seed(5)
+    expected = random.random()
+    random.seed(5)
+    tnlayers.plan(tnlayers.MPOSpec((3, 5, 7), (2, 3, 5), 3), 77, "auto")  # a fresh spec: nothing cached
+    assert random.random() == expected
+
+
+def test_auto_takes_the_fewest_flops_among_near_ties() -> None:
+    spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 8)
+    strict = tnlayers.CostModel()
+    candidates = tnlayers.auto_candidates(spec, 64, strict)
+    cheapest = min(p.cost for p in candidates)
+    assert strict.choose(candidates).cost == cheapest
+    loose = tnlayers.CostModel(tolerance=10.0)  # every candidate counts as a tie: fewest flops wins
+    chosen = tnlayers.plan(spec, 64, cost_model=loose)
+    assert chosen.flops == min(p.flops for p in tnlayers.auto_candidates(spec, 64, loose))
+    near = [p for p in candidates if p.cost <= cheapest * 1.2]
+    assert tnlayers.CostModel(tolerance=0.2).choose(candidates).flops == min(p.flops for p in near)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -96,6 +97,14 @@ class CostModel:
     bandwidth: float = 1e8
     half_size: float = 16.0
     step_overhead: float = 2e-5
+    tolerance: float = 0.0
+    """``auto`` takes the fewest-flops plan among those estimated within this fraction of the cheapest:
+    where the model cannot tell plans apart, less arithmetic is the safer bet."""
+
+    def choose(self, plans: Sequence[ContractionPlan]) -> ContractionPlan:
+        """The plan ``auto`` runs: the fewest flops among those costed within ``tolerance`` of the cheapest."""
+        cheapest = min(p.cost for p in plans)
+        return min((p for p in plans if p.cost <= cheapest * (1 + self.tolerance)), key=lambda p: (p.flops, p.cost))
 
     def step_cost(self, m: int, n: int, k: int, elements_moved: int) -> float:
         def efficiency(d: int) -> float:
@@ -345,6 +354,8 @@ def _auto_candidates(n: int) -> list[tuple[str, Any]]:
         ("dp", opt_einsum.DynamicProgramming(minimize="flops")),
         ("dp-size", opt_einsum.DynamicProgramming(minimize="size")),
         ("dp-combo", opt_einsum.DynamicProgramming(minimize="combo")),
+        # deterministic: opt_einsum seeds trial r with r (see _candidates_cached for the global state)
+        ("random-greedy", opt_einsum.RandomGreedy(max_repeats=32, minimize="flops")),
     ]
     if n <= 6:
         candidates.append(("optimal", "optimal"))
@@ -356,16 +367,21 @@ def _candidates_cached(
     spec: MPOSpec, batch: int, model: CostModel, gradients: str = "none"
 ) -> tuple[ContractionPlan, ...]:
     plans = []
-    for name, optimizer in _auto_candidates(spec.n_cores):
-        optimize = _ordering_path(name, spec.n_cores) if optimizer is None else optimizer
-        plans.append(_build(spec, batch, "auto", name, optimize, model, gradients))
+    state = random.getstate()  # RandomGreedy reseeds Python's global generator: give the user theirs back
+    try:
+        for name, optimizer in _auto_candidates(spec.n_cores):
+            optimize = _ordering_path(name, spec.n_cores) if optimizer is None else optimizer
+            plans.append(_build(spec, batch, "auto", name, optimize, model, gradients))
+    finally:
+        random.setstate(state)
     return tuple(plans)
 
 
 def auto_candidates(
     spec: MPOSpec, batch_size: int | None = None, cost_model: CostModel = DEFAULT_COST_MODEL, gradients: str = "none"
 ) -> list[ContractionPlan]:
-    """The plans ``"auto"`` chooses among (zipper, reverse-zipper, materialize, greedy, dp variants, optimal)."""
+    """The plans ``"auto"`` chooses among: zipper, reverse-zipper, materialize, greedy, dp (by flops, size
+    and both), random-greedy (32 seeded trials) and optimal (up to 6 cores)."""
     return list(_candidates_cached(spec, batch_bucket(batch_size), cost_model, _check_gradients(gradients)))
 
 
@@ -387,7 +403,7 @@ def _plan_cached(
     if key in OWN_STRATEGIES:
         return _build(spec, batch, key, key, _ordering_path(key, n), model, gradients)
     if key in ("auto", "autotune"):
-        chosen = min(_candidates_cached(spec, batch, model, gradients), key=lambda p: (p.cost, p.flops))
+        chosen = model.choose(_candidates_cached(spec, batch, model, gradients))
         return chosen if key == "auto" else dataclasses.replace(chosen, strategy=key)
     return _build(spec, batch, key, key, key, model, gradients)
 
