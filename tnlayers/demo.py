@@ -27,7 +27,7 @@ import numpy as np
 
 from .checkpoint import load_layers, save_layers
 from .datasets import load_mnist, synthetic_digits
-from .plan import plan
+from .plan import cost_model_for, plan
 from .spec import MPOSpec, RankClippedWarning
 from .timing import calls_per_sample, median, round_robin
 
@@ -173,7 +173,7 @@ def _time_orderings(bond: int, batches: Sequence[int], repeats: int) -> list[dic
         contenders = {name: (lambda layer=layer: step(layer)) for name, layer in layers.items()}
         inner = calls_per_sample(contenders["auto"], 2e-3)
         times = round_robin(contenders, repeats, inner)
-        chosen = plan(spec, batch).method
+        chosen = plan(spec, batch, cost_model=cost_model_for("torch"), gradients="cores").method
         fastest = min(median(times[name]) for name in ORDERINGS)
         for name in layers:
             records.append(

@@ -132,10 +132,11 @@ class CostModel:
 DEFAULT_COST_MODEL = CostModel()
 
 #: Per backend, weights fitted to forward+backward times on a 2-core x86 CPU (float32) by
-#: ``python -m benchmarks.orderings --fit``; refit them for other hardware.
+#: ``python -m benchmarks.orderings --fit`` (torch: 183 cases and batch sizes, see benchmarks/README.md);
+#: refit them for other hardware. jax has not been fitted and uses the default.
 COST_MODELS: dict[str, CostModel] = {
     "numpy": DEFAULT_COST_MODEL,
-    "torch": DEFAULT_COST_MODEL,
+    "torch": CostModel(peak_flops=8e10, bandwidth=4e8, half_size=2, step_overhead=2e-5, tolerance=0.2),
     "tensorflow": DEFAULT_COST_MODEL,
     "jax": DEFAULT_COST_MODEL,
 }
