@@ -14,9 +14,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 import tnlayers
 from tnlayers.contract import Tape, backprop, execute, get_ops
+
+# Property tests draw the same examples on every run (CI cannot go red by chance); set
+# HYPOTHESIS_PROFILE=explore to search new ones locally.
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 MNIST_DIR = Path(os.environ.get("TNLAYERS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
 

@@ -153,7 +153,8 @@ def _truncated_svd(
     and the squared error of the cut.
     """
     u, s, vh = np.linalg.svd(matrix, full_matrices=False)
-    keep = int(np.count_nonzero(s > s[0] * max(matrix.shape) * np.finfo(np.float64).eps))
+    # numerical rank, with room for the rounding earlier cuts of the sweep left in this matrix
+    keep = int(np.count_nonzero(s > s[0] * max(matrix.shape) * 16 * np.finfo(np.float64).eps))
     if allowed is not None:
         tail_sq = np.append(np.cumsum((s**2)[::-1])[::-1], 0.0)  # tail_sq[r]: squared error of keeping r
         keep = min(keep, int(np.nonzero(tail_sq <= allowed)[0][0]))
