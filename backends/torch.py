@@ -72,8 +72,7 @@ def _conv_route(spec: tnlayers.MPOSpec, bucket: int, strategy: Any) -> tuple[Con
 
 
 def _tune_key(x: torch.Tensor, cores: Sequence[torch.Tensor]) -> tuple[str, ...]:
-    training = torch.is_grad_enabled() and any(core.requires_grad for core in cores)
-    return ("torch", str(x.device), str(x.dtype), "train" if training else "infer")
+    return ("torch", str(x.device), str(x.dtype), "infer" if _gradients(x, cores) == "none" else "train")
 
 
 def _autotuned(spec: tnlayers.MPOSpec, bucket: int, x: torch.Tensor, cores: Sequence[torch.Tensor]) -> ContractionPlan:

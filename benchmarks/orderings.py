@@ -223,26 +223,25 @@ class TorchRunner(Runner):
         y.backward(self.torch.ones_like(y))  # gradients accumulate in place: no fresh buffers per call
         self.sync()
 
-    def forward(self, plan: tnlayers.ContractionPlan) -> Callable[[], Any]:
+    def _inference(self, compute: Callable[[], Any]) -> Callable[[], Any]:
+        """``compute`` under ``no_grad``, finished (synchronised) before it returns."""
+
         def run() -> Any:
             with self.torch.no_grad():
-                y = execute(plan, self.x, self.cores, None, self.ops)
+                y = compute()
             self.sync()
             return y
 
         return run
 
+    def forward(self, plan: tnlayers.ContractionPlan) -> Callable[[], Any]:
+        return self._inference(lambda: execute(plan, self.x, self.cores, None, self.ops))
+
     def train_step(self, plan: tnlayers.ContractionPlan) -> Callable[[], Any]:
         return lambda: self._backward(execute(plan, self.x, self.cores, None, self.ops))
 
     def dense(self) -> tuple[Callable[[], Any], Callable[[], Any]]:
-        def forward() -> Any:
-            with self.torch.no_grad():
-                y = self.x @ self.weight
-            self.sync()
-            return y
-
-        return forward, (lambda: self._backward(self.x @ self.weight))
+        return self._inference(lambda: self.x @ self.weight), (lambda: self._backward(self.x @ self.weight))
 
     def peers(self) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
         try:
@@ -261,14 +260,7 @@ class TorchRunner(Runner):
             for factor, core in zip(layer.weight.factors, self.cores_np):
                 factor.copy_(self.torch.from_numpy(core.transpose(0, 2, 1, 3)))
         layer = layer.to(self.device)
-
-        def forward() -> Any:
-            with self.torch.no_grad():
-                y = layer(self.x)
-            self.sync()
-            return y
-
-        return {"tltorch-blocktt": (forward, lambda: self._backward(layer(self.x)))}
+        return {"tltorch-blocktt": (self._inference(lambda: layer(self.x)), lambda: self._backward(layer(self.x)))}
 
     def to_numpy(self, value: Any) -> np.ndarray:
         return np.asarray(value.detach().cpu().numpy())

@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 
 from .contract import contract
 from .decompose import from_dense
-from .demo import run_demo
+from .demo import format_table, run_demo
 from .init import init_cores
 from .plan import OPT_EINSUM_STRATEGIES, OWN_STRATEGIES, plan
 from .spec import MPOSpec
@@ -21,14 +21,6 @@ from .spec import MPOSpec
 __all__ = ["main"]
 
 DEMO_STRATEGIES = ("auto", *OWN_STRATEGIES, "greedy", "dp", "optimal")
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(row[k]) for row in cells) for k in range(len(headers))]
-    lines = [" | ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def blur_matrix(in_side: int = 28, out_side: int = 16, width: float = 1.5) -> NDArray[np.float64]:
@@ -76,7 +68,7 @@ def basics(ranks: Sequence[int], batches: Sequence[int], seed: int, repeats: int
                     f"{report.relative_error:.2e}",
                 ]
             )
-    print(_table(["matrix", "max rank", "ranks kept", "params", "rho", "compression", "rel. error"], rows))
+    print(format_table(["matrix", "max rank", "ranks kept", "params", "rho", "compression", "rel. error"], rows))
     print(
         f"\nDense: {784 * 256:,} params. A smooth operator compresses by orders of magnitude at small error;"
         "\na random matrix has no structure to exploit (its error falls only as the bonds approach the maximum).\n"
@@ -105,7 +97,7 @@ def basics(ranks: Sequence[int], batches: Sequence[int], seed: int, repeats: int
                 ]
             )
     headers = ["batch", "strategy", "flops", "largest interm.", "model cost", "numpy ms"]
-    print(_table(headers, rows))
+    print(format_table(headers, rows))
     print(f"\nOther strategies: {', '.join(OPT_EINSUM_STRATEGIES)}, or an explicit opt_einsum path.")
 
 

@@ -31,7 +31,7 @@ from .plan import cost_model_for, plan
 from .spec import MPOSpec, RankClippedWarning
 from .timing import calls_per_sample, median, round_robin
 
-__all__ = ["find_mnist", "run_demo", "train_classifier"]
+__all__ = ["find_mnist", "format_table", "run_demo", "train_classifier"]
 
 ORDERINGS = ("zipper", "reverse-zipper", "materialize", "greedy", "dp", "auto")
 
@@ -135,13 +135,17 @@ def _mpo_fc2(bond: int) -> Any:
         )
 
 
-def _print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Right-aligned columns separated by ``|``, a rule under the header (the command line's tables)."""
     cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
     widths = [max(len(row[k]) for row in cells) for k in range(len(headers))]
-    for index, row in enumerate(cells):
-        print("  " + " | ".join(c.rjust(w) for c, w in zip(row, widths)))
-        if index == 0:
-            print("  " + "-+-".join("-" * w for w in widths))
+    lines = [" | ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    print("\n".join("  " + line for line in format_table(headers, rows).splitlines()))
 
 
 def _time_orderings(bond: int, batches: Sequence[int], repeats: int) -> list[dict[str, Any]]:

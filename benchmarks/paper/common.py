@@ -186,3 +186,31 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def accuracy_cell(summary: dict[str, Any]) -> str:
     return f"{summary['accuracy_mean']:.2f} ± {summary['accuracy_std']:.2f}"
+
+
+HEADERS = ["model", "params (replaced)", "rho", "rho (network)", "test acc. % (final)", "best epoch %", "paper %"]
+
+
+def report(
+    experiment: str,
+    title: str,
+    args: argparse.Namespace,
+    budget: Budget,
+    rows: list[dict[str, Any]],
+    labels: Sequence[str],
+    paper: Sequence[str],
+) -> dict[str, Any]:
+    """Print the table beside the paper's figures (``rows[0]`` is the dense network), write the JSON result."""
+    dense_total = rows[0]["network_params"]
+    lines = [
+        [label, f"{row['replaced_params']:,}", f"{row['rho']:.4f}", f"{row['network_params'] / dense_total:.4f}",
+         accuracy_cell(row), f"{row['best_epoch_accuracy_mean']:.2f}", reference]
+        for row, label, reference in zip(rows, labels, paper)
+    ]  # fmt: skip
+    print(f"\n{title} on {args.dataset}, {args.seeds} seeds, {budget.describe()}\n")
+    print(table(HEADERS, lines))
+    print(f"\nCPU time {sum(row['cpu_seconds'] for row in rows) / 60:.1f} min ({args.threads} thread(s))")
+    result = {"experiment": experiment, "dataset": args.dataset, "budget": budget.describe(), "seeds": args.seeds,
+              "rows": rows, "environment": environment(args.threads)}  # fmt: skip
+    write_result(args.out, f"{experiment}-{args.dataset}", result)
+    return result

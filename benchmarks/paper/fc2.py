@@ -57,26 +57,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         replaced, total = common.weight_params(model)
         rows.append({"model": "MPO-FC2", "bond": bond, "replaced_params": replaced, "rho": replaced / DENSE_WEIGHTS,
                      "network_params": total, **common.summarise(runs)})  # fmt: skip
-    dense_total = rows[0]["network_params"]
-    paper = args.dataset == "mnist"
-    lines = []
-    for row in rows:
-        reference = PAPER_DENSE if row["bond"] is None else PAPER_MPO.get(row["bond"])
-        lines.append([
-            row["model"] if row["bond"] is None else f"{row['model']} D={row['bond']}",
-            f"{row['replaced_params']:,}", f"{row['rho']:.4f}", f"{row['network_params'] / dense_total:.4f}",
-            common.accuracy_cell(row), f"{row['best_epoch_accuracy_mean']:.2f}",
-            f"{reference:.2f}" if paper and reference is not None else "-",
-        ])  # fmt: skip
-    headers = ["model", "params (replaced)", "rho", "rho (network)", "test acc. % (final)", "best epoch %", "paper %"]
-    print(f"\nFC2 on {args.dataset}, {args.seeds} seeds, {budget.describe()}\n")
-    print(common.table(headers, lines))
-    cpu = sum(row["cpu_seconds"] for row in rows)
-    print(f"\nCPU time {cpu / 60:.1f} min ({args.threads} thread(s))")
-    result = {"experiment": "fc2", "dataset": args.dataset, "budget": budget.describe(), "seeds": args.seeds,
-              "rows": rows, "environment": common.environment(args.threads)}  # fmt: skip
-    common.write_result(args.out, f"fc2-{args.dataset}", result)
-    return result
+    labels = [row["model"] if row["bond"] is None else f"{row['model']} D={row['bond']}" for row in rows]
+    references = [PAPER_DENSE if row["bond"] is None else PAPER_MPO.get(row["bond"]) for row in rows]
+    paper = [f"{r:.2f}" if args.dataset == "mnist" and r is not None else "-" for r in references]
+    return common.report("fc2", "FC2", args, budget, rows, labels, paper)
 
 
 if __name__ == "__main__":

@@ -58,20 +58,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         rows.append({"model": name, "replaced_params": replaced, "rho": replaced / REPLACED_WEIGHTS,
                      "network_params": total, **common.summarise(runs)})  # fmt: skip
     paper = [PAPER["dense"], PAPER["mpo"]] if args.dataset == "mnist" else ["-", "-"]
-    lines = [
-        [row["model"], f"{row['replaced_params']:,}", f"{row['rho']:.4f}",
-         f"{row['network_params'] / rows[0]['network_params']:.4f}", common.accuracy_cell(row),
-         f"{row['best_epoch_accuracy_mean']:.2f}", reference]
-        for row, reference in zip(rows, paper)
-    ]  # fmt: skip
-    headers = ["model", "params (replaced)", "rho", "rho (network)", "test acc. % (final)", "best epoch %", "paper %"]
-    print(f"\nLeNet-5 on {args.dataset}, {args.seeds} seeds, {budget.describe()}\n")
-    print(common.table(headers, lines))
-    print(f"\nCPU time {sum(row['cpu_seconds'] for row in rows) / 60:.1f} min ({args.threads} thread(s))")
-    result = {"experiment": "lenet5", "dataset": args.dataset, "budget": budget.describe(), "seeds": args.seeds,
-              "rows": rows, "environment": common.environment(args.threads)}  # fmt: skip
-    common.write_result(args.out, f"lenet5-{args.dataset}", result)
-    return result
+    return common.report("lenet5", "LeNet-5", args, budget, rows, [row["model"] for row in rows], paper)
 
 
 if __name__ == "__main__":
