@@ -292,10 +292,10 @@ def test_torch_compile_fullgraph_matches_eager() -> None:
     for batch in (3, 17):  # a second batch size recompiles (dynamic) without breaking the graph
         x = torch.randn(batch, 2, 8, 8, requires_grad=True)
         eager, fast = model(x), compiled(x)
-        np.testing.assert_allclose(fast.detach().numpy(), eager.detach().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(fast.detach().numpy(), eager.detach().numpy(), rtol=1e-4, atol=1e-5)
         (grad_fast,) = torch.autograd.grad(fast.sum(), x)
         (grad_eager,) = torch.autograd.grad(eager.sum(), x)
-        np.testing.assert_allclose(grad_fast.numpy(), grad_eager.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(grad_fast.numpy(), grad_eager.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def _ddp_model() -> Any:
