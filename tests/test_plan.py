@@ -185,3 +185,25 @@ def test_auto_takes_the_fewest_flops_among_near_ties() -> None:
     assert chosen.flops == min(p.flops for p in tnlayers.auto_candidates(spec, 64, loose))
     near = [p for p in candidates if p.cost <= cheapest * 1.2]
     assert tnlayers.CostModel(tolerance=0.2).choose(candidates).flops == min(p.flops for p in near)
+
+
+def test_products_above_the_parallel_threshold_pay_for_waking_threads() -> None:
+    plain = tnlayers.CostModel(peak_flops=1e10, bandwidth=1e9, half_size=0.0, step_overhead=1e-5)
+    threaded = dataclasses.replace(plain, parallel_threshold=1000, parallel_overhead=3e-4)
+    # written out by hand: overhead + 2*M*N*K / peak + elements moved / bandwidth
+    assert plain.step_cost(10, 10, 9, 500) == pytest.approx(1e-5 + 1800 / 1e10 + 500 / 1e9)
+    assert threaded.step_cost(10, 10, 9, 500) == plain.step_cost(10, 10, 9, 500)  # 900 < 1000
+    assert threaded.step_cost(10, 10, 10, 500) == pytest.approx(plain.step_cost(10, 10, 10, 500) + 3e-4)
+
+
+def test_torch_planning_avoids_products_that_wake_threads_for_little_work() -> None:
+    """Measured here (benchmarks/README.md): FC2 at D = 2 and batch 8, training, the greedy path's
+    32x28x224 product goes multi-threaded and ran 1.4-2x slower than a zipper, whose products stay
+    under MKL's threshold."""
+    spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 2)
+    torch_model = tnlayers.cost_model_for("torch")
+    chosen = tnlayers.plan(spec, 8, cost_model=torch_model, gradients="cores")
+    assert max(m * n * k for m, n, k, _ in chosen.step_sizes) < torch_model.parallel_threshold
+    unaware = dataclasses.replace(torch_model, parallel_overhead=0.0)
+    ignoring = tnlayers.plan(spec, 8, cost_model=unaware, gradients="cores")
+    assert max(m * n * k for m, n, k, _ in ignoring.step_sizes) >= torch_model.parallel_threshold

@@ -89,7 +89,10 @@ class CostModel:
     ``time = overhead + 2*M*N*K / (peak_flops * e(M) * e(N) * e(K)) + (|A| + |B| + |C|) / bandwidth``
     with ``e(d) = d / (d + half_size)``: small matrix dimensions run far below the GEMM peak.
     ``bandwidth`` is an effective figure (elements per second) that also stands for the transposes
-    and copies a framework makes around each product. The defaults were fitted on a 2-core x86 CPU
+    and copies a framework makes around each product. A product with ``M*N*K >= parallel_threshold``
+    also pays ``parallel_overhead``: the BLAS splits it across threads, and waking them costs time
+    (about 90 us per product on a 2-vCPU VM with ``OMP_WAIT_POLICY=PASSIVE``, where MKL's sgemm goes
+    parallel from ``M*N*K`` of about 1.9e5). The defaults were fitted on a 2-core x86 CPU
     (float32; torch forward+backward and NumPy forward over 32 layer shapes and batch sizes).
     """
 
@@ -100,6 +103,10 @@ class CostModel:
     tolerance: float = 0.0
     """``auto`` takes the fewest-flops plan among those estimated within this fraction of the cheapest:
     where the model cannot tell plans apart, less arithmetic is the safer bet."""
+    parallel_threshold: float = math.inf
+    """``M*N*K`` from which a product runs multi-threaded (``inf``: the model ignores threading)."""
+    parallel_overhead: float = 0.0
+    """Seconds a multi-threaded product pays to start its threads."""
 
     def choose(self, plans: Sequence[ContractionPlan]) -> ContractionPlan:
         """The plan ``auto`` runs: the fewest flops among those costed within ``tolerance`` of the cheapest."""
@@ -111,7 +118,8 @@ class CostModel:
             return d / (d + self.half_size)
 
         gemm = 2.0 * m * n * k / (self.peak_flops * efficiency(m) * efficiency(n) * efficiency(k))
-        return self.step_overhead + gemm + elements_moved / self.bandwidth
+        threads = self.parallel_overhead if m * n * k >= self.parallel_threshold else 0.0
+        return self.step_overhead + gemm + threads + elements_moved / self.bandwidth
 
     def estimate(
         self,
@@ -132,11 +140,21 @@ class CostModel:
 DEFAULT_COST_MODEL = CostModel()
 
 #: Per backend, weights fitted to forward+backward times on a 2-core x86 CPU (float32) by
-#: ``python -m benchmarks.orderings --fit`` (torch: 183 cases and batch sizes, see benchmarks/README.md);
+#: ``python -m benchmarks.orderings --fit`` (torch: 183 cases and batch sizes, see benchmarks/README.md;
+#: its GEMM peak and bandwidth came out near the measured 311-344 GFLOP/s and 8 GB/s, and its
+#: threading cost near the ~90 us timed for one multi-threaded product under OMP_WAIT_POLICY=PASSIVE);
 #: refit them for other hardware. jax has not been fitted and uses the default.
 COST_MODELS: dict[str, CostModel] = {
     "numpy": DEFAULT_COST_MODEL,
-    "torch": CostModel(peak_flops=8e10, bandwidth=4e8, half_size=2, step_overhead=2e-5, tolerance=0.2),
+    "torch": CostModel(
+        peak_flops=3.2e11,
+        bandwidth=2e9,
+        half_size=1,
+        step_overhead=1e-5,
+        tolerance=0.1,
+        parallel_threshold=1.9e5,
+        parallel_overhead=9e-5,
+    ),
     "tensorflow": DEFAULT_COST_MODEL,
     "jax": DEFAULT_COST_MODEL,
 }
