@@ -207,3 +207,16 @@ def test_torch_planning_avoids_products_that_wake_threads_for_little_work() -> N
     unaware = dataclasses.replace(torch_model, parallel_overhead=0.0)
     ignoring = tnlayers.plan(spec, 8, cost_model=unaware, gradients="cores")
     assert max(m * n * k for m, n, k, _ in ignoring.step_sizes) >= torch_model.parallel_threshold
+
+
+def test_plans_the_model_cannot_tell_apart_go_to_the_first_candidate() -> None:
+    spec = tnlayers.MPOSpec((4, 8, 8, 4), (4, 8, 8, 4), 4)
+    candidates = tnlayers.auto_candidates(spec, 4096, gradients="cores")
+    dp, optimal = (next(p for p in candidates if p.method == name) for name in ("dp", "optimal"))
+    def products(plan: tnlayers.ContractionPlan) -> list[tuple[int, ...]]:
+        return sorted((*sorted((m, n)), k, moved) for m, n, k, moved in plan.step_sizes)
+
+    assert dp.path != optimal.path and products(dp) == products(optimal)  # the same products, in another order
+    assert dp.flops == optimal.flops and dp.cost == pytest.approx(optimal.cost, rel=1e-12)
+    pick = tnlayers.CostModel(tolerance=10.0).choose  # every candidate is near: fewest flops, then cost
+    assert pick([dp, optimal]) is dp and pick([optimal, dp]) is optimal

@@ -109,9 +109,14 @@ class CostModel:
     """Seconds a multi-threaded product pays to start its threads."""
 
     def choose(self, plans: Sequence[ContractionPlan]) -> ContractionPlan:
-        """The plan ``auto`` runs: the fewest flops among those costed within ``tolerance`` of the cheapest."""
+        """The plan ``auto`` runs: the fewest flops among those costed within ``tolerance`` of the cheapest.
+
+        Then the lowest cost; plans the model cannot tell apart (costs equal to 9 digits, as when two
+        paths have the same step sizes) go to the first in ``plans``, not to the last bit of rounding.
+        """
         cheapest = min(p.cost for p in plans)
-        return min((p for p in plans if p.cost <= cheapest * (1 + self.tolerance)), key=lambda p: (p.flops, p.cost))
+        near = (p for p in plans if p.cost <= cheapest * (1 + self.tolerance))
+        return min(near, key=lambda p: (p.flops, float(f"{p.cost:.9g}")))
 
     def step_cost(self, m: int, n: int, k: int, elements_moved: int) -> float:
         def efficiency(d: int) -> float:
