@@ -747,7 +747,7 @@ def plot(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
 
 
 PARALLEL_THRESHOLD = 1.9e5
-"""``M*N*K`` from which MKL's sgemm split a product across the 2 threads of this machine (found by
+"""``M*N*K`` from which MKL's sgemm splits a product across the 2 threads of this machine (found by
 timing random shapes on 1 and 2 threads); ``--fit`` fits the cost of waking the threads."""
 AUTO_CHOICES = ("zipper", "reverse-zipper", "materialize", "greedy", "dp", "dp-combo", "optimal", "random-greedy")
 """The measured orderings that ``auto`` chooses among (it also plans dp by size, which is not timed here)."""
@@ -784,7 +784,9 @@ def fit_cost_model(
     def pick(model: tnlayers.CostModel, group: list[dict[str, Any]]) -> dict[str, Any]:  # CostModel.choose
         costs = [estimate(model, r) for r in group]
         near = [
-            (r["flops"], c, k) for k, (r, c) in enumerate(zip(group, costs)) if c <= min(costs) * (1 + model.tolerance)
+            (r["flops"], float(f"{c:.9g}"), k)
+            for k, (r, c) in enumerate(zip(group, costs))
+            if c <= min(costs) * (1 + model.tolerance)
         ]
         return group[min(near)[2]]
 
