@@ -213,6 +213,7 @@ def test_plans_the_model_cannot_tell_apart_go_to_the_first_candidate() -> None:
     spec = tnlayers.MPOSpec((4, 8, 8, 4), (4, 8, 8, 4), 4)
     candidates = tnlayers.auto_candidates(spec, 4096, gradients="cores")
     dp, optimal = (next(p for p in candidates if p.method == name) for name in ("dp", "optimal"))
+
     def products(plan: tnlayers.ContractionPlan) -> list[tuple[int, ...]]:
         return sorted((*sorted((m, n)), k, moved) for m, n, k, moved in plan.step_sizes)
 
