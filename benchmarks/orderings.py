@@ -597,6 +597,25 @@ def _cpu_model() -> str:
 
 PLANNERS = ("auto", "autotune")
 
+PathKey = tuple[tuple[int, ...], ...]
+
+
+def path_times(
+    records: Sequence[dict[str, Any]], mode: str
+) -> tuple[dict[tuple[Any, ...], dict[PathKey, float]], dict[tuple[Any, ...], PathKey]]:
+    """Per (backend, case, batch): each distinct path's time, the median over the contenders that ran
+    it (baselines have no path); and per (backend, case, batch, ordering) the path it ran."""
+    samples: dict[tuple[Any, ...], dict[PathKey, list[float]]] = {}
+    ran: dict[tuple[Any, ...], PathKey] = {}
+    for r in records:
+        if r["mode"] != mode or r["ordering"] in BASELINES or r.get("path") is None:
+            continue
+        key, path = (r["backend"], r["case"], r["batch"]), tuple(map(tuple, r["path"]))
+        samples.setdefault(key, {}).setdefault(path, []).append(r["median_s"])
+        ran[(*key, r["ordering"])] = path
+    times = {key: {path: statistics.median(t) for path, t in paths.items()} for key, paths in samples.items()}
+    return times, ran
+
 
 def ratio_table(records: Sequence[dict[str, Any]], mode: str = "forward+backward") -> list[dict[str, Any]]:
     """Per (backend, case, batch): the fastest ordering and each contender's time / that fastest time.
@@ -608,30 +627,24 @@ def ratio_table(records: Sequence[dict[str, Any]], mode: str = "forward+backward
     "the fastest", which biases it low; this one does not.
     """
     groups: dict[tuple[Any, ...], dict[str, float]] = {}
-    paths: dict[tuple[Any, ...], dict[str, Any]] = {}
     chosen: dict[tuple[Any, ...], str] = {}
     for r in records:
         if r["mode"] != mode:
             continue
         key = (r["backend"], r["case"], r["batch"])
         groups.setdefault(key, {})[r["ordering"]] = r["median_s"]
-        if r.get("path") is not None and r["ordering"] not in BASELINES:
-            paths.setdefault(key, {})[r["ordering"]] = tuple(map(tuple, r["path"]))
         if r["ordering"] == "auto":
             chosen[key] = r["method"]
+    path_time, ran = path_times(records, mode)
     rows = []
     for key, times in groups.items():
         orderings = {name: t for name, t in times.items() if name not in BASELINES and name not in PLANNERS}
         fastest_name = min(orderings, key=orderings.__getitem__)
         fastest = orderings[fastest_name]
-        by_path: dict[Any, list[float]] = {}
-        for name, path in paths.get(key, {}).items():
-            by_path.setdefault(path, []).append(times[name])
-        path_time = {path: statistics.median(samples) for path, samples in by_path.items()}
         judged = {
-            f"{name} by path": path_time[paths[key][name]] / min(path_time.values())
+            f"{name} by path": path_time[key][ran[(*key, name)]] / min(path_time[key].values())
             for name in PLANNERS
-            if name in paths.get(key, {})
+            if (*key, name) in ran
         }
         rows.append(
             {
@@ -746,7 +759,7 @@ def plot(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
-PARALLEL_THRESHOLD = 1.9e5
+PARALLEL_THRESHOLD = tnlayers.cost_model_for("torch").parallel_threshold
 """``M*N*K`` from which MKL's sgemm splits a product across the 2 threads of this machine (found by
 timing random shapes on 1 and 2 threads); ``--fit`` fits the cost of waking the threads."""
 AUTO_CHOICES = ("zipper", "reverse-zipper", "materialize", "greedy", "dp", "dp-combo", "optimal", "random-greedy")
@@ -764,15 +777,10 @@ def fit_cost_model(
     returns the model and its (median, geometric mean, worst) on these records.
     """
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    samples: dict[tuple[Any, ...], dict[Any, list[float]]] = {}
     for r in records:
-        if r["mode"] != mode or r["ordering"] in BASELINES or r.get("path") is None:
-            continue
-        key = (r["backend"], r["case"], r["batch"])
-        samples.setdefault(key, {}).setdefault(tuple(map(tuple, r["path"])), []).append(r["median_s"])
-        if r["ordering"] in AUTO_CHOICES:
-            groups.setdefault(key, []).append(r)
-    path_time = {key: {p: statistics.median(t) for p, t in paths.items()} for key, paths in samples.items()}
+        if r["mode"] == mode and r["ordering"] in AUTO_CHOICES:
+            groups.setdefault((r["backend"], r["case"], r["batch"]), []).append(r)
+    path_time, ran = path_times(records, mode)
     fastest = {key: min(times.values()) for key, times in path_time.items()}
 
     gradients = "none" if mode == "forward" else "cores"
@@ -781,17 +789,13 @@ def fit_cost_model(
         grads = grad_inputs([tuple(p) for p in r["path"]], len(r["in_modes"]) + 1, gradients)
         return model.estimate([tuple(s) for s in r["step_sizes"]], grads)
 
-    def pick(model: tnlayers.CostModel, group: list[dict[str, Any]]) -> dict[str, Any]:  # CostModel.choose
-        costs = [estimate(model, r) for r in group]
-        near = [
-            (r["flops"], float(f"{c:.9g}"), k)
-            for k, (r, c) in enumerate(zip(group, costs))
-            if c <= min(costs) * (1 + model.tolerance)
-        ]
-        return group[min(near)[2]]
+    def pick(model: tnlayers.CostModel, group: list[dict[str, Any]]) -> dict[str, Any]:
+        return group[model.choose_index([estimate(model, r) for r in group], [r["flops"] for r in group])]
 
     def ratios(model: tnlayers.CostModel) -> list[float]:
-        return [path_time[key][tuple(map(tuple, pick(model, g)["path"]))] / fastest[key] for key, g in groups.items()]
+        return [
+            path_time[key][ran[(*key, pick(model, group)["ordering"])]] / fastest[key] for key, group in groups.items()
+        ]
 
     def score(model: tnlayers.CostModel) -> tuple[float, float]:
         values = ratios(model)  # the issue's bound first (worst within 1.5x), then the geometric mean

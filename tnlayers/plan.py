@@ -114,9 +114,13 @@ class CostModel:
         Then the lowest cost; plans the model cannot tell apart (costs equal to 9 digits, as when two
         paths have the same step sizes) go to the first in ``plans``, not to the last bit of rounding.
         """
-        cheapest = min(p.cost for p in plans)
-        near = (p for p in plans if p.cost <= cheapest * (1 + self.tolerance))
-        return min(near, key=lambda p: (p.flops, float(f"{p.cost:.9g}")))
+        return plans[self.choose_index([p.cost for p in plans], [p.flops for p in plans])]
+
+    def choose_index(self, costs: Sequence[float], flops: Sequence[int]) -> int:
+        """:meth:`choose` on bare numbers: the index of the plan it picks (also used to fit the model)."""
+        cheapest = min(costs)
+        near = [k for k, cost in enumerate(costs) if cost <= cheapest * (1 + self.tolerance)]
+        return min(near, key=lambda k: (flops[k], float(f"{costs[k]:.9g}")))
 
     def step_cost(self, m: int, n: int, k: int, elements_moved: int) -> float:
         def efficiency(d: int) -> float:
