@@ -14,21 +14,25 @@ TensorFlow) or ``keras.ops.einsum`` calls.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import keras
 import numpy as np
 from keras import ops
 
 import tnlayers
+from tnlayers import layer as kit
 from tnlayers.contract import ArrayOps, dense_weight, execute
-from tnlayers.plan import ContractionPlan, Pairwise, strategy_key
-from tnlayers.spec import factorize_balanced
+from tnlayers.decompose import DecompositionReport, spec_from_cores
+from tnlayers.plan import ContractionPlan, Pairwise
 
 __all__ = ["MPOConv2D", "MPODense"]
+
+_BACKEND = keras.backend.backend()
 
 
 def _tensordot_pairwise(step: Pairwise, a: Any, b: Any) -> Any:
@@ -40,15 +44,6 @@ def _einsum_pairwise(step: Pairwise, a: Any, b: Any) -> Any:
     return ops.einsum(step.equation, a, b)
 
 
-# tensordot on TensorFlow: 3x faster than einsum there at batch 512 (the same at batch 1). Elsewhere
-# einsum: keras.ops.tensordot computes float64 in float32 on the torch backend (Keras 3.15).
-_pairwise = _tensordot_pairwise if keras.backend.backend() == "tensorflow" else _einsum_pairwise
-
-
-def _cost_model() -> tnlayers.CostModel:
-    return tnlayers.cost_model_for(keras.backend.backend())
-
-
 def _restore_leading(y: Any, x: Any, out: int) -> Any:
     leading = tuple(x.shape[:-1])
     if any(d is None for d in leading):
@@ -57,7 +52,14 @@ def _restore_leading(y: Any, x: Any, out: int) -> Any:
     return ops.reshape(y, (*leading, out))
 
 
-_OPS = ArrayOps(name="keras", pairwise=_pairwise, reshape=ops.reshape, restore_leading=_restore_leading)
+# tensordot on TensorFlow: 3x faster than einsum there at batch 512 (the same at batch 1). Elsewhere
+# einsum: keras.ops.tensordot computes float64 in float32 on the torch backend (Keras 3.15).
+_OPS = ArrayOps(
+    name="keras",
+    pairwise=_tensordot_pairwise if _BACKEND == "tensorflow" else _einsum_pairwise,
+    reshape=ops.reshape,
+    restore_leading=_restore_leading,
+)
 
 
 def _static_rows(shape: Sequence[int | None]) -> int | None:
@@ -65,21 +67,75 @@ def _static_rows(shape: Sequence[int | None]) -> int | None:
     return None if any(d is None for d in shape) else math.prod(shape)  # type: ignore[arg-type]
 
 
-def _draw_seed(seed: int | None) -> int:
-    """``seed``, or one from NumPy's global generator (which ``keras.utils.set_random_seed`` seeds)."""
-    return int(np.random.randint(0, 2**31 - 1)) if seed is None else seed  # noqa: NPY002 (the seeded global one)
+@functools.cache
+def _default_device() -> str:
+    """The device Keras places new tensors on: part of the autotune key, readable inside compiled calls."""
+    if _BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return "gpu" if tf.config.list_logical_devices("GPU") else "cpu"
+    if _BACKEND == "jax":
+        import jax
+
+        return str(jax.default_backend())
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _modes_or_none(value: Any, name: str) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{name} must be a sequence of positive integers or None, got {value!r}")
-    return tuple(value)
+def _concrete(x: Any) -> bool:
+    """Whether ``x`` holds values now (an eager call), so candidate plans can be timed on it."""
+    if keras.backend.is_keras_tensor(x) or any(d is None for d in x.shape):
+        return False
+    if _BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.executing_eagerly())
+    if _BACKEND == "jax":
+        import jax
+
+        return not isinstance(x, jax.core.Tracer)
+    import torch
+
+    return not torch.compiler.is_compiling() and x.device.type != "meta"
 
 
-class _MPOLayer(keras.layers.Layer):  # type: ignore[misc]
-    """Shared by the dense and conv layers: weights, config, init and the portable checkpoint."""
+def _timer(x: Any, cores: Sequence[Any], gradients: str) -> Callable[[ContractionPlan], Callable[[], object]]:
+    """Plan -> a call running it on ``x`` (forward, with the backward pass when training), for autotune."""
+    x = ops.convert_to_tensor(x)
+    values = [ops.convert_to_tensor(ops.convert_to_numpy(core)) for core in cores]  # plain tensors, not variables
+
+    def make_run(candidate: ContractionPlan) -> Callable[[], object]:
+        def loss(x: Any, *cores: Any) -> Any:
+            return ops.sum(execute(candidate, x, list(cores), None, _OPS))
+
+        if gradients == "none":
+            return lambda: ops.convert_to_numpy(loss(x, *values))
+        return lambda: [ops.convert_to_numpy(g) for g in _gradients_of(loss, x, values)]
+
+    return make_run
+
+
+def _gradients_of(loss: Callable[..., Any], x: Any, values: Sequence[Any]) -> list[Any]:
+    """Gradients of ``loss(x, *values)`` with respect to all its arguments, by the backend's autodiff."""
+    if _BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            tape.watch([x, *values])
+            result = loss(x, *values)
+        return list(tape.gradient(result, [x, *values]))
+    if _BACKEND == "jax":
+        import jax
+
+        return list(jax.grad(loss, argnums=tuple(range(len(values) + 1)))(x, *values))
+    leaves = [v.detach().requires_grad_(True) for v in (x, *values)]
+    loss(*leaves).backward()
+    return [leaf.grad for leaf in leaves]
+
+
+class _MPOLayer(kit.MPOLayerMixin, keras.layers.Layer):  # type: ignore[misc]
+    """Shared by the dense and conv layers: weights, config, init, planning and the portable checkpoint."""
 
     def __init__(
         self,
@@ -95,39 +151,46 @@ class _MPOLayer(keras.layers.Layer):  # type: ignore[misc]
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if kernel_init not in tnlayers.INITIALIZERS:
-            raise ValueError(f"unknown kernel_init {kernel_init!r}; expected one of {', '.join(tnlayers.INITIALIZERS)}")
-        self.in_modes = _modes_or_none(in_modes, "in_modes")
-        self.out_modes = _modes_or_none(out_modes, "out_modes")
+        self.kernel_init = kit.check_init(kernel_init, "kernel_init")
+        self.in_modes = kit.modes_or_none(in_modes, "in_modes")
+        self.out_modes = kit.modes_or_none(out_modes, "out_modes")
         self.rank = rank if isinstance(rank, int) else tuple(rank)
         self.n_cores = n_cores
         self.use_bias = bool(use_bias)
         self.activation = keras.activations.get(activation)
-        self.kernel_init = kernel_init
         self.strategy = strategy
         self.seed = seed
         self.spec: tnlayers.MPOSpec | None = None
-        self.decomposition: tnlayers.DecompositionReport | None = None
+        self.planner: kit.LayerPlanner | None = None
+        self.decomposition: DecompositionReport | None = None
 
-    def _make_weights(self, in_features: int, out_features: int, what: str) -> None:
-        n = next((len(m) for m in (self.in_modes, self.out_modes) if m is not None), self.n_cores or 4)
-        in_modes = self.in_modes or factorize_balanced(in_features, n)
-        out_modes = self.out_modes or factorize_balanced(out_features, n)
-        spec = tnlayers.MPOSpec(in_modes, out_modes, self.rank)
-        if spec.in_features != in_features:
-            raise ValueError(
-                f"in_modes {spec.in_modes} multiply to {spec.in_features}, but the input has {what} = {in_features}"
-            )
-        if spec.out_features != out_features:
-            raise ValueError(f"out_modes {spec.out_modes} multiply to {spec.out_features}, expected {out_features}")
+    def _make_weights(self, in_features: int, out_features: int, what: str, out_what: str) -> None:
+        spec = kit.layer_spec(
+            in_features, out_features, self.in_modes, self.out_modes, self.rank, self.n_cores, what, out_what
+        )
         self.spec, self.in_modes, self.out_modes, self.rank = spec, spec.in_modes, spec.out_modes, spec.ranks
-        self._plan_key = strategy_key(spec, self.strategy)
-        values = tnlayers.init_cores(spec, self.kernel_init, _draw_seed(self.seed), np.float64)
+        self.planner = kit.LayerPlanner.make(spec, self.strategy, _BACKEND)
+        seed = kit.draw_seed(self.seed, lambda high: np.random.randint(0, high))  # noqa: NPY002 (keras seeds it)
+        values = tnlayers.init_cores(spec, self.kernel_init, seed, np.float64)
         self.cores = [
             self.add_weight(name=f"core_{k}", shape=value.shape, initializer=_constant(value))
             for k, value in enumerate(values)
         ]
         self.bias = self.add_weight(name="bias", shape=(out_features,), initializer="zeros") if self.use_bias else None
+
+    def _plan(self, x: Any, rows: int | None, training: bool | None) -> ContractionPlan:
+        """The plan for this call (see :class:`tnlayers.layer.LayerPlanner` for the autotune policy).
+
+        Keras says whether gradients will be taken by ``training``: a train step passes ``True``."""
+        planner = self._built_planner
+        cores = self._checked_cores()
+        trainable = any(core.trainable for core in cores) and self.trainable
+        gradients = kit.gradients_needed(bool(training), trainable, True)
+        if not planner.autotunes:
+            return planner.plan(rows, gradients)
+        key = kit.tune_key("keras-" + _BACKEND, _default_device(), str(self.compute_dtype), gradients)
+        timer = _timer(x, cores, gradients) if _concrete(x) else None
+        return planner.plan(rows, gradients, key, timer)
 
     def _finish(self, y: Any) -> Any:
         return y if self.activation is None else self.activation(y)
@@ -161,21 +224,11 @@ class _MPOLayer(keras.layers.Layer):  # type: ignore[misc]
         if self.bias is not None:
             self.bias.assign(np.asarray(bias, dtype=self.bias.dtype))
 
-    def freeze(self, cores: str | Iterable[int] = "central", bias: bool = False) -> _MPOLayer:
-        """Stop training some cores: ``"central"`` (the largest), ``"auxiliary"`` (the others), ``"all"`` or indices.
-
-        The other cores become trainable; ``bias=True`` freezes the bias too (sets ``Variable.trainable``).
-        """
-        frozen = self.built_spec.select_cores(cores)
-        for k, core in enumerate(self.cores):
-            core.trainable = k not in frozen
+    def _set_trainable(self, per_core: Sequence[bool], bias: bool) -> None:
+        for core, trainable in zip(self.cores, per_core):
+            core.trainable = trainable
         if self.bias is not None:
-            self.bias.trainable = not bias
-        return self
-
-    def unfreeze(self) -> _MPOLayer:
-        """Make every core and the bias trainable again."""
-        return self.freeze([], bias=False)
+            self.bias.trainable = bias
 
     def save(self, path: str | os.PathLike[str], name: str = "mpo") -> None:
         """Write the cores and bias to a portable :func:`tnlayers.save` checkpoint."""
@@ -198,7 +251,7 @@ class _MPOLayer(keras.layers.Layer):  # type: ignore[misc]
         return config
 
     def _strategy_config(self) -> Any:
-        key = self._plan_key if self.spec is not None else self.strategy
+        key = self.planner.strategy if self.planner is not None else self.strategy
         return [list(pair) for pair in key] if isinstance(key, tuple) else key
 
     @property
@@ -206,6 +259,11 @@ class _MPOLayer(keras.layers.Layer):  # type: ignore[misc]
         if self.spec is None:
             raise RuntimeError(f"layer {self.name!r} is not built yet: call it on an input first")
         return self.spec
+
+    @property
+    def _built_planner(self) -> kit.LayerPlanner:
+        self.built_spec  # noqa: B018  (raises if not built)
+        return cast(kit.LayerPlanner, self.planner)  # set together with spec
 
 
 def _constant(value: np.ndarray) -> Any:
@@ -251,37 +309,12 @@ class MPODense(_MPOLayer):
     def build(self, input_shape: Sequence[int | None]) -> None:
         if input_shape[-1] is None:
             raise ValueError(f"MPODense needs a known last input dimension, got input shape {tuple(input_shape)}")
-        self._make_weights(int(input_shape[-1]), self.units, "last dimension")
+        self._make_weights(int(input_shape[-1]), self.units, "the last input dimension", "units")
 
-    def call(self, inputs: Any) -> Any:
-        rows = _static_rows(inputs.shape[:-1])
-        plan: ContractionPlan | None = None
-        if self._plan_key == "autotune":
-            plan = tnlayers.autotune.cached(self.built_spec, rows, self._tune_key())
-        if plan is None:
-            plan = tnlayers.plan(self.built_spec, rows, self._plan_key, cost_model=_cost_model())
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
+        kit.check_input(tuple(inputs.shape), self.built_spec.in_features, "MPODense")
+        plan = self._plan(inputs, _static_rows(inputs.shape[:-1]), training)
         return self._finish(execute(plan, inputs, list(self.cores), self.bias, _OPS))
-
-    def _tune_key(self) -> tuple[str, ...]:
-        return ("keras-" + keras.backend.backend(), "default", str(self.cores[0].dtype), "forward")
-
-    def autotune(self, batch_size: int, repeats: int = 5) -> ContractionPlan:
-        """Time the best candidate plans for ``batch_size`` rows now (forward, eagerly) and remember the winner.
-
-        With ``strategy="autotune"`` the layer then runs that plan, also inside compiled functions
-        (which cannot time anything); without a tuned winner it uses the cost model's choice.
-        """
-        if not self.built:
-            raise ValueError("build the layer (call it once, or build(input_shape)) before autotune")
-        spec = self.built_spec
-        x = ops.convert_to_tensor(
-            np.random.default_rng(0).normal(size=(batch_size, spec.in_features)), self.compute_dtype
-        )
-
-        def make_run(candidate: ContractionPlan) -> Any:
-            return lambda: ops.convert_to_numpy(execute(candidate, x, list(self.cores), None, _OPS))
-
-        return tnlayers.autotune.tune(spec, batch_size, make_run, self._tune_key(), _cost_model(), repeats=repeats)
 
     def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
         return (*input_shape[:-1], self.units)
@@ -297,17 +330,11 @@ class MPODense(_MPOLayer):
     def from_cores(cls, cores: Sequence[Any], bias: Any = None, **kwargs: Any) -> MPODense:
         """A built layer holding the given cores (any framework's arrays) and bias."""
         arrays = [np.asarray(c) for c in cores]
-        spec = tnlayers.spec_from_cores(arrays)
+        spec = spec_from_cores(arrays)
         layer = cls(spec.in_modes, spec.out_modes, spec.ranks, use_bias=bias is not None, **kwargs)
         layer.build((None, spec.in_features))
         layer.set_numpy_weights(arrays, None if bias is None else np.asarray(bias))
         return layer
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], name: str | None = None, **kwargs: Any) -> MPODense:
-        """A layer from a :func:`tnlayers.save` checkpoint (written by any framework)."""
-        cores, bias = tnlayers.load(path, name)
-        return cls.from_cores(cores, bias, **kwargs)
 
     @classmethod
     def from_dense(
@@ -329,13 +356,6 @@ class MPODense(_MPOLayer):
         layer = cls.from_cores(cores, bias, activation=dense.activation, strategy=strategy, dtype=dense.dtype_policy)
         layer.decomposition = report
         return layer
-
-
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
-        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
-    return (pair[0], pair[1])
 
 
 @keras.saving.register_keras_serializable(package="tnlayers")
@@ -371,12 +391,12 @@ class MPOConv2D(_MPOLayer):
         if not isinstance(filters, int) or isinstance(filters, bool) or filters < 1:
             raise ValueError(f"filters must be a positive int, got {filters!r}")
         self.filters = filters
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.strides = _pair(strides, "strides")
-        self.dilation_rate = _pair(dilation_rate, "dilation_rate")
         if not isinstance(padding, str) or padding.lower() not in ("valid", "same"):
             raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")
         self.padding = padding.lower()
+        self.geometry = kit.ConvGeometry.make(kernel_size, strides, self.padding, dilation_rate)
+        self.kernel_size, self.strides = self.geometry.kernel_size, self.geometry.stride
+        self.dilation_rate = self.geometry.dilation
         if max(self.strides) > 1 and max(self.dilation_rate) > 1:
             raise ValueError(f"strides {self.strides} and dilation_rate {self.dilation_rate} cannot both exceed 1")
 
@@ -387,23 +407,15 @@ class MPOConv2D(_MPOLayer):
             )
         self.channels = int(input_shape[-1])
         kh, kw = self.kernel_size
-        self._make_weights(self.channels * kh * kw, self.filters, f"channels*kh*kw = {self.channels}*{kh}*{kw}")
-
-    def _output_size(self, size: int | None, axis: int) -> int | None:
-        if size is None:
-            return None
-        if self.padding == "same":
-            return -(-size // self.strides[axis])
-        extent = self.dilation_rate[axis] * (self.kernel_size[axis] - 1) + 1
-        return max((size - extent) // self.strides[axis] + 1, 0)
+        self._make_weights(
+            self.channels * kh * kw, self.filters, f"channels*kh*kw = {self.channels}*{kh}*{kw}", "filters"
+        )
 
     def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
-        return (
-            input_shape[0],
-            self._output_size(input_shape[1], 0),
-            self._output_size(input_shape[2], 1),
-            self.filters,
-        )
+        _, height, width, _ = input_shape
+        extent = self.geometry.extent
+        rows, cols = self.geometry.output_size(height or extent[0], width or extent[1])
+        return (input_shape[0], None if height is None else rows, None if width is None else cols, self.filters)
 
     def kernel(self) -> Any:
         """The ``(kh, kw, channels, filters)`` kernel ``Conv2D.kernel`` would hold (differentiable)."""
@@ -415,11 +427,10 @@ class MPOConv2D(_MPOLayer):
         """Same as :meth:`kernel`."""
         return self.kernel()
 
-    def call(self, inputs: Any) -> Any:
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
         _, height, width, _ = self.compute_output_shape(tuple(inputs.shape))
         spec = self.built_spec
-        rows = _static_rows((inputs.shape[0], height, width))
-        plan, build_kernel = tnlayers.conv_route(spec, rows, self._plan_key, cost_model=_cost_model())
+        plan, build_kernel = self._built_planner.conv_route(_static_rows((inputs.shape[0], height, width)))
         if build_kernel:
             y = ops.conv(inputs, self.kernel(), self.strides, self.padding, dilation_rate=self.dilation_rate)
             return self._finish(y if self.bias is None else y + self.bias)

@@ -17,17 +17,18 @@ import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
 import tnlayers
+from tnlayers import layer as kit
 from tnlayers.contract import Tape, backprop, execute, get_ops
-from tnlayers.plan import ContractionPlan, strategy_key
+from tnlayers.decompose import DecompositionReport, spec_from_cores
+from tnlayers.plan import ContractionPlan
 
 __all__ = ["SGD", "Adam", "MPOLinear"]
 
 _OPS = get_ops("numpy")
-_COST_MODEL = tnlayers.cost_model_for("numpy")
 Array = NDArray[Any]
 
 
-class MPOLinear:
+class MPOLinear(kit.MPOLayerMixin):
     """``y = x @ W + b`` with ``W`` (shape ``(in_features, out_features)``) stored as MPO cores.
 
     ``forward`` (or calling the layer) takes ``x`` of shape ``(..., in_features)``; in training mode
@@ -48,20 +49,20 @@ class MPOLinear:
         dtype: DTypeLike = np.float32,
     ) -> None:
         spec = tnlayers.MPOSpec(in_modes, out_modes, rank)
-        cores = tnlayers.init_cores(spec, init, seed, dtype)
+        cores = tnlayers.init_cores(spec, kit.check_init(init), seed, dtype)
         self._setup(cores, np.zeros(spec.out_features, dtype=cores[0].dtype) if bias else None, strategy)
 
     def _setup(self, cores: Sequence[Array], bias: Array | None, strategy: Any) -> None:
-        self.spec = tnlayers.spec_from_cores(cores)
+        self.spec = spec_from_cores(cores)
         self.cores: list[Array] = [np.ascontiguousarray(c) for c in cores]
         self.bias: Array | None = None if bias is None else np.ascontiguousarray(bias)
         self.dtype = self.cores[0].dtype
         if any(c.dtype != self.dtype for c in self.cores) or (self.bias is not None and self.bias.dtype != self.dtype):
             given = [str(c.dtype) for c in self.cores] + ([] if self.bias is None else [f"bias {self.bias.dtype}"])
             raise TypeError(f"cores and bias must share one dtype, got {given}")
-        self.strategy = strategy_key(self.spec, strategy)  # checked now; an optimiser searches once
+        self.planner = kit.LayerPlanner.make(self.spec, strategy, "numpy")  # an optimiser searches once, now
         self.training = True
-        self.decomposition: tnlayers.DecompositionReport | None = None
+        self.decomposition: DecompositionReport | None = None
         """The TT-SVD report when the layer was made by :meth:`from_dense`."""
         self.core_grads: list[Array | None] = [None] * self.spec.n_cores
         self.frozen_cores: frozenset[int] = frozenset()
@@ -75,12 +76,6 @@ class MPOLinear:
         layer = cls.__new__(cls)
         layer._setup([np.array(c) for c in cores], None if bias is None else np.array(bias), strategy)
         return layer
-
-    @classmethod
-    def auto(cls, in_features: int, out_features: int, n_cores: int = 4, rank: int = 8, **kwargs: Any) -> MPOLinear:
-        """A layer with balanced modes for the given feature counts (see :meth:`MPOSpec.auto`)."""
-        spec = tnlayers.MPOSpec.auto(in_features, out_features, n_cores, rank)
-        return cls(spec.in_modes, spec.out_modes, spec.ranks, **kwargs)
 
     @classmethod
     def from_dense(
@@ -100,14 +95,16 @@ class MPOLinear:
         layer.decomposition = report
         return layer
 
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], name: str | None = None, strategy: Any = "auto") -> MPOLinear:
-        """A layer from a :func:`tnlayers.save` checkpoint."""
-        cores, bias = tnlayers.load(path, name)
-        return cls.from_cores(cores, bias, strategy)
-
     def save(self, path: str | os.PathLike[str], name: str = "mpo") -> None:
         tnlayers.save(path, self.cores, self.bias, name=name)
+
+    @property
+    def strategy(self) -> Any:
+        return self.planner.strategy
+
+    @property
+    def built_spec(self) -> tnlayers.MPOSpec:
+        return self.spec
 
     @property
     def in_features(self) -> int:
@@ -127,26 +124,19 @@ class MPOLinear:
         self._saved = None
         return self
 
-    def _check_input(self, x: Any) -> Array:
+    def forward(self, x: Array) -> Array:
+        """``x @ W + b`` for ``x`` of shape ``(..., in_features)``."""
         if not isinstance(x, np.ndarray):
             raise TypeError(f"x must be a numpy.ndarray, got {type(x).__name__}")
-        if x.ndim == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x must have shape (..., {self.in_features}), got {x.shape}")
+        kit.check_input(x.shape, self.in_features, "MPOLinear")
         if x.dtype != self.dtype:
             raise TypeError(
                 f"x has dtype {x.dtype} but the layer has dtype {self.dtype}; use x.astype(np.{self.dtype})"
             )
-        return x
-
-    def forward(self, x: Array) -> Array:
-        """``x @ W + b`` for ``x`` of shape ``(..., in_features)``."""
-        x = self._check_input(x)
-        batch = int(np.prod(x.shape[:-1]))
-        if self.strategy == "autotune":
-            plan = self._autotuned(x, batch)
-        else:
-            gradients = "all" if self.training else "none"  # backward returns the input's gradient too
-            plan = tnlayers.plan(self.spec, batch, self.strategy, cost_model=_COST_MODEL, gradients=gradients)
+        gradients = "all" if self.training else "none"  # backward returns the input's gradient too
+        key = kit.tune_key("numpy", "cpu", str(self.dtype), gradients) if self.planner.autotunes else ()
+        timer = self._timer(x, gradients) if self.planner.autotunes else None
+        plan = self.planner.plan(int(np.prod(x.shape[:-1])), gradients, key, timer)
         tape: Tape | None = [] if self.training else None
         y = execute(plan, x, self.cores, self.bias, _OPS, tape)
         self._saved = (plan, tape, x.shape) if tape is not None else None
@@ -154,14 +144,13 @@ class MPOLinear:
 
     __call__ = forward
 
-    def _autotuned(self, x: Array, batch: int) -> ContractionPlan:
-        """Time the best candidates on this input (with the backward pass in training mode), once."""
-        mode = "train" if self.training else "infer"
-        grad = np.ones((batch, *self.spec.out_modes), self.dtype)
+    def _timer(self, x: Array, gradients: str) -> Any:
+        """Plan -> a call running it on ``x`` (with the backward pass when training), for autotune."""
+        grad = np.ones((int(np.prod(x.shape[:-1])), *self.spec.out_modes), self.dtype)
 
         def make_run(candidate: ContractionPlan) -> Any:
             def run() -> object:
-                tape: Tape | None = [] if self.training else None
+                tape: Tape | None = [] if gradients != "none" else None
                 y = execute(candidate, x, self.cores, None, _OPS, tape)
                 if tape is not None:
                     backprop(candidate.steps, tape, grad, _OPS, self.spec.n_cores + 1)
@@ -169,8 +158,7 @@ class MPOLinear:
 
             return run
 
-        key = ("numpy", "cpu", str(self.dtype), mode)
-        return tnlayers.autotune.tune(self.spec, batch, make_run, key, cost_model=_COST_MODEL)
+        return make_run
 
     def backward(self, grad_out: Array) -> Array:
         """Gradient for the last ``forward``'s input; stores the core and bias gradients."""
@@ -190,17 +178,10 @@ class MPOLinear:
         self._saved = None
         return grads[0].reshape(x_shape)  # type: ignore[no-any-return]
 
-    def freeze(self, cores: str | Sequence[int] = "central", bias: bool = False) -> MPOLinear:
-        """Stop training some cores: ``"central"`` (the largest), ``"auxiliary"`` (the others), ``"all"`` or indices.
-
-        :meth:`parameters` and :meth:`grads` then leave them out, so optimisers never touch them.
-        """
-        self.frozen_cores = self.spec.select_cores(cores)
-        self.bias_frozen = bool(bias)
-        return self
-
-    def unfreeze(self) -> MPOLinear:
-        return self.freeze([], bias=False)
+    def _set_trainable(self, per_core: Sequence[bool], bias: bool) -> None:
+        """:meth:`parameters` and :meth:`grads` leave frozen ones out, so optimisers never touch them."""
+        self.frozen_cores = frozenset(k for k, trainable in enumerate(per_core) if not trainable)
+        self.bias_frozen = not bias
 
     def _trainable(self) -> list[int]:
         return [k for k in range(self.spec.n_cores) if k not in self.frozen_cores]

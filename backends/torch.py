@@ -13,7 +13,6 @@ constant, so compiled graphs hold only tensor ops (no graph breaks).
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -25,67 +24,41 @@ import torch.nn.functional as F
 from torch import nn
 
 import tnlayers
+from tnlayers import layer as kit
 from tnlayers.contract import dense_weight, execute, get_ops
-from tnlayers.plan import ContractionPlan, conv_route, strategy_key
-from tnlayers.reports import CompressionReport, LayerReport
-from tnlayers.spec import factorize_balanced
+from tnlayers.plan import ContractionPlan, batch_bucket
+from tnlayers.reports import CompressionReport
 
 __all__ = ["MPOConv2d", "MPOLinear", "compress", "freeze_cores"]
 
 _OPS = get_ops("torch")
-_LARGEST_BUCKET = 1 << 24
-
-
-def _bucket(rows: Any) -> int:
-    """The power-of-two bucket of ``rows`` by comparisons only: under ``torch.compile`` a symbolic
-    size becomes a few guards, and the bucket stays a plain int (a constant of the graph)."""
-    bucket = 1
-    while bucket < rows and bucket < _LARGEST_BUCKET:
-        bucket *= 2
-    return bucket
-
-
-_COST_MODEL = tnlayers.cost_model_for("torch")
 
 
 @torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
-def _linear_plan(
-    spec: tnlayers.MPOSpec, bucket: int, strategy: Any, gradients: str, tune_key: tuple[str, ...]
-) -> ContractionPlan:
-    if strategy == "autotune":  # under torch.compile nothing is timed: a winner tuned before, else the model's
-        tuned = tnlayers.autotune.cached(spec, bucket, tune_key)
-        if tuned is not None:
-            return tuned
-    return tnlayers.plan(spec, bucket, strategy, cost_model=_COST_MODEL, gradients=gradients)
+def _compiled_plan(planner: kit.LayerPlanner, bucket: int, gradients: str, key: tuple[str, ...]) -> ContractionPlan:
+    """The plan lookup as a constant of compiled graphs (nothing is timed under torch.compile)."""
+    return planner.plan(bucket, gradients, key)
+
+
+@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
+def _compiled_conv_route(planner: kit.LayerPlanner, bucket: int) -> tuple[ContractionPlan, bool]:
+    return planner.conv_route(bucket)
 
 
 def _gradients(x: torch.Tensor, cores: Iterable[torch.Tensor]) -> str:
-    """What the backward will need: nothing, the cores' gradients, or the input's too."""
-    if not torch.is_grad_enabled() or not any(core.requires_grad for core in cores):
-        return "none"
-    return "all" if x.requires_grad else "cores"
+    return kit.gradients_needed(torch.is_grad_enabled(), any(c.requires_grad for c in cores), x.requires_grad)
 
 
-@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
-def _conv_route(spec: tnlayers.MPOSpec, bucket: int, strategy: Any) -> tuple[ContractionPlan, bool]:
-    return conv_route(spec, bucket, strategy, cost_model=_COST_MODEL)
-
-
-def _tune_key(x: torch.Tensor, cores: Sequence[torch.Tensor]) -> tuple[str, ...]:
-    return ("torch", str(x.device), str(x.dtype), "infer" if _gradients(x, cores) == "none" else "train")
-
-
-def _autotuned(spec: tnlayers.MPOSpec, bucket: int, x: torch.Tensor, cores: Sequence[torch.Tensor]) -> ContractionPlan:
-    """Time the best candidates on this input (forward, and backward when training), once per bucket."""
-    key = _tune_key(x, cores)
-    rows = x.detach().reshape(-1, spec.in_features)
-    trial = [core.detach().requires_grad_(key[-1] == "train") for core in cores]  # leaves of their own
+def _timer(rows: torch.Tensor, cores: Sequence[torch.Tensor], gradients: str) -> Callable[[ContractionPlan], Any]:
+    """Plan -> a call running it on these rows (forward, and backward when training), for autotune."""
+    rows = rows.detach().requires_grad_(gradients == "all")
+    trial = [core.detach().requires_grad_(gradients != "none") for core in cores]  # leaves of their own
 
     def make_run(candidate: ContractionPlan) -> Callable[[], object]:
         def run() -> object:
-            with torch.set_grad_enabled(key[-1] == "train"):
+            with torch.set_grad_enabled(gradients != "none"):
                 y = execute(candidate, rows, trial, None, _OPS)
-                if key[-1] == "train":
+                if gradients != "none":
                     y.backward(torch.ones_like(y))
             if rows.is_cuda:
                 torch.cuda.synchronize(rows.device)
@@ -93,44 +66,28 @@ def _autotuned(spec: tnlayers.MPOSpec, bucket: int, x: torch.Tensor, cores: Sequ
 
         return run
 
-    return tnlayers.autotune.tune(spec, bucket, make_run, key, cost_model=_COST_MODEL)
+    return make_run
 
 
-def _draw_seed(seed: int | None) -> int:
-    """``seed``, or one drawn from torch's generator so that ``torch.manual_seed`` governs init."""
-    return int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
-
-
-def _check_input(x: Any, in_features: int, dtype: torch.dtype, what: str) -> None:
+def _check_tensor(x: Any, dtype: torch.dtype, what: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} expects a torch.Tensor, got {type(x).__name__}")
-    if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(f"{what} expects input of shape (..., {in_features}), got {tuple(x.shape)}")
     if x.dtype != dtype:
         raise TypeError(f"{what} has dtype {dtype} but the input has dtype {x.dtype}; use x.to({dtype})")
 
 
-class _MPOModule(nn.Module):
+class _MPOModule(kit.MPOLayerMixin, nn.Module):
     """Cores as parameters ``cores.0 .. cores.{n-1}`` (layout ``(r, in, out, r')``) and an optional bias."""
 
     spec: tnlayers.MPOSpec
-    decomposition: tnlayers.DecompositionReport | None
+    decomposition: tnlayers.decompose.DecompositionReport | None
 
     def _setup(
-        self,
-        spec: tnlayers.MPOSpec,
-        bias: bool,
-        init: str,
-        strategy: Any,
-        device: Any,
-        dtype: torch.dtype | None,
-        seed: int | None,
+        self, spec: tnlayers.MPOSpec, bias: bool, init: str, strategy: Any, device: Any, dtype: Any, seed: int | None
     ) -> None:
-        if init not in tnlayers.INITIALIZERS:
-            raise ValueError(f"unknown init {init!r}; expected one of {', '.join(tnlayers.INITIALIZERS)}")
+        self.init = kit.check_init(init)
         self.spec = spec
-        self.init = init
-        self.strategy = strategy_key(spec, strategy)
+        self.planner = kit.LayerPlanner.make(spec, strategy, "torch")
         self.decomposition = None
         """The TT-SVD report when the layer was made from a trained dense layer."""
         factory = {"device": device, "dtype": dtype if dtype is not None else torch.get_default_dtype()}
@@ -142,9 +99,21 @@ class _MPOModule(nn.Module):
         self._cached_weight: tuple[tuple[Any, ...], list[torch.Tensor], torch.Tensor] | None = None
         self.reset_parameters(seed)
 
+    @property
+    def strategy(self) -> Any:
+        """The strategy as the layer keeps it: a name, or an explicit path."""
+        return self.planner.strategy
+
+    @property
+    def built_spec(self) -> tnlayers.MPOSpec:
+        return self.spec
+
     def reset_parameters(self, seed: int | None = None) -> None:
-        """Cores drawn so that ``W`` has the ``init`` variance (exactly in norm); zero bias."""
-        fresh = tnlayers.init_cores(self.spec, self.init, _draw_seed(seed), np.float64)
+        """Cores drawn so that ``W`` has the ``init`` variance (exactly in norm); zero bias.
+
+        Without ``seed``, one is drawn from torch's generator, so ``torch.manual_seed`` governs init."""
+        seed = kit.draw_seed(seed, lambda high: int(torch.randint(0, high, ()).item()))
+        fresh = tnlayers.init_cores(self.spec, self.init, seed, np.float64)
         with torch.no_grad():
             for core, values in zip(self.cores, fresh):
                 core.copy_(torch.from_numpy(values))
@@ -162,22 +131,11 @@ class _MPOModule(nn.Module):
     def ranks(self) -> tuple[int, ...]:
         return self.spec.ranks
 
-    def freeze(self, cores: str | Iterable[int] = "central", bias: bool = False) -> _MPOModule:
-        """Stop training some cores: ``"central"`` (the largest), ``"auxiliary"`` (the others), ``"all"`` or indices.
-
-        The other cores become trainable; ``bias=True`` freezes the bias too. Frozen parameters get
-        ``requires_grad=False``, so optimisers skip them and they stay bit-identical. Returns the layer.
-        """
-        frozen = self.spec.select_cores(cores)
-        for k, core in enumerate(self.cores):
-            core.requires_grad_(k not in frozen)
+    def _set_trainable(self, per_core: Sequence[bool], bias: bool) -> None:
+        for core, trainable in zip(self.cores, per_core):
+            core.requires_grad_(trainable)
         if self.bias is not None:
-            self.bias.requires_grad_(not bias)
-        return self
-
-    def unfreeze(self) -> _MPOModule:
-        """Make every core and the bias trainable again."""
-        return self.freeze([], bias=False)
+            self.bias.requires_grad_(bias)
 
     @property
     def frozen_cores(self) -> tuple[int, ...]:
@@ -198,20 +156,22 @@ class _MPOModule(nn.Module):
     def _serve_cached(self) -> bool:
         return not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
+    def _plan(self, x: torch.Tensor, rows: Any) -> ContractionPlan:
+        """The plan for this call (see :class:`tnlayers.layer.LayerPlanner` for the autotune policy)."""
+        cores = list(self.cores)
+        gradients = _gradients(x, cores)
+        bucket = batch_bucket(rows)
+        dtype = str(x.dtype).removeprefix("torch.")
+        key = kit.tune_key("torch", str(x.device), dtype, gradients) if self.planner.autotunes else ()
+        if torch.compiler.is_compiling() or not self.planner.autotunes:
+            return _compiled_plan(self.planner, bucket, gradients, key)  # type: ignore[no-any-return]
+        timer = _timer(x.reshape(-1, self.spec.in_features), cores, gradients)
+        return self.planner.plan(bucket, gradients, key, timer)
+
     def save(self, path: str | os.PathLike[str], name: str = "mpo") -> None:
         """Write the cores and bias to a portable :func:`tnlayers.save` checkpoint."""
-        tnlayers.save(path, [c.detach().cpu().numpy() for c in self.cores], self._numpy_bias(), name=name)
-
-    def _numpy_bias(self) -> np.ndarray | None:
-        return None if self.bias is None else self.bias.detach().cpu().numpy()
-
-    def _describe(self) -> str:
-        spec = self.spec
-        return (
-            f"modes={'x'.join(map(str, spec.in_modes))}->{'x'.join(map(str, spec.out_modes))}, "
-            f"ranks={spec.ranks}, params={spec.num_params:,} of {spec.dense_params:,} "
-            f"(compression {1 / spec.compression_ratio:.1f}x), bias={self.bias is not None}"
-        )
+        bias = None if self.bias is None else self.bias.detach().cpu().numpy()
+        tnlayers.save(path, [c.detach().cpu().numpy() for c in self.cores], bias, name=name)
 
 
 class MPOLinear(_MPOModule):
@@ -247,18 +207,12 @@ class MPOLinear(_MPOModule):
         return self.spec.out_features
 
     @classmethod
-    def auto(cls, in_features: int, out_features: int, n_cores: int = 4, rank: int = 8, **kwargs: Any) -> MPOLinear:
-        """A layer with balanced modes for the given feature counts (see :meth:`tnlayers.MPOSpec.auto`)."""
-        spec = tnlayers.MPOSpec.auto(in_features, out_features, n_cores, rank)
-        return cls(spec.in_modes, spec.out_modes, spec.ranks, **kwargs)
-
-    @classmethod
     def from_cores(
         cls, cores: Sequence[Any], bias: Any = None, strategy: Any = "auto", device: Any = None
     ) -> MPOLinear:
         """A layer holding copies of the given cores (NumPy arrays or tensors) and bias."""
         arrays = [np.asarray(c.detach().cpu() if isinstance(c, torch.Tensor) else c) for c in cores]
-        spec = tnlayers.spec_from_cores(arrays)
+        spec = tnlayers.decompose.spec_from_cores(arrays)
         dtype = getattr(torch, str(arrays[0].dtype))
         layer = cls(spec.in_modes, spec.out_modes, spec.ranks, bias is not None, "glorot", strategy, device, dtype, 0)
         layer._load_cores(arrays, None if bias is None else np.asarray(torch.as_tensor(bias).detach().cpu()))
@@ -281,22 +235,10 @@ class MPOLinear(_MPOModule):
         weight = linear.weight.detach()
         matrix = weight.cpu().double().numpy().T
         cores, report = tnlayers.from_dense(matrix, in_modes, out_modes, max_rank, tol, n_cores=n_cores)
-        layer = cls.from_cores([c.astype(np.float64) for c in cores], None, strategy, weight.device)
-        layer = layer.to(weight.dtype)
-        if linear.bias is None:
-            layer.bias = None
-        else:
-            layer.bias = nn.Parameter(linear.bias.detach().clone())
+        layer = cls.from_cores(cores, None, strategy, weight.device).to(weight.dtype)
+        layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
         layer.decomposition = report
         return layer
-
-    @classmethod
-    def load(
-        cls, path: str | os.PathLike[str], name: str | None = None, strategy: Any = "auto", device: Any = None
-    ) -> MPOLinear:
-        """A layer from a :func:`tnlayers.save` checkpoint (written by any framework)."""
-        cores, bias = tnlayers.load(path, name)
-        return cls.from_cores(cores, bias, strategy, device)
 
     def to_dense(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` matrix ``nn.Linear.weight`` would hold (differentiable)."""
@@ -313,27 +255,16 @@ class MPOLinear(_MPOModule):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.in_features, self.cores[0].dtype, "MPOLinear")
-        bucket = _bucket(math.prod(x.shape[:-1]))
-        if self.strategy != "autotune":
-            plan = _linear_plan(self.spec, bucket, self.strategy, _gradients(x, self.cores), ())
-        elif torch.compiler.is_compiling():
-            plan = _linear_plan(self.spec, bucket, self.strategy, "none", _tune_key(x, list(self.cores)))
-        else:
-            plan = _autotuned(self.spec, bucket, x, list(self.cores))
+        _check_tensor(x, self.cores[0].dtype, "MPOLinear")
+        kit.check_input(tuple(x.shape), self.in_features, "MPOLinear")
+        plan = self._plan(x, math.prod(x.shape[:-1]))
         if plan.builds_weight and self._serve_cached():
             return F.linear(x, self._inference_weight().T, self.bias)
         return execute(plan, x, list(self.cores), self.bias, _OPS)  # type: ignore[no-any-return]
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self._describe()}"
-
-
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair):
-        raise ValueError(f"{name} must be a non-negative int or a pair of them, got {value!r}")
-    return (pair[0], pair[1])
+        described = kit.describe(self.spec, self.bias is not None)
+        return f"in_features={self.in_features}, out_features={self.out_features}, {described}"
 
 
 class MPOConv2d(_MPOModule):
@@ -342,8 +273,7 @@ class MPOConv2d(_MPOModule):
     Rows of that matrix are ordered ``(channel, kernel row, kernel column)``, as in
     ``conv.weight.reshape(out_channels, -1).T``. The forward either builds the kernel and calls
     ``F.conv2d``, or contracts the cores with the unfolded input patches, whichever the cost model
-    prefers for the number of output positions (an explicit strategy builds the kernel when its plan
-    builds ``W``, as ``"materialize"`` does, and unfolds otherwise).
+    prefers for the number of output positions (see :func:`tnlayers.layer.conv_route`).
     """
 
     def __init__(
@@ -370,40 +300,18 @@ class MPOConv2d(_MPOModule):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.dilation = _pair(dilation, "dilation")
-        if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.dilation) < 1:
-            raise ValueError(
-                f"kernel_size, stride and dilation must be positive, got {kernel_size!r}, {stride!r}, {dilation!r}"
-            )
-        self.padding = self._padding(padding)
-        rows = in_channels * self.kernel_size[0] * self.kernel_size[1]
-        in_modes = factorize_balanced(rows, n_cores) if in_modes is None else in_modes
-        out_modes = factorize_balanced(out_channels, len(in_modes)) if out_modes is None else out_modes
-        spec = tnlayers.MPOSpec(in_modes, out_modes, rank)
-        if spec.in_features != rows or spec.out_features != out_channels:
-            raise ValueError(
-                f"in_modes {spec.in_modes} multiply to {spec.in_features} and out_modes {spec.out_modes} to "
-                f"{spec.out_features}, but a {self.kernel_size[0]}x{self.kernel_size[1]} kernel from "
-                f"{in_channels} to {out_channels} channels needs in_channels*kh*kw = {rows} and out_channels = "
-                f"{out_channels}"
-            )
+        self.geometry = kit.ConvGeometry.make(kernel_size, stride, padding, dilation)
+        if self.geometry.padding == "same" and self.geometry.stride != (1, 1):
+            raise ValueError(f"padding='same' needs stride 1 (as in nn.Conv2d), got stride {self.geometry.stride}")
+        rows = in_channels * self.geometry.rows_per_channel
+        what = f"in_channels*kh*kw = {in_channels}*{self.kernel_size[0]}*{self.kernel_size[1]}"
+        spec = kit.layer_spec(rows, out_channels, in_modes, out_modes, rank, n_cores, what, "out_channels")
         self._setup(spec, bias, init, strategy, device, dtype, seed)
 
-    def _padding(self, padding: int | Sequence[int] | str) -> tuple[int, int, int, int]:
-        """``(left, right, top, bottom)`` zero padding."""
-        if padding == "valid":
-            return (0, 0, 0, 0)
-        if padding == "same":
-            if self.stride != (1, 1):
-                raise ValueError(f"padding='same' needs stride 1 (as in nn.Conv2d), got stride {self.stride}")
-            total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
-            return (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2)
-        if isinstance(padding, str):
-            raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
-        rows, cols = _pair(padding, "padding")
-        return (cols, cols, rows, rows)
+    kernel_size = property(lambda self: self.geometry.kernel_size)
+    stride = property(lambda self: self.geometry.stride)
+    dilation = property(lambda self: self.geometry.dilation)
+    padding = property(lambda self: self.geometry.padding, doc="``(top, bottom, left, right)`` or ``'same'``.")
 
     @classmethod
     def from_conv(
@@ -427,24 +335,14 @@ class MPOConv2d(_MPOModule):
         weight = conv.weight.detach()
         matrix = weight.cpu().double().reshape(conv.out_channels, -1).numpy().T
         cores, report = tnlayers.from_dense(matrix, in_modes, out_modes, max_rank, tol, n_cores=n_cores)
-        spec = tnlayers.spec_from_cores(cores)
+        spec = report.spec
         padding: Any = conv.padding
         layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            tuple(conv.kernel_size),
-            spec.in_modes,
-            spec.out_modes,
-            spec.ranks,
-            stride=tuple(conv.stride),
-            padding=padding if isinstance(padding, str) else tuple(padding),
-            dilation=tuple(conv.dilation),
-            bias=conv.bias is not None,
-            strategy=strategy,
-            device=weight.device,
-            dtype=torch.float64,
-            seed=0,
-        )
+            conv.in_channels, conv.out_channels, tuple(conv.kernel_size), spec.in_modes, spec.out_modes, spec.ranks,
+            stride=tuple(conv.stride), padding=padding if isinstance(padding, str) else tuple(padding),
+            dilation=tuple(conv.dilation), bias=conv.bias is not None, strategy=strategy, device=weight.device,
+            dtype=torch.float64, seed=0,
+        )  # fmt: skip
         layer._load_cores(cores, None)
         layer = layer.to(weight.dtype)
         if conv.bias is not None:
@@ -463,8 +361,7 @@ class MPOConv2d(_MPOModule):
     def to_conv(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` with this layer's kernel and bias."""
         first = self.cores[0]
-        left, right, top, bottom = self.padding
-        padding: Any = (top, left) if (left, top) == (right, bottom) else "same"  # only 'same' is uneven
+        padding: Any = "same" if self.padding == "same" else (self.padding[0], self.padding[2])
         conv = nn.Conv2d(
             self.in_channels, self.out_channels, self.kernel_size, self.stride, padding, self.dilation,
             bias=self.bias is not None, device=first.device, dtype=first.dtype,
@@ -475,38 +372,21 @@ class MPOConv2d(_MPOModule):
                 conv.bias.copy_(self.bias)
         return conv
 
-    def _output_size(self, height: int, width: int) -> tuple[int, int]:
-        left, right, top, bottom = self.padding
-        sizes = []
-        for size, pad, k, s, d in zip(
-            (height, width), (top + bottom, left + right), self.kernel_size, self.stride, self.dilation
-        ):
-            sizes.append((size + pad - d * (k - 1) - 1) // s + 1)
-        if sizes[0] < 1 or sizes[1] < 1:
-            raise ValueError(
-                f"input of spatial size {(height, width)} is smaller than the dilated kernel "
-                f"{self.kernel_size} (dilation {self.dilation}) after padding {self.padding}"
-            )
-        return sizes[0], sizes[1]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"MPOConv2d expects a torch.Tensor, got {type(x).__name__}")
+        _check_tensor(x, self.cores[0].dtype, "MPOConv2d")
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(
                 f"MPOConv2d expects a tensor of shape (batch, {self.in_channels}, height, width) or "
                 f"({self.in_channels}, height, width), got {tuple(x.shape)}"
             )
-        if x.dtype != self.cores[0].dtype:
-            raise TypeError(f"MPOConv2d has dtype {self.cores[0].dtype} but the input has dtype {x.dtype}")
         if x.dim() == 3:
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        height, width = self._output_size(x.shape[2], x.shape[3])
-        plan, build_kernel = _conv_route(self.spec, _bucket(x.shape[0] * height * width), self.strategy)
-        left, right, top, bottom = self.padding
+        height, width = self.geometry.output_size(x.shape[2], x.shape[3])
+        plan, build_kernel = _compiled_conv_route(self.planner, batch_bucket(x.shape[0] * height * width))
+        top, bottom, left, right = self.geometry.pads(x.shape[2], x.shape[3])
         padding: tuple[int, int] = (top, left)
-        if (left, top) != (right, bottom):
-            x, padding = F.pad(x, self.padding), (0, 0)
+        if (top, left) != (bottom, right):
+            x, padding = F.pad(x, (left, right, top, bottom)), (0, 0)
         if build_kernel:
             kernel = self._inference_weight().T if self._serve_cached() else self.weight_matrix().T
             kernel = kernel.reshape(self.out_channels, self.in_channels, *self.kernel_size)
@@ -518,23 +398,15 @@ class MPOConv2d(_MPOModule):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, {self._describe()}"
+            f"padding={self.padding}, dilation={self.dilation}, {kit.describe(self.spec, self.bias is not None)}"
         )
-
-
-def _matches(name: str, patterns: str | Iterable[str] | None) -> bool:
-    if patterns is None:
-        return False
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
 def compress(
     model: nn.Module,
     rank: int | Sequence[int] | None = None,
     tol: float | None = None,
-    min_features: int = 256,
+    min_features: int = kit.DEFAULT_MIN_FEATURES,
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
     n_cores: int = 4,
@@ -542,15 +414,13 @@ def compress(
 ) -> CompressionReport:
     """Replace, in place, the ``nn.Linear`` and ``nn.Conv2d`` layers of a trained model by MPO layers.
 
-    Each matching layer is decomposed by TT-SVD with bond cap ``rank`` and/or relative error ``tol``
-    (see :func:`tnlayers.from_dense`). A layer matches when ``max(in_features, out_features) >=
-    min_features`` (for a conv, ``in_features = in_channels*kh*kw``), its name matches one of the
-    ``include`` glob patterns (all names if ``None``) and none of ``exclude``. ``modes(name, in,
-    out)`` may choose the factorisation (``None`` for balanced modes over ``n_cores`` cores). A layer
-    whose MPO would not be smaller is kept, and listed in the report's ``skipped``, as is the output
-    projection of ``nn.MultiheadAttention`` (which reads its ``.weight``). An
-    ``nn.TransformerEncoderLayer`` whose feed-forward layers are replaced runs its regular path in
-    inference too (its fused fast path reads their ``.weight``).
+    Each matching layer (see :func:`tnlayers.layer.compress_choice`; for a conv, ``in_features =
+    in_channels*kh*kw``) is decomposed by TT-SVD with bond cap ``rank`` and/or relative error ``tol``
+    (see :func:`tnlayers.from_dense`). ``modes(name, in, out)`` may choose the factorisation (``None``
+    for balanced modes over ``n_cores`` cores). A layer whose MPO would not be smaller is kept, and
+    listed in the report's ``skipped``, as is the output projection of ``nn.MultiheadAttention``
+    (which reads its ``.weight``). An ``nn.TransformerEncoderLayer`` whose feed-forward layers are
+    replaced runs its regular path in inference too (its fused fast path reads their ``.weight``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
@@ -565,9 +435,7 @@ def compress(
             shape = (module.weight[0].numel(), module.out_channels)
         else:
             continue
-        if (include is not None and not _matches(name, include)) or _matches(name, exclude):
-            continue
-        if max(shape) < min_features:
+        if not kit.compress_choice(name, *shape, include, exclude, min_features):
             continue
         chosen = modes(name, *shape) if modes is not None else None
         in_modes, out_modes = chosen if chosen is not None else (None, None)
@@ -581,32 +449,22 @@ def compress(
             continue
         else:
             replacement = MPOConv2d.from_conv(module, in_modes, out_modes, rank, tol, n_cores)
-        report = cast(tnlayers.DecompositionReport, replacement.decomposition)  # set by from_linear / from_conv
-        if report.num_params >= report.dense_params:
-            skipped.append((name, f"no saving at ranks {report.ranks}: {report.num_params} >= {report.dense_params}"))
+        report = cast(
+            tnlayers.decompose.DecompositionReport, replacement.decomposition
+        )  # set by from_linear / from_conv
+        reason = kit.no_saving(report)
+        if reason is not None:
+            skipped.append((name, reason))
             continue
         replacement.train(module.training)
         _replace(model, name, replacement)
-        rows.append(
-            LayerReport(
-                name=name,
-                kind=type(module).__name__,
-                in_features=shape[0],
-                out_features=shape[1],
-                in_modes=report.spec.in_modes,
-                out_modes=report.spec.out_modes,
-                ranks=report.ranks,
-                params_before=report.dense_params,
-                params_after=report.num_params,
-                relative_error=report.relative_error,
-            )
-        )
+        rows.append(kit.layer_report(name, type(module).__name__, report))
     params_after = sum(p.numel() for p in model.parameters())
     return CompressionReport(tuple(rows), params_before, params_after, tuple(skipped))
 
 
 def freeze_cores(model: nn.Module, cores: str | Iterable[int] = "central", bias: bool = False) -> tuple[int, int]:
-    """:meth:`MPOLinear.freeze` on every MPO layer of ``model``; returns ``(trainable, frozen)`` MPO parameters.
+    """``freeze`` on every MPO layer of ``model``; returns ``(trainable, frozen)`` MPO parameters.
 
     With the default, only the small auxiliary cores (and biases) of each layer stay trainable, the
     recovery step of MPOP (Liu et al., ACL 2021) after decomposing a pretrained model.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,7 +28,8 @@ import tensorflow as tf
 from tnlayers.backends.keras import MPODense
 
 import tnlayers
-from benchmarks.timing import calls_per_sample, median, round_robin, write_records
+from benchmarks.records import write_records
+from tnlayers.timing import calls_per_sample, round_robin
 
 CASES = [  # (label, modes, rank)
     ("1024 as 4^5", (4,) * 5, 8),
@@ -94,7 +96,9 @@ def measure(cases: Sequence[Any], batches: Sequence[int], repeats: int) -> list[
             for mode in ("forward", "forward+backward"):
                 runs = {name: _timed(layer, x)[mode] for name, layer in layers.items()}
                 inner = calls_per_sample(runs["mpo"])
-                row[mode] = {name: median(t) for name, t in round_robin(runs, repeats, inner, warmup=2).items()}
+                row[mode] = {
+                    name: statistics.median(t) for name, t in round_robin(runs, repeats, inner, warmup=2).items()
+                }
             records.append(row)
             print(_line(row), flush=True)
     return records

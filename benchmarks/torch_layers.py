@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +25,8 @@ import torch
 from tnlayers.backends.torch import MPOLinear
 
 import tnlayers
-from benchmarks.timing import calls_per_sample, median, round_robin, write_records
+from benchmarks.records import write_records
+from tnlayers.timing import calls_per_sample, round_robin
 
 CASES = [  # (label, in_modes, out_modes, rank)
     *[("784->256 FC2", (4, 7, 7, 4), (4, 4, 4, 4), r) for r in (4, 8, 16)],
@@ -69,7 +71,7 @@ def measure(cases: Sequence[Any], batches: Sequence[int], repeats: int) -> list[
                 runs = {"mpo": _contenders(mpo, x)[mode], "dense": _contenders(dense, x)[mode]}
                 inner = calls_per_sample(runs["mpo"])
                 times = round_robin(runs, repeats, inner)
-                row[mode] = {name: median(samples) for name, samples in times.items()}
+                row[mode] = {name: statistics.median(samples) for name, samples in times.items()}
             records.append(row)
             print(_line(row), flush=True)
     return records

@@ -93,7 +93,7 @@ that downsamples a 28x28 image to 16x16) has small bonds, a random matrix has no
     ),
     (
         "code",
-        """from tnlayers.cli import blur_matrix
+        """from tnlayers.apps.cli import blur_matrix
 
 smooth = blur_matrix(28, 16, width=1.5)  # (784, 256): blur and downsample
 noise = np.random.default_rng(0).normal(size=(784, 256))
@@ -274,7 +274,8 @@ network = tnlayers.to_tensornetwork(mpo)
 print([node.name for node in network.nodes], [edge.name for edge in network.input_edges])
 result = tn.contractors.auto(network.nodes, output_edge_order=network.input_edges + network.output_edges)
 W = result.tensor.reshape(784, 256)
-print("tensornetwork's contraction equals W:", np.allclose(W, tnlayers.to_dense(tnlayers.cores_of(mpo)), atol=1e-5))""",
+contracted = tnlayers.to_dense(tnlayers.decompose.cores_of(mpo))
+print("tensornetwork's contraction equals W:", np.allclose(W, contracted, atol=1e-5))""",
     ),
     (
         "md",

@@ -82,7 +82,7 @@ class NumpyHarness:
 
     def grads(self, x: Any, cores: list[Any], grad_out: np.ndarray, strategy: Any) -> tuple[Any, list[Any]]:
         """Gradients of sum(grad_out * contract(x, cores)) by the core's reverse mode over the plan."""
-        spec = tnlayers.spec_from_cores(cores)
+        spec = tnlayers.decompose.spec_from_cores(cores)
         plan = tnlayers.plan(spec, int(np.prod(x.shape[:-1])), strategy)
         tape: Tape = []
         ops = get_ops("numpy")
@@ -180,6 +180,7 @@ class NumpyLayerHarness:
     """How the shared layer tests build, run and differentiate a framework's MPO layer."""
 
     name = "numpy"
+    tune_backend = "numpy"
 
     def make(self, in_modes: Any, out_modes: Any, rank: Any, strategy: Any, dtype: Any, seed: int = 0) -> Any:
         from tnlayers.backends.numpy import MPOLinear
@@ -193,7 +194,12 @@ class NumpyLayerHarness:
         return list(layer.cores), layer.bias
 
     def forward(self, layer: Any, x: np.ndarray) -> np.ndarray:
-        return np.asarray(layer(x))
+        """An inference call (nothing kept for a backward)."""
+        training = layer.training
+        try:
+            return np.asarray(layer.eval()(x))
+        finally:
+            layer.training = training
 
     def grads(self, layer: Any, x: np.ndarray, grad_out: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], Any]:
         layer(x)
@@ -203,6 +209,7 @@ class NumpyLayerHarness:
 
 class TorchLayerHarness:
     name = "torch"
+    tune_backend = "torch"
 
     def make(self, in_modes: Any, out_modes: Any, rank: Any, strategy: Any, dtype: Any, seed: int = 0) -> Any:
         import torch
@@ -223,7 +230,8 @@ class TorchLayerHarness:
     def forward(self, layer: Any, x: np.ndarray) -> np.ndarray:
         import torch
 
-        return layer(torch.from_numpy(x)).detach().numpy()
+        with torch.no_grad():
+            return layer(torch.from_numpy(x)).numpy()
 
     def grads(self, layer: Any, x: np.ndarray, grad_out: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], Any]:
         import torch
@@ -238,6 +246,12 @@ class KerasLayerHarness:
     """The Keras MPODense on whichever Keras backend runs (KERAS_BACKEND); gradients by that backend."""
 
     name = "keras"
+
+    @property
+    def tune_backend(self) -> str:
+        import keras
+
+        return "keras-" + keras.backend.backend()
 
     def make(self, in_modes: Any, out_modes: Any, rank: Any, strategy: Any, dtype: Any, seed: int = 0) -> Any:
         from tnlayers.backends.keras import MPODense
@@ -267,13 +281,13 @@ class KerasLayerHarness:
             x_t = tf.constant(x)
             with tf.GradientTape() as tape:
                 tape.watch(x_t)
-                y = layer(x_t)
+                y = layer(x_t, training=True)
             grads = tape.gradient(y, [x_t, *layer.trainable_variables], output_gradients=tf.constant(grad_out))
         elif backend == "jax":
             import jax
 
             def loss(variables: Any, x: Any) -> Any:
-                y, _ = layer.stateless_call(variables, [], x)
+                y, _ = layer.stateless_call(variables, [], x, training=True)
                 return (y * grad_out).sum()
 
             values = [v.value for v in layer.trainable_variables]
@@ -285,7 +299,7 @@ class KerasLayerHarness:
             x_t = torch.from_numpy(x).requires_grad_(True)
             for v in layer.trainable_variables:
                 v.value.grad = None
-            layer(x_t).backward(torch.from_numpy(grad_out))
+            layer(x_t, training=True).backward(torch.from_numpy(grad_out))
             grads = [x_t.grad, *[v.value.grad for v in layer.trainable_variables]]
         arrays = [keras.ops.convert_to_numpy(g) for g in grads]
         return arrays[0], arrays[1:-1], arrays[-1]
@@ -312,4 +326,4 @@ def mnist_dir() -> Path:
 def _private_autotune_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never read or write the user's ~/.cache/tnlayers."""
     monkeypatch.setenv("TNLAYERS_CACHE_DIR", str(tmp_path_factory.mktemp("tnlayers-cache")))
-    tnlayers.autotune.clear()
+    tnlayers.autotune.default_tuner.cache_clear()  # the next default tuner reads the environment above

@@ -15,6 +15,7 @@ from conftest import dense_reference, reference_core_gradients
 
 import tnlayers
 from tnlayers import autotune
+from tnlayers.plan import auto_candidates
 
 SPEC = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 8)
 KEY = ("test", "cpu", "float32", "train")
@@ -30,7 +31,7 @@ def _slow_except(winner: str) -> Callable[[tnlayers.ContractionPlan], Callable[[
 
 
 def _candidate_methods(batch: int) -> list[str]:
-    plans = sorted(tnlayers.auto_candidates(SPEC, batch), key=lambda p: (p.cost, p.flops))
+    plans = sorted(auto_candidates(SPEC, batch), key=lambda p: (p.cost, p.flops))
     methods: list[str] = []
     for p in plans:
         if all(p.path != q.path for q in plans[: plans.index(p)]):
@@ -38,52 +39,91 @@ def _candidate_methods(batch: int) -> list[str]:
     return methods[:4]
 
 
-def test_tune_keeps_the_fastest_candidate_and_writes_it_to_disk() -> None:
+@pytest.fixture
+def tuner(tmp_path: Path) -> autotune.Autotuner:
+    return autotune.Autotuner(tmp_path / "autotune.json")
+
+
+def test_tune_keeps_the_fastest_candidate_and_writes_it_to_disk(tuner: autotune.Autotuner) -> None:
     methods = _candidate_methods(64)
     winner = methods[-1]  # the model's fourth choice, made fastest here
-    chosen = autotune.tune(SPEC, 64, _slow_except(winner), KEY, repeats=2)
+    chosen = tuner.tune(SPEC, 64, _slow_except(winner), KEY, repeats=2)
     assert chosen.method == winner and chosen.strategy == "autotune"
-    stored = json.loads(autotune.cache_file().read_text())
+    stored = json.loads(tuner.path.read_text())
     assert stored["version"] == 1 and len(stored["entries"]) == 1
     entry = next(iter(stored["entries"].values()))
     assert entry["method"] == winner and [tuple(p) for p in entry["path"]] == list(chosen.path)
-    autotune.clear()  # a new process: only the file is left
+    fresh = autotune.Autotuner(tuner.path)  # a new process: only the file is left
     calls: list[str] = []
-    again = autotune.tune(SPEC, 50, lambda p: lambda: calls.append(p.method), KEY)  # same bucket (64)
+    again = fresh.tune(SPEC, 50, lambda p: lambda: calls.append(p.method), KEY)  # same bucket (64)
     assert again.path == chosen.path and calls == []  # remembered, nothing timed
-    assert autotune.cached(SPEC, 64, ("test", "cpu", "float64", "train")) is None  # another dtype: not tuned
 
 
-def test_corrupt_cache_file_is_ignored_with_a_warning_and_rewritten() -> None:
-    autotune.cache_file().parent.mkdir(parents=True, exist_ok=True)
-    autotune.cache_file().write_text("{not json")
-    autotune.clear()
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"batch": 128},
+        {"spec": tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 6)},  # other ranks
+        {"spec": tnlayers.MPOSpec((7, 4, 4, 7), (4, 4, 4, 4), 8)},  # other modes
+        {"key": ("other", *KEY[1:])},
+        {"key": (KEY[0], "cuda:0", *KEY[2:])},
+        {"key": (*KEY[:2], "float64", KEY[3])},
+        {"key": (*KEY[:3], "none")},
+    ],
+    ids=["bucket", "ranks", "modes", "backend", "device", "dtype", "gradients"],
+)
+def test_every_part_of_the_key_tells_entries_apart(tuner: autotune.Autotuner, changed: dict[str, Any]) -> None:
+    tuner.tune(SPEC, 64, _slow_except(_candidate_methods(64)[0]), KEY, repeats=1)
+    assert tuner.cached(SPEC, 64, KEY) is not None
+    spec, batch, key = changed.get("spec", SPEC), changed.get("batch", 64), changed.get("key", KEY)
+    assert tuner.cached(spec, batch, key) is None
+    assert autotune.Autotuner(tuner.path).cached(spec, batch, key) is None  # from the file too
+
+
+def test_tuners_sharing_a_file_merge_their_winners(tuner: autotune.Autotuner) -> None:
+    other = autotune.Autotuner(tuner.path)  # another process, started before the first one wrote
+    assert other.cached(SPEC, 8, KEY) is None
+    tuner.tune(SPEC, 8, _slow_except(_candidate_methods(8)[0]), KEY, repeats=1)
+    other.tune(SPEC, 16, _slow_except(_candidate_methods(16)[0]), KEY, repeats=1)
+    assert len(json.loads(tuner.path.read_text())["entries"]) == 2
+    assert not list(tuner.path.parent.glob("*.tmp"))
+
+
+def test_the_default_tuner_reads_the_environment_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TNLAYERS_CACHE_DIR", str(tmp_path / "a"))
+    autotune.default_tuner.cache_clear()
+    first = autotune.default_tuner()
+    monkeypatch.setenv("TNLAYERS_CACHE_DIR", str(tmp_path / "b"))
+    assert autotune.default_tuner() is first and first.path == tmp_path / "a" / "autotune.json"
+    assert autotune.cache_dir_from({"XDG_CACHE_HOME": "/x"}) == Path("/x/tnlayers")
+
+
+def test_corrupt_cache_file_is_ignored_with_a_warning_and_rewritten(tuner: autotune.Autotuner) -> None:
+    tuner.path.write_text("{not json")
     with pytest.warns(UserWarning, match="corrupt autotune cache"):
-        assert autotune.cached(SPEC, 8, KEY) is None
-    chosen = autotune.tune(SPEC, 8, _slow_except(_candidate_methods(8)[0]), KEY, repeats=2)
-    assert json.loads(autotune.cache_file().read_text())["entries"]
+        assert tuner.cached(SPEC, 8, KEY) is None
+    chosen = tuner.tune(SPEC, 8, _slow_except(_candidate_methods(8)[0]), KEY, repeats=2)
+    assert json.loads(tuner.path.read_text())["entries"]
     assert chosen.path == tnlayers.plan(SPEC, 8, list(chosen.path)).path
 
 
 @pytest.mark.parametrize("path", [[[0, 1]], [[0, 9], [0, 1], [0, 1], [0, 1]], "zipper", [["a", "b"]]])
-def test_a_malformed_entry_is_never_trusted(path: Any) -> None:
-    autotune.tune(SPEC, 16, _slow_except(_candidate_methods(16)[0]), KEY, repeats=1)
-    content = json.loads(autotune.cache_file().read_text())
+def test_a_malformed_entry_is_never_trusted(tuner: autotune.Autotuner, path: Any) -> None:
+    tuner.tune(SPEC, 16, _slow_except(_candidate_methods(16)[0]), KEY, repeats=1)
+    content = json.loads(tuner.path.read_text())
     for entry in content["entries"].values():
         entry["path"] = path
-    autotune.cache_file().write_text(json.dumps(content))
-    autotune.clear()
+    tuner.path.write_text(json.dumps(content))
     with pytest.warns(UserWarning, match="malformed autotune cache entry"):
-        assert autotune.cached(SPEC, 16, KEY) is None
+        assert autotune.Autotuner(tuner.path).cached(SPEC, 16, KEY) is None
 
 
-def test_an_unwritable_cache_still_tunes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_an_unwritable_cache_still_tunes(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    monkeypatch.setenv("TNLAYERS_CACHE_DIR", str(blocker / "sub"))  # a directory below a file cannot exist
-    autotune.clear()
+    tuner = autotune.Autotuner(blocker / "sub" / "autotune.json")  # a directory below a file cannot exist
     with pytest.warns(UserWarning, match="could not write the autotune cache"):
-        chosen = autotune.tune(SPEC, 4, _slow_except(_candidate_methods(4)[0]), KEY, repeats=1)
+        chosen = tuner.tune(SPEC, 4, _slow_except(_candidate_methods(4)[0]), KEY, repeats=1)
     assert chosen.strategy == "autotune"
 
 
@@ -91,27 +131,27 @@ def test_plan_accepts_autotune_as_the_model_choice() -> None:
     assert tnlayers.plan(SPEC, 32, "autotune").path == tnlayers.plan(SPEC, 32, "auto").path
 
 
-def test_layers_with_autotune_compute_the_right_result(layer_harness: Any) -> None:
+def test_layers_autotune_on_their_first_call_and_stay_right(layer_harness: Any) -> None:
+    """One policy in every framework: an eager call times the candidates, once per key."""
     layer = layer_harness.make((2, 3, 4), (3, 2, 2), 3, "autotune", np.float32)
     layer_harness.set_bias(layer, np.linspace(-1, 1, 12).astype(np.float32))
     cores, bias = layer_harness.weights(layer)
     x = np.random.default_rng(0).normal(size=(5, 24)).astype(np.float32)
     expected = x.astype(np.float64) @ dense_reference(cores) + bias
     np.testing.assert_allclose(layer_harness.forward(layer, x), expected, rtol=1e-4, atol=1e-5)
-    if layer_harness.name == "keras":
-        layer.autotune(5, repeats=1)
-        np.testing.assert_allclose(layer_harness.forward(layer, x), expected, rtol=1e-4, atol=1e-5)
-    entries = json.loads(autotune.cache_file().read_text())["entries"]
-    assert any(layer_harness.name in key for key in entries)
-    if layer_harness.name != "keras":  # the gradients of a tuned layer are right too
-        grad_out = np.random.default_rng(1).normal(size=(5, 12)).astype(np.float32)
-        _, core_grads, _ = layer_harness.grads(layer, x, grad_out)
-        expected_grads = reference_core_gradients(cores, x, grad_out)
-        for ours, theirs in zip(core_grads, expected_grads):
-            np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-4)
+    entries = json.loads(autotune.default_tuner().path.read_text())["entries"]
+    keys = [json.loads(k) for k in entries]
+    assert [k[3:] for k in keys] == [[8, layer_harness.tune_backend, "cpu", "float32", "none"]]
+    grad_out = np.random.default_rng(1).normal(size=(5, 12)).astype(np.float32)
+    _, core_grads, _ = layer_harness.grads(layer, x, grad_out)  # tunes again, for training
+    expected_grads = reference_core_gradients(cores, x, grad_out)
+    for ours, theirs in zip(core_grads, expected_grads):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-4)
+    entries = json.loads(autotune.default_tuner().path.read_text())["entries"]
+    assert sorted(json.loads(k)[-1] for k in entries) == ["all", "none"]
 
 
-def test_torch_autotune_tunes_training_and_inference_separately() -> None:
+def test_torch_autotune_leaves_no_gradient_behind() -> None:
     torch = pytest.importorskip("torch")
     from tnlayers.backends.torch import MPOLinear
 
@@ -122,8 +162,8 @@ def test_torch_autotune_tunes_training_and_inference_separately() -> None:
     grads = [c.grad.clone() for c in layer.cores]
     with torch.no_grad():
         layer(x)
-    keys = [json.loads(k) for k in json.loads(autotune.cache_file().read_text())["entries"]]
-    assert sorted(k[-1] for k in keys) == ["infer", "train"]
+    keys = [json.loads(k) for k in json.loads(autotune.default_tuner().path.read_text())["entries"]]
+    assert sorted(k[-1] for k in keys) == ["cores", "none"]
     reference = MPOLinear((4, 7, 7, 4), (4, 4, 4, 4), 4, strategy="zipper", seed=0, dtype=torch.float64)
     reference(x).sum().backward()
     for ours, theirs in zip(grads, reference.cores):
@@ -146,7 +186,7 @@ def test_report_lists_every_strategy_with_its_flops() -> None:
     rows = {row["strategy"]: row for row in cost.as_dicts()}
     assert set(rows) == {"zipper", "reverse-zipper", "materialize", "greedy", "dp", "optimal"}
     assert cost.batch_size == 1024 and rows["zipper"]["flops"] == _zipper_flops(spec, 1024)
-    assert cost.chosen.path == tnlayers.plan(spec, 1000, cost_model=tnlayers.cost_model_for("torch")).path
+    assert cost.chosen.path == tnlayers.plan(spec, 1000, cost_model=tnlayers.cost.cost_model_for("torch")).path
     assert any(row["chosen"] for row in rows.values())
     text = str(cost)
     assert "<- auto" in text and "14,848 params of 200,704" in text and f"auto picks {cost.chosen.method}" in text
@@ -154,4 +194,4 @@ def test_report_lists_every_strategy_with_its_flops() -> None:
 
 def test_report_accepts_layers_of_any_backend(layer_harness: Any) -> None:
     layer = layer_harness.make((2, 3), (3, 2), 2, "auto", np.float32)
-    assert tnlayers.report(layer, 8).spec == tnlayers.spec_from_cores(layer_harness.weights(layer)[0])
+    assert tnlayers.report(layer, 8).spec == tnlayers.decompose.spec_from_cores(layer_harness.weights(layer)[0])

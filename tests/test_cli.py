@@ -11,7 +11,7 @@ import tnlayers
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tnlayers", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "tnlayers.apps", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_basics() -> None:

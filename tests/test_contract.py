@@ -11,6 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tnlayers
+from tnlayers.contract import dense_weight, get_ops
+from tnlayers.layer import conv_route
+from tnlayers.plan import dense_cost
 
 # Uneven modes, primes, size-1 modes, one core, and the paper's FC2 layer.
 SPECS = {
@@ -154,17 +157,17 @@ def test_tf_function_with_unknown_batch_dimension() -> None:
 def test_dense_weight_in_every_framework(harness: Any, dtype: Any) -> None:
     for spec in (tnlayers.MPOSpec((2, 3, 4), (3, 1, 2), (2, 3)), tnlayers.MPOSpec((5,), (7,), 1)):
         cores = tnlayers.init_cores(spec, seed=3, dtype=dtype)
-        weight = tnlayers.dense_weight([harness.asarray(c) for c in cores], tnlayers.get_ops(harness.name))
+        weight = dense_weight([harness.asarray(c) for c in cores], get_ops(harness.name))
         assert_close(harness.to_numpy(weight), dense_reference(cores), dtype)
 
 
 def test_dense_cost_grows_with_rows_and_conv_route_respects_explicit_strategies() -> None:
     spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 8)
-    assert tnlayers.dense_cost(spec, 1) < tnlayers.dense_cost(spec, 1024) < tnlayers.dense_cost(spec, 1 << 16)
+    assert dense_cost(spec, 1) < dense_cost(spec, 1024) < dense_cost(spec, 1 << 16)
     for strategy in ("zipper", "reverse-zipper", [(0, 1), (0, 1), (0, 1), (0, 1)]):
-        plan, build_kernel = tnlayers.conv_route(spec, 1 << 16, strategy)
+        plan, build_kernel = conv_route(spec, 1 << 16, strategy)
         assert not build_kernel and plan.strategy != "auto"
     for strategy in ("materialize", [(1, 2), (1, 2), (1, 2), (0, 1)]):  # plans that build W first
-        assert tnlayers.conv_route(spec, 1, strategy)[1]
-    greedy, build_kernel = tnlayers.conv_route(spec, 1 << 16, "greedy")
+        assert conv_route(spec, 1, strategy)[1]
+    greedy, build_kernel = conv_route(spec, 1 << 16, "greedy")
     assert build_kernel == greedy.builds_weight

@@ -51,8 +51,20 @@ def test_load_mnist_uses_the_environment_variable(
     monkeypatch.setenv("TNLAYERS_DATA", str(tiny_mnist[0]))
     assert load_mnist(split="test")[1].tolist() == tiny_mnist[2][:2].tolist()
     monkeypatch.delenv("TNLAYERS_DATA")
-    with pytest.raises(ValueError, match="set TNLAYERS_DATA"):
+    monkeypatch.setattr(datasets, "KNOWN_FOLDERS", {"mnist": (tiny_mnist[0] / "nowhere",)})
+    with pytest.raises(FileNotFoundError, match=r"no mnist IDX files found; looked in \$TNLAYERS_DATA \(unset\)"):
         load_mnist()
+
+
+def test_fashion_mnist_never_reads_the_mnist_variable(
+    tiny_mnist: tuple[Path, np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TNLAYERS_DATA", str(tiny_mnist[0]))
+    monkeypatch.setattr(datasets, "KNOWN_FOLDERS", {"mnist": (), "fashion-mnist": ()})
+    assert datasets.find_folder("fashion-mnist") is None  # the same file names: MNIST would pass for it
+    assert datasets.find_folder("mnist") == tiny_mnist[0]
+    with pytest.raises(FileNotFoundError, match="no mnist IDX files"):
+        datasets.find_folder("mnist", tiny_mnist[0] / "empty")
 
 
 def test_real_mnist_when_present(mnist_dir: Path) -> None:

@@ -28,7 +28,7 @@ def test_to_dense_matches_explicit_einsum(spec_args) -> None:
 
 def test_frobenius_norm_without_dense() -> None:
     cores = _random_cores(tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 5))
-    assert tnlayers.frobenius_norm(cores) == pytest.approx(np.linalg.norm(dense_reference(cores)), rel=1e-12)
+    assert tnlayers.decompose.frobenius_norm(cores) == pytest.approx(np.linalg.norm(dense_reference(cores)), rel=1e-12)
 
 
 @pytest.mark.parametrize("modes", [((4, 7, 7, 4), (4, 4, 4, 4)), ((2, 3, 5), (5, 3, 2)), ((7, 13), (1, 6))])

@@ -33,7 +33,7 @@ def _param_count(in_modes: tuple[int, ...], out_modes: tuple[int, ...], bond: in
 
 
 def test_demo_quick_runs_all_five_steps(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "tnlayers", "demo", "--quick", "--batches", "1", "64", "--out", str(tmp_path)]
+    command = [sys.executable, "-m", "tnlayers.apps", "demo", "--quick", "--batches", "1", "64", "--out", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=PROJECT)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
@@ -53,18 +53,28 @@ def test_demo_quick_runs_all_five_steps(tmp_path: Path) -> None:
 
 
 def test_demo_without_mnist_says_it_uses_synthetic_digits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tnlayers import demo
+    from tnlayers.apps import demo
 
-    monkeypatch.setattr(demo, "find_mnist", lambda folder=None: None)
+    monkeypatch.setattr(demo, "find_folder", lambda dataset, folder=None: None)
     tensors, source = demo._load_data(None, quick=True)
     assert source.startswith("synthetic font digits") and "TNLAYERS_DATA" in source
     assert tuple(tensors[0].shape) == (3000, 784) and tuple(tensors[2].shape) == (1000, 784)
 
 
 def test_demo_rejects_a_data_folder_without_mnist(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "tnlayers", "demo", "--quick", "--data", str(tmp_path), "--out", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "tnlayers.apps",
+        "demo",
+        "--quick",
+        "--data",
+        str(tmp_path),
+        "--out",
+        str(tmp_path),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=PROJECT)
-    assert result.returncode == 2 and f"no MNIST IDX files in {tmp_path}" in result.stderr
+    assert result.returncode == 2 and f"no mnist IDX files (t10k-labels-idx1-ubyte.gz) in {tmp_path}" in result.stderr
 
 
 def test_console_command_lists_the_subcommands() -> None:

@@ -10,6 +10,7 @@ import pytest
 from tnlayers.backends.numpy import SGD, MPOLinear
 
 import tnlayers
+from tnlayers.contract import get_ops
 
 SPEC = tnlayers.MPOSpec((2, 3), (3, 2), 2)
 CORES = tnlayers.init_cores(SPEC, seed=0)
@@ -161,7 +162,7 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         ValueError,
         "the plan was made for",
     ),
-    ("unknown backend name", lambda: tnlayers.get_ops("mxnet"), ValueError, "unknown backend 'mxnet'"),
+    ("unknown backend name", lambda: get_ops("mxnet"), ValueError, "unknown backend 'mxnet'"),
     (
         "from_dense modes not matching",
         lambda: tnlayers.from_dense(W, (2, 2), (3, 2)),

@@ -50,7 +50,7 @@ def _step(layer_harness: Any, layer: Any, x: np.ndarray) -> None:
 
 def test_frozen_cores_stay_bit_identical_through_an_optimiser_step(layer_harness: Any) -> None:
     layer = layer_harness.make((2, 3, 4), (3, 2, 2), 3, "auto", np.float32)
-    spec = tnlayers.spec_from_cores(layer_harness.weights(layer)[0])
+    spec = tnlayers.decompose.spec_from_cores(layer_harness.weights(layer)[0])
     layer.freeze("central")
     before = [np.array(c, copy=True) for c in layer_harness.weights(layer)[0]]  # numpy's are the live arrays
     _step(layer_harness, layer, np.random.default_rng(0).normal(size=(8, 24)).astype(np.float32))

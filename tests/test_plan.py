@@ -11,7 +11,7 @@ import opt_einsum
 import pytest
 
 import tnlayers
-from tnlayers.plan import OPT_EINSUM_STRATEGIES, OWN_STRATEGIES
+from tnlayers.plan import OPT_EINSUM_STRATEGIES, OWN_STRATEGIES, auto_candidates, batch_bucket
 
 FC2 = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 8)
 
@@ -61,7 +61,7 @@ def test_plans_are_frozen_hashable_data_and_cached() -> None:
 
 @pytest.mark.parametrize(("batch", "bucket"), [(None, 128), (0, 1), (1, 1), (2, 2), (3, 4), (1000, 1024), (1024, 1024)])
 def test_batch_bucket(batch, bucket) -> None:
-    assert tnlayers.batch_bucket(batch) == bucket
+    assert batch_bucket(batch) == bucket
 
 
 def test_pairwise_steps_are_plain_products_in_ascii() -> None:
@@ -152,7 +152,7 @@ def test_training_plans_count_the_backward_products() -> None:
     assert grad_inputs(zipper.path, 5, "cores") == flags  # the same from the bare path
     materialize = tnlayers.plan(spec, 64, "materialize")
     assert sorted(grad_inputs(materialize.steps, 5, "cores")[-1]) == [False, True]  # W, x: no gradient for x
-    model = tnlayers.DEFAULT_COST_MODEL
+    model = tnlayers.cost.DEFAULT_COST_MODEL
     for chosen in (zipper, materialize):
         steps = [model.step_cost(*sizes) for sizes in chosen.step_sizes]
         flags = grad_inputs(chosen.steps, 5, "cores")
@@ -177,12 +177,12 @@ def test_planning_leaves_the_global_random_state_alone() -> None:
 def test_auto_takes_the_fewest_flops_among_near_ties() -> None:
     spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 8)
     strict = tnlayers.CostModel()
-    candidates = tnlayers.auto_candidates(spec, 64, strict)
+    candidates = auto_candidates(spec, 64, strict)
     cheapest = min(p.cost for p in candidates)
     assert strict.choose(candidates).cost == cheapest
     loose = tnlayers.CostModel(tolerance=10.0)  # every candidate counts as a tie: fewest flops wins
     chosen = tnlayers.plan(spec, 64, cost_model=loose)
-    assert chosen.flops == min(p.flops for p in tnlayers.auto_candidates(spec, 64, loose))
+    assert chosen.flops == min(p.flops for p in auto_candidates(spec, 64, loose))
     near = [p for p in candidates if p.cost <= cheapest * 1.2]
     assert tnlayers.CostModel(tolerance=0.2).choose(candidates).flops == min(p.flops for p in near)
 
@@ -201,7 +201,7 @@ def test_torch_planning_avoids_products_that_wake_threads_for_little_work() -> N
     32x28x224 product goes multi-threaded and ran 1.4-2x slower than a zipper, whose products stay
     under MKL's threshold."""
     spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 2)
-    torch_model = tnlayers.cost_model_for("torch")
+    torch_model = tnlayers.cost.cost_model_for("torch")
     chosen = tnlayers.plan(spec, 8, cost_model=torch_model, gradients="cores")
     assert max(m * n * k for m, n, k, _ in chosen.step_sizes) < torch_model.parallel_threshold
     unaware = dataclasses.replace(torch_model, parallel_overhead=0.0)
@@ -211,7 +211,7 @@ def test_torch_planning_avoids_products_that_wake_threads_for_little_work() -> N
 
 def test_plans_the_model_cannot_tell_apart_go_to_the_first_candidate() -> None:
     spec = tnlayers.MPOSpec((4, 8, 8, 4), (4, 8, 8, 4), 4)
-    candidates = tnlayers.auto_candidates(spec, 4096, gradients="cores")
+    candidates = auto_candidates(spec, 4096, gradients="cores")
     dp, optimal = (next(p for p in candidates if p.method == name) for name in ("dp", "optimal"))
 
     def products(plan: tnlayers.ContractionPlan) -> list[tuple[int, ...]]:

@@ -21,6 +21,8 @@ F = torch.nn.functional
 from tnlayers.backends import numpy as numpy_backend  # noqa: E402
 from tnlayers.backends.torch import MPOConv2d, MPOLinear, compress  # noqa: E402
 
+from tnlayers.layer import conv_route  # noqa: E402
+
 pytestmark = pytest.mark.filterwarnings("ignore::tnlayers.RankClippedWarning")
 STRATEGIES = ["auto", "zipper", "reverse-zipper", "materialize", "greedy", "dp"]
 
@@ -213,10 +215,10 @@ def test_conv_matches_the_dense_convolution(
 
 def test_conv_route_follows_the_cost_model() -> None:
     spec = tnlayers.MPOSpec((2, 8, 8, 8, 2), (2, 8, 8, 8, 2), 4)  # the paper's VGG conv-as-MPO
-    _, dense_at_1 = tnlayers.conv_route(spec, 1)
-    _, dense_at_big = tnlayers.conv_route(spec, 1 << 16)
+    _, dense_at_1 = conv_route(spec, 1)
+    _, dense_at_big = conv_route(spec, 1 << 16)
     assert (dense_at_1, dense_at_big) == (False, True)
-    assert tnlayers.conv_route(spec, 1, "materialize")[1] and not tnlayers.conv_route(spec, 1 << 16, "dp")[1]
+    assert conv_route(spec, 1, "materialize")[1] and not conv_route(spec, 1 << 16, "dp")[1]
 
 
 def test_from_conv_roundtrip() -> None:
@@ -377,7 +379,7 @@ def test_distributed_data_parallel_matches_one_process(tmp_path: Path) -> None:
         (
             lambda: MPOConv2d(3, 8, 3, (3, 3, 2), (2, 2, 2), 2),
             ValueError,
-            r"multiply to 18.*needs in_channels\*kh\*kw = 27",
+            r"multiply to 18.*in_channels\*kh\*kw = 3\*3\*3 = 27",
         ),
         (lambda: MPOConv2d(3, 8, 3, (3, 3, 3), (2, 2, 3), 2), ValueError, "out_modes .* to 12.*out_channels = 8"),
         (lambda: MPOConv2d(3, 8, (3, 3, 3)), ValueError, r"kernel_size must be .* pair.*\(3, 3, 3\)"),

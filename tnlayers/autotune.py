@@ -1,89 +1,181 @@
 """``strategy="autotune"``: time the cost model's best few plans on the real hardware, once, and remember.
 
-The first call for a ``(spec, batch bucket, key)`` (``key`` names the backend, device, dtype and
-whether gradients are needed) times the ``top`` cheapest distinct candidates of ``"auto"``
-round-robin and keeps the fastest. Winners live in memory and in a JSON file in
-:func:`cache_dir` (``$TNLAYERS_CACHE_DIR``, else ``$XDG_CACHE_HOME/tnlayers``, else
-``~/.cache/tnlayers``). The file is safe to delete; a corrupt file or entry is ignored with a
-warning and tuned again, never trusted: each cached path is re-planned and checked against the spec.
+An :class:`Autotuner` keeps winners per ``(spec, batch bucket, key)`` (``key`` names the backend,
+device, dtype and whether gradients are needed; see :func:`tnlayers.layer.tune_key`) in memory and
+in one JSON file at an explicit path. :func:`default_tuner` is the one layers use: its file is
+``$TNLAYERS_CACHE_DIR/autotune.json``, else ``$XDG_CACHE_HOME/tnlayers/autotune.json``, else
+``~/.cache/tnlayers/autotune.json``, the environment read once when it is first asked for.
+
+The file is safe to delete. A corrupt file or entry is ignored with a warning and tuned again, never
+trusted: each stored path is re-planned and checked against the spec. Writes are atomic (a temporary
+file, then a rename) and merge with what other processes wrote meanwhile.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
 import tempfile
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .plan import DEFAULT_COST_MODEL, ContractionPlan, CostModel, auto_candidates, batch_bucket, plan
+from .cost import DEFAULT_COST_MODEL, CostModel
+from .plan import ContractionPlan, auto_candidates, batch_bucket, plan
 from .spec import MPOSpec
 from .timing import calls_per_sample, round_robin
 
-__all__ = ["cache_dir", "cache_file", "cached", "clear", "tune"]
+__all__ = ["Autotuner", "cache_dir_from", "default_tuner"]
 
 FORMAT_VERSION = 1
-_memory: dict[str, dict[str, Any]] = {}
-"""Entries as stored in the file."""
-_resolved: dict[tuple[Any, ...], ContractionPlan] = {}
-"""Plans already rebuilt from entries, for the per-call lookup."""
-_loaded_from: Path | None = None
+#: Candidates timed: the cost model's four cheapest distinct paths. In the orderings benchmark the
+#: fastest path was among them in every case (benchmarks/README.md, "autotune by path").
+TOP_CANDIDATES = 4
+#: One timed sample lasts about this long, so short calls are not all timer noise.
+SAMPLE_SECONDS = 2e-3
 
 
-def cache_dir() -> Path:
-    """Where autotune results are kept (created on first write)."""
-    if os.environ.get("TNLAYERS_CACHE_DIR"):
-        return Path(os.environ["TNLAYERS_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+def cache_dir_from(environ: Mapping[str, str]) -> Path:
+    """The cache folder named by ``environ`` (see the module docstring)."""
+    if environ.get("TNLAYERS_CACHE_DIR"):
+        return Path(environ["TNLAYERS_CACHE_DIR"])
+    base = environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "tnlayers"
-
-
-def cache_file() -> Path:
-    return cache_dir() / "autotune.json"
 
 
 def _entry_key(spec: MPOSpec, batch: int | None, key: Sequence[str]) -> str:
     return json.dumps([list(spec.in_modes), list(spec.out_modes), list(spec.ranks), batch_bucket(batch), *key])
 
 
-def _load() -> None:
-    """Read the cache file once per location; anything malformed is dropped with a warning."""
-    global _loaded_from
-    path = cache_file()
-    if _loaded_from == path:
-        return
-    _loaded_from = path
-    _memory.clear()
-    _resolved.clear()
-    if not path.is_file():
-        return
-    try:
-        content = json.loads(path.read_text())
-        if not isinstance(content, dict) or content.get("version") != FORMAT_VERSION:
-            raise ValueError(f"expected a JSON object with version {FORMAT_VERSION}")
-        entries = content.get("entries")
-        if not isinstance(entries, dict):
-            raise ValueError("no 'entries' object")
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        warnings.warn(f"ignoring the corrupt autotune cache {path} ({err}); it will be rewritten", stacklevel=3)
-        return
-    _memory.update({k: v for k, v in entries.items() if isinstance(v, dict)})
+class Autotuner:
+    """Timed winners kept in memory and in the JSON file ``path``; safe to share between threads."""
 
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._entries: dict[str, dict[str, Any]] | None = None
+        """Entries as stored in the file (read on first use)."""
+        self._resolved: dict[tuple[Any, ...], ContractionPlan] = {}
+        """Plans already rebuilt from entries, for the per-call lookup."""
 
-def _save() -> None:
-    path = cache_file()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(handle, "w") as out:
-            json.dump({"version": FORMAT_VERSION, "entries": _memory}, out, indent=1)
-        os.replace(temporary, path)
-    except OSError as err:  # a read-only home still tunes, it just cannot remember across runs
-        warnings.warn(f"could not write the autotune cache {path}: {err}", stacklevel=3)
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Autotuner:
+        """A tuner whose file lies where the environment says (read now, once)."""
+        return cls(cache_dir_from(os.environ if environ is None else environ) / "autotune.json")
+
+    def __repr__(self) -> str:
+        return f"Autotuner({str(self.path)!r})"
+
+    def _read_file(self, warn: bool = True) -> dict[str, dict[str, Any]]:
+        """The file's entries; anything malformed is dropped (with a warning if ``warn``)."""
+        if not self.path.is_file():
+            return {}
+        try:
+            content = json.loads(self.path.read_text())
+            if not isinstance(content, dict) or content.get("version") != FORMAT_VERSION:
+                raise ValueError(f"expected a JSON object with version {FORMAT_VERSION}")
+            entries = content.get("entries")
+            if not isinstance(entries, dict):
+                raise ValueError("no 'entries' object")
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            if not warn:
+                return {}
+            warnings.warn(
+                f"ignoring the corrupt autotune cache {self.path} ({err}); it will be rewritten", stacklevel=4
+            )
+            return {}
+        return {k: v for k, v in entries.items() if isinstance(v, dict)}
+
+    def _loaded(self) -> dict[str, dict[str, Any]]:
+        if self._entries is None:
+            self._entries = self._read_file()
+        return self._entries
+
+    def _save(self, key: str, entry: dict[str, Any]) -> None:
+        """Merge ``entry`` into what the file holds now (another process may have written), then replace it."""
+        with self._lock:
+            entries = self._loaded()
+            entries.update(self._read_file(warn=False))
+            entries[key] = entry
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                handle, temporary = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+                try:
+                    with os.fdopen(handle, "w") as out:
+                        json.dump({"version": FORMAT_VERSION, "entries": dict(entries)}, out, indent=1)
+                    os.replace(temporary, self.path)
+                finally:
+                    Path(temporary).unlink(missing_ok=True)
+            except OSError as err:  # a read-only home still tunes, it just cannot remember across runs
+                warnings.warn(f"could not write the autotune cache {self.path}: {err}", stacklevel=4)
+
+    def cached(self, spec: MPOSpec, batch: int | None, key: Sequence[str]) -> ContractionPlan | None:
+        """The remembered winner, without timing anything (``None`` if there is none)."""
+        fast_key = (spec, batch_bucket(batch), tuple(key))
+        found = self._resolved.get(fast_key)
+        if found is not None:
+            return found
+        with self._lock:
+            entry = self._loaded().get(_entry_key(spec, batch, key))
+        found = None if entry is None else _plan_from_entry(spec, batch, entry)
+        if found is not None:
+            self._resolved[fast_key] = found
+        return found
+
+    def tune(
+        self,
+        spec: MPOSpec,
+        batch: int | None,
+        make_run: Callable[[ContractionPlan], Callable[[], object]],
+        key: Sequence[str],
+        cost_model: CostModel = DEFAULT_COST_MODEL,
+        top: int = TOP_CANDIDATES,
+        repeats: int = 5,
+        gradients: str = "none",
+    ) -> ContractionPlan:
+        """The fastest of the ``top`` cheapest candidate plans, timed with ``make_run(plan)()`` (or remembered).
+
+        ``make_run`` turns a plan into a call that runs it once on representative inputs (forward, or
+        forward and backward when gradients are needed); ``key`` must tell apart everything that
+        changes the answer (backend, device, dtype, whether gradients are taken). ``gradients`` is
+        what the candidates are costed for (see :func:`tnlayers.plan`).
+        """
+        known = self.cached(spec, batch, key)
+        if known is not None:
+            return known
+        candidates: list[ContractionPlan] = []
+        for candidate in sorted(auto_candidates(spec, batch, cost_model, gradients), key=lambda p: (p.cost, p.flops)):
+            if all(candidate.path != other.path for other in candidates):
+                candidates.append(candidate)
+            if len(candidates) == top:
+                break
+        runs = {str(k): make_run(candidate) for k, candidate in enumerate(candidates)}
+        inner = min(calls_per_sample(run, SAMPLE_SECONDS) for run in runs.values())
+        times = round_robin(runs, repeats, inner, warmup=0)  # calls_per_sample warmed each one up
+        medians = {int(k): statistics.median(samples) for k, samples in times.items()}
+        best = min(medians, key=medians.__getitem__)
+        self._save(
+            _entry_key(spec, batch, key),
+            {
+                "path": [list(pair) for pair in candidates[best].path],
+                "method": candidates[best].method,
+                "median_s": {candidates[k].method: medians[k] for k in medians},
+            },
+        )
+        return dataclasses.replace(candidates[best], strategy="autotune")
+
+    def clear(self, disk: bool = False) -> None:
+        """Forget the winners in memory (the file is read again on next use); ``disk=True`` deletes the file."""
+        with self._lock:
+            self._entries = None
+            self._resolved.clear()
+            if disk:
+                self.path.unlink(missing_ok=True)
 
 
 def _plan_from_entry(spec: MPOSpec, batch: int | None, entry: dict[str, Any]) -> ContractionPlan | None:
@@ -96,62 +188,7 @@ def _plan_from_entry(spec: MPOSpec, batch: int | None, entry: dict[str, Any]) ->
     return dataclasses.replace(found, strategy="autotune", method=str(entry.get("method", "path")))
 
 
-def cached(spec: MPOSpec, batch: int | None, key: Sequence[str]) -> ContractionPlan | None:
-    """The remembered winner, without timing anything (``None`` if there is none)."""
-    fast_key = (spec, batch_bucket(batch), tuple(key), str(cache_file()))
-    if fast_key in _resolved:
-        return _resolved[fast_key]
-    _load()
-    entry = _memory.get(_entry_key(spec, batch, key))
-    found = None if entry is None else _plan_from_entry(spec, batch, entry)
-    if found is not None:
-        _resolved[fast_key] = found
-    return found
-
-
-def tune(
-    spec: MPOSpec,
-    batch: int | None,
-    make_run: Callable[[ContractionPlan], Callable[[], object]],
-    key: Sequence[str],
-    cost_model: CostModel = DEFAULT_COST_MODEL,
-    top: int = 4,
-    repeats: int = 5,
-) -> ContractionPlan:
-    """The fastest of the ``top`` cheapest candidate plans, timed with ``make_run(plan)()`` (or remembered).
-
-    ``make_run`` turns a plan into a call that runs it once on representative inputs (forward, or
-    forward and backward when gradients are needed); ``key`` must tell apart everything that
-    changes the answer (backend, device, dtype, whether gradients are taken).
-    """
-    known = cached(spec, batch, key)
-    if known is not None:
-        return known
-    candidates: list[ContractionPlan] = []
-    for candidate in sorted(auto_candidates(spec, batch, cost_model), key=lambda p: (p.cost, p.flops)):
-        if all(candidate.path != other.path for other in candidates):
-            candidates.append(candidate)
-        if len(candidates) == top:
-            break
-    runs = {str(k): make_run(candidate) for k, candidate in enumerate(candidates)}
-    inner = min(calls_per_sample(run, 2e-3) for run in runs.values())  # samples of >= 2 ms for the slowest
-    times = round_robin(runs, repeats, inner, warmup=0)  # calls_per_sample warmed each one up
-    medians = {int(k): statistics.median(samples) for k, samples in times.items()}
-    best = min(medians, key=medians.__getitem__)
-    _memory[_entry_key(spec, batch, key)] = {
-        "path": [list(pair) for pair in candidates[best].path],
-        "method": candidates[best].method,
-        "median_s": {candidates[k].method: medians[k] for k in medians},
-    }
-    _save()
-    return dataclasses.replace(candidates[best], strategy="autotune")
-
-
-def clear(disk: bool = False) -> None:
-    """Forget the winners in memory, and delete the cache file too with ``disk=True``."""
-    global _loaded_from
-    _memory.clear()
-    _resolved.clear()
-    _loaded_from = None
-    if disk:
-        cache_file().unlink(missing_ok=True)
+@functools.cache
+def default_tuner() -> Autotuner:
+    """The tuner layers use, its file where the environment said when first asked (``cache_clear()`` re-reads)."""
+    return Autotuner.from_environment()

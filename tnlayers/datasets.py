@@ -18,7 +18,16 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["DATASETS", "download", "load_mnist", "read_idx", "resolve_folder", "synthetic_digits"]
+__all__ = [
+    "DATASETS",
+    "KNOWN_FOLDERS",
+    "download",
+    "find_folder",
+    "load_mnist",
+    "read_idx",
+    "resolve_folder",
+    "synthetic_digits",
+]
 
 _IDX_TYPES: dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _FILES = {
@@ -80,13 +89,45 @@ def _find(folder: Path, stem: str) -> Path:
     raise FileNotFoundError(f"{stem}(.gz) not found in {folder}")
 
 
-def resolve_folder(folder: str | os.PathLike[str] | None = None) -> Path:
-    """``folder``, else the ``TNLAYERS_DATA`` environment variable; a ``ValueError`` when neither is set."""
-    if folder is None:
-        if not os.environ.get("TNLAYERS_DATA"):
-            raise ValueError("pass the folder holding the IDX files, or set TNLAYERS_DATA")
-        folder = os.environ["TNLAYERS_DATA"]
-    return Path(folder)
+#: Offline copies looked for when no folder is given: this project's MNIST beside the checkout (as
+#: seen from the working directory and from the source tree) and Debian's ``dataset-fashion-mnist``.
+KNOWN_FOLDERS: dict[str, tuple[Path, ...]] = {
+    "mnist": (Path("../shared/data/mnist"), Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"),
+    "fashion-mnist": (Path("/usr/share/datasets/fashion-mnist"),),
+}
+
+
+def _holds(folder: Path, stem: str) -> bool:
+    return any((folder / name).is_file() for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")))
+
+
+def find_folder(dataset: str = "mnist", folder: str | os.PathLike[str] | None = None) -> Path | None:
+    """The folder of ``dataset``'s IDX files: ``folder`` if given (it must hold them), else ``$TNLAYERS_DATA``
+    (MNIST only: Fashion-MNIST's files have the same names), else a known offline copy (:data:`KNOWN_FOLDERS`);
+    ``None`` when no candidate holds them."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    stem = _FILES["test"][1]
+    if folder is not None:
+        if not _holds(Path(folder), stem):
+            raise FileNotFoundError(f"no {dataset} IDX files ({stem}.gz) in {folder}")
+        return Path(folder)
+    variable = os.environ.get("TNLAYERS_DATA") if dataset == "mnist" else None
+    from_environment = [Path(variable)] if variable else []
+    for candidate in (*from_environment, *KNOWN_FOLDERS[dataset]):
+        if _holds(candidate, stem):
+            return candidate
+    return None
+
+
+def resolve_folder(folder: str | os.PathLike[str] | None = None, dataset: str = "mnist") -> Path:
+    """:func:`find_folder`, or a ``FileNotFoundError`` naming where it looked."""
+    found = find_folder(dataset, folder)
+    if found is None:
+        places = ["$TNLAYERS_DATA (unset)" if not os.environ.get("TNLAYERS_DATA") else os.environ["TNLAYERS_DATA"]]
+        places += [str(p) for p in KNOWN_FOLDERS[dataset]]
+        raise FileNotFoundError(f"no {dataset} IDX files found; looked in {', '.join(places)}; pass a folder")
+    return found
 
 
 def load_mnist(
@@ -94,7 +135,7 @@ def load_mnist(
 ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     """MNIST (or Fashion-MNIST) images as float32 in [0, 1] of shape ``(N, 784)``, and int64 labels.
 
-    ``folder`` defaults to the ``TNLAYERS_DATA`` environment variable.
+    ``folder`` defaults to what :func:`find_folder` finds.
     """
     if split not in _FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -135,7 +176,9 @@ def download(
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
-    root = resolve_folder(folder)
+    if folder is None and not os.environ.get("TNLAYERS_DATA"):
+        raise ValueError("pass the folder to download into, or set TNLAYERS_DATA")
+    root = Path(folder if folder is not None else os.environ["TNLAYERS_DATA"])
     root.mkdir(parents=True, exist_ok=True)
     source = base_url if base_url is not None else DATASETS[dataset]["url"]
     for stem, expected in DATASETS[dataset]["sha256"].items():

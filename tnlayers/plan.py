@@ -23,21 +23,19 @@ from typing import Any, NamedTuple
 import opt_einsum
 from opt_einsum.paths import ssa_to_linear
 
+from .cost import DEFAULT_COST_MODEL, CostModel
 from .spec import MPOSpec, _as_positive_int
 
 __all__ = [
-    "DEFAULT_COST_MODEL",
     "STRATEGIES",
     "ContractionPlan",
-    "CostModel",
-    "COST_MODELS",
     "Pairwise",
     "PlanStep",
     "GRADIENTS",
+    "MAX_BUCKET",
     "auto_candidates",
+    "candidate_optimizers",
     "batch_bucket",
-    "cost_model_for",
-    "conv_route",
     "dense_cost",
     "plan",
     "strategy_key",
@@ -80,98 +78,6 @@ class PlanStep(NamedTuple):
     forward: Pairwise
     grads: tuple[Pairwise, Pairwise]
     """``grads[0]`` maps ``(grad_out, b) -> grad_a``; ``grads[1]`` maps ``(a, grad_out) -> grad_b``."""
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Estimated cost of a plan: per step, GEMM time at a shape-dependent efficiency plus memory traffic.
-
-    ``time = overhead + 2*M*N*K / (peak_flops * e(M) * e(N) * e(K)) + (|A| + |B| + |C|) / bandwidth``
-    with ``e(d) = d / (d + half_size)``: small matrix dimensions run far below the GEMM peak.
-    ``bandwidth`` is an effective figure (elements per second) that also stands for the transposes
-    and copies a framework makes around each product. A product with ``M*N*K >= parallel_threshold``
-    also pays ``parallel_overhead``: the BLAS splits it across threads, and waking them costs time
-    (about 90 us per product on a 2-vCPU VM with ``OMP_WAIT_POLICY=PASSIVE``, where MKL's sgemm goes
-    parallel from ``M*N*K`` of about 1.9e5). The defaults were fitted on a 2-core x86 CPU
-    (float32; torch forward+backward and NumPy forward over 32 layer shapes and batch sizes).
-    """
-
-    peak_flops: float = 4e10
-    bandwidth: float = 1e8
-    half_size: float = 16.0
-    step_overhead: float = 2e-5
-    tolerance: float = 0.0
-    """``auto`` takes the fewest-flops plan among those estimated within this fraction of the cheapest:
-    where the model cannot tell plans apart, less arithmetic is the safer bet."""
-    parallel_threshold: float = math.inf
-    """``M*N*K`` from which a product runs multi-threaded (``inf``: the model ignores threading)."""
-    parallel_overhead: float = 0.0
-    """Seconds a multi-threaded product pays to start its threads."""
-
-    def choose(self, plans: Sequence[ContractionPlan]) -> ContractionPlan:
-        """The plan ``auto`` runs: the fewest flops among those costed within ``tolerance`` of the cheapest.
-
-        Then the lowest cost; plans the model cannot tell apart (costs equal to 9 digits, as when two
-        paths have the same step sizes) go to the first in ``plans``, not to the last bit of rounding.
-        """
-        return plans[self.choose_index([p.cost for p in plans], [p.flops for p in plans])]
-
-    def choose_index(self, costs: Sequence[float], flops: Sequence[int]) -> int:
-        """:meth:`choose` on bare numbers: the index of the plan it picks (also used to fit the model)."""
-        cheapest = min(costs)
-        near = [k for k, cost in enumerate(costs) if cost <= cheapest * (1 + self.tolerance)]
-        return min(near, key=lambda k: (flops[k], float(f"{costs[k]:.9g}")))
-
-    def step_cost(self, m: int, n: int, k: int, elements_moved: int) -> float:
-        def efficiency(d: int) -> float:
-            return d / (d + self.half_size)
-
-        gemm = 2.0 * m * n * k / (self.peak_flops * efficiency(m) * efficiency(n) * efficiency(k))
-        threads = self.parallel_overhead if m * n * k >= self.parallel_threshold else 0.0
-        return self.step_overhead + gemm + threads + elements_moved / self.bandwidth
-
-    def estimate(
-        self,
-        step_sizes: Sequence[tuple[int, int, int, int]],
-        grad_inputs: Sequence[tuple[bool, bool]] | None = None,
-    ) -> float:
-        """The cost of a plan from its ``step_sizes`` (so a plan can be re-scored under another model).
-
-        With ``grad_inputs`` (per step, whether each of its two inputs needs a gradient) the backward
-        pass is added: one more product of the step's size per input that needs a gradient.
-        """
-        forward = sum(self.step_cost(*sizes) for sizes in step_sizes)
-        if grad_inputs is None:
-            return forward
-        return forward + sum(self.step_cost(*sizes) * (a + b) for sizes, (a, b) in zip(step_sizes, grad_inputs))
-
-
-DEFAULT_COST_MODEL = CostModel()
-
-#: Per backend, weights fitted to forward+backward times on a 2-core x86 CPU (float32) by
-#: ``python -m benchmarks.orderings --fit`` (torch: 183 cases and batch sizes, see benchmarks/README.md;
-#: its GEMM peak and bandwidth came out near the measured 311-344 GFLOP/s and 8 GB/s, and its
-#: threading cost near the ~90 us timed for one multi-threaded product under OMP_WAIT_POLICY=PASSIVE);
-#: refit them for other hardware. jax has not been fitted and uses the default.
-COST_MODELS: dict[str, CostModel] = {
-    "numpy": DEFAULT_COST_MODEL,
-    "torch": CostModel(
-        peak_flops=3.2e11,
-        bandwidth=2e9,
-        half_size=1,
-        step_overhead=1e-5,
-        tolerance=0.1,
-        parallel_threshold=1.9e5,
-        parallel_overhead=9e-5,
-    ),
-    "tensorflow": DEFAULT_COST_MODEL,
-    "jax": DEFAULT_COST_MODEL,
-}
-
-
-def cost_model_for(backend: str) -> CostModel:
-    """The calibrated :class:`CostModel` of ``backend`` (numpy, torch, tensorflow, jax), else the default."""
-    return COST_MODELS.get(backend, DEFAULT_COST_MODEL)
 
 
 @dataclass(frozen=True)
@@ -224,12 +130,29 @@ class ContractionPlan:
         return "\n".join(lines)
 
 
-def batch_bucket(batch_size: int | None) -> int:
-    """The power of two at or above ``batch_size`` (``DEFAULT_BATCH`` when unknown, 1 for 0)."""
+#: The largest bucket: from here on every candidate's cost grows linearly in the rows, so the ranking
+#: no longer changes with the batch, and a compiled graph needs no more than 25 bucket guards.
+MAX_BUCKET = 1 << 24
+
+
+def batch_bucket(batch_size: Any) -> int:
+    """The power of two at or above ``batch_size`` (``DEFAULT_BATCH`` when unknown, 1 for 0), at most ``MAX_BUCKET``.
+
+    Bucketed by comparisons only: a symbolic size (``torch.SymInt`` under ``torch.compile``) becomes
+    a few guards, and the bucket stays a plain int, a constant of the graph.
+    """
     if batch_size is None:
         return DEFAULT_BATCH
-    size = _as_positive_int(batch_size, "batch_size", minimum=0)
-    return 1 << max(size - 1, 0).bit_length()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        size = _as_positive_int(batch_size, "batch_size", minimum=0)  # NumPy ints pass, anything else is named
+    elif batch_size < 0:
+        raise ValueError(f"batch_size must be >= 0, got {batch_size}")
+    else:
+        size = batch_size
+    bucket = 1
+    while bucket < size and bucket < MAX_BUCKET:
+        bucket *= 2
+    return bucket
 
 
 def _operand_shapes(spec: MPOSpec, batch: int) -> tuple[tuple[int, ...], ...]:
@@ -375,7 +298,9 @@ def _build(
     )
 
 
-def _auto_candidates(n: int) -> list[tuple[str, Any]]:
+def candidate_optimizers(n: int) -> list[tuple[str, Any]]:
+    """The one table of ``auto``'s candidates for ``n`` cores: ``(name, opt_einsum optimiser)``, the optimiser
+    ``None`` for the orderings built here."""
     candidates: list[tuple[str, Any]] = [(name, None) for name in OWN_STRATEGIES]
     candidates += [
         ("greedy", "greedy"),
@@ -397,7 +322,7 @@ def _candidates_cached(
     plans = []
     state = random.getstate()  # RandomGreedy reseeds Python's global generator: give the user theirs back
     try:
-        for name, optimizer in _auto_candidates(spec.n_cores):
+        for name, optimizer in candidate_optimizers(spec.n_cores):
             optimize = _ordering_path(name, spec.n_cores) if optimizer is None else optimizer
             plans.append(_build(spec, batch, "auto", name, optimize, model, gradients))
     finally:
@@ -524,35 +449,3 @@ def dense_cost(spec: MPOSpec, rows: int | None, *, cost_model: CostModel = DEFAU
     building = plan(spec, 1, "materialize", cost_model=cost_model).step_sizes[:-1]
     m, n, k = batch_bucket(rows), spec.out_features, spec.in_features
     return cost_model.estimate(building) + cost_model.step_cost(m, n, k, m * k + k * n + m * n)
-
-
-def conv_route(
-    spec: MPOSpec,
-    rows: int | None,
-    strategy: str | Sequence[Sequence[int]] = "auto",
-    *,
-    cost_model: CostModel = DEFAULT_COST_MODEL,
-) -> tuple[ContractionPlan, bool]:
-    """How an MPO convolution runs ``rows`` output positions (batch x height x width).
-
-    Returns the plan for contracting the unfolded input (``rows`` patches of ``in_features``) and
-    whether building the kernel and running the framework's own convolution is cheaper instead.
-    ``"auto"`` decides by the cost model (unfolding writes and reads every patch once more);
-    an explicit strategy builds the kernel when its plan does (:attr:`ContractionPlan.builds_weight`,
-    e.g. ``"materialize"``), and unfolds otherwise.
-    """
-    bucket = batch_bucket(rows)
-    if isinstance(strategy, str) or (isinstance(strategy, tuple) and all(isinstance(p, tuple) for p in strategy)):
-        return _conv_route_cached(spec, bucket, strategy, cost_model)  # layers call this on every forward
-    return _conv_route_cached.__wrapped__(spec, bucket, strategy, cost_model)
-
-
-@functools.lru_cache(maxsize=1024)
-def _conv_route_cached(
-    spec: MPOSpec, bucket: int, strategy: Any, cost_model: CostModel
-) -> tuple[ContractionPlan, bool]:
-    chosen = plan(spec, bucket, strategy, cost_model=cost_model)
-    if chosen.strategy not in ("auto", "autotune"):  # convolutions do not time: autotune is the model's choice
-        return chosen, chosen.builds_weight
-    unfolded = chosen.cost + 2 * bucket * spec.in_features / cost_model.bandwidth
-    return chosen, dense_cost(spec, bucket, cost_model=cost_model) < unfolded

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .plan import ContractionPlan, batch_bucket, cost_model_for, plan
+from .cost import cost_model_for
+from .plan import ContractionPlan, batch_bucket, plan
 from .spec import MPOSpec
 
 __all__ = ["CompressionReport", "CostReport", "LayerReport", "report"]
@@ -136,7 +137,7 @@ def report(layer_or_spec: Any, batch_size: int = 1, backend: str = "numpy") -> C
     """Per-strategy flops, largest intermediate and model cost of one layer (or spec) at ``batch_size``.
 
     ``layer_or_spec`` is an :class:`MPOSpec`, a list of cores or any backend's MPO layer; ``backend``
-    picks the calibrated cost model (see :func:`tnlayers.cost_model_for`). ``print`` it for a table.
+    picks the calibrated cost model (see :func:`tnlayers.cost.cost_model_for`). ``print`` it for a table.
     """
     if isinstance(layer_or_spec, MPOSpec):
         spec = layer_or_spec

@@ -178,10 +178,6 @@ class MPOSpec:
         """``num_params / dense_params``: the paper's rho (smaller means more compression)."""
         return self.num_params / self.dense_params
 
-    def with_ranks(self, ranks: int | Sequence[int]) -> MPOSpec:
-        """The same modes with other bond dimensions."""
-        return MPOSpec(self.in_modes, self.out_modes, ranks)
-
     def __str__(self) -> str:
         return (
             f"MPOSpec({'x'.join(map(str, self.in_modes))} -> {'x'.join(map(str, self.out_modes))}, "

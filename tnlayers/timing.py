@@ -10,11 +10,10 @@ order would charge that to the same contender every time.
 from __future__ import annotations
 
 import random
-import statistics
 import time
 from collections.abc import Callable, Mapping
 
-__all__ = ["calls_per_sample", "median", "round_robin"]
+__all__ = ["calls_per_sample", "round_robin"]
 
 
 def round_robin(
@@ -47,7 +46,3 @@ def calls_per_sample(run: Callable[[], object], target_s: float = 2e-3) -> int:
     run()
     once = max(time.perf_counter() - start, 1e-7)
     return max(1, min(1000, round(target_s / once)))
-
-
-def median(samples: list[float]) -> float:
-    return statistics.median(samples)

@@ -15,18 +15,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from tnlayers.apps.training import train_classifier
 from tnlayers.backends.torch import MPOConv2d, MPOLinear
 from torch import nn
 
 import tnlayers
-from tnlayers.datasets import load_mnist
-from tnlayers.demo import train_classifier
+from tnlayers.datasets import load_mnist, resolve_folder
 
 PROJECT = Path(__file__).resolve().parents[2]
-DEFAULT_FOLDERS = {
-    "mnist": PROJECT.parent / "shared" / "data" / "mnist",
-    "fashion-mnist": Path("/usr/share/datasets/fashion-mnist"),
-}
 
 
 @dataclass
@@ -63,7 +59,9 @@ class RunResult:
 
 def common_arguments(parser: argparse.ArgumentParser, epochs: int, seeds: int) -> None:
     parser.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
-    parser.add_argument("--data", type=Path, default=None, help="folder of the IDX files (default: TNLAYERS_DATA)")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="folder of the IDX files (default: see tnlayers.datasets.find_folder)"
+    )
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--seeds", type=int, default=seeds, help="independent runs per model")
     parser.add_argument("--batch-size", type=int, default=100)
@@ -74,20 +72,11 @@ def common_arguments(parser: argparse.ArgumentParser, epochs: int, seeds: int) -
     parser.add_argument("--out", type=Path, default=PROJECT / "results" / "paper")
 
 
-def data_folder(dataset: str, folder: Path | None) -> Path:
-    """``--data``, else ``TNLAYERS_DATA`` (MNIST only), else this project's offline copy."""
-    if folder is not None:
-        return folder
-    if dataset == "mnist" and os.environ.get("TNLAYERS_DATA"):
-        return Path(os.environ["TNLAYERS_DATA"])
-    return DEFAULT_FOLDERS[dataset]
-
-
 def load_data(
     dataset: str, folder: Path | None, limit: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Standardised ``(N, 784)`` float32 images and int64 labels: train then test."""
-    root = data_folder(dataset, folder)
+    root = resolve_folder(folder, dataset)
     x_train, y_train = load_mnist(root, "train")
     x_test, y_test = load_mnist(root, "test")
     if limit is not None:

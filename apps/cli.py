@@ -1,4 +1,4 @@
-"""The ``tnlayers`` command (also ``python -m tnlayers``): ``demo``, ``basics`` and ``plan``."""
+"""The ``tnlayers`` command (also ``python -m tnlayers.apps``): ``demo``, ``basics`` and ``plan``."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from .contract import contract
-from .decompose import from_dense
-from .demo import format_table, run_demo
-from .init import init_cores
-from .plan import OPT_EINSUM_STRATEGIES, OWN_STRATEGIES, plan
-from .spec import MPOSpec
+from tnlayers.contract import contract
+from tnlayers.decompose import from_dense
+from tnlayers.init import init_cores
+from tnlayers.plan import OPT_EINSUM_STRATEGIES, OWN_STRATEGIES, plan
+from tnlayers.spec import MPOSpec
+
+from .tables import format_table
 
 __all__ = ["main"]
 
@@ -114,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     demo_parser = commands.add_parser(
         "demo",
         help="train dense and MPO networks on MNIST, compress, share across frameworks, time orderings, plot",
-        description=run_demo.__doc__,
+        description="the showcase: see tnlayers.apps.demo",
     )
     demo_parser.add_argument(
         "--data", help="MNIST folder (default: TNLAYERS_DATA, ../shared/data/mnist, else synthetic)"
@@ -142,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "demo":
         epochs = 1 if args.quick else args.epochs
         try:
+            from .demo import run_demo
+
             run_demo(
                 args.data, epochs, args.bonds, args.batches, 3 if args.quick else args.repeats, args.out, args.quick
             )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
 import time
 import warnings
 from collections.abc import Sequence
@@ -25,88 +26,25 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import load_layers, save_layers
-from .datasets import load_mnist, synthetic_digits
-from .plan import cost_model_for, plan
-from .spec import MPOSpec, RankClippedWarning
-from .timing import calls_per_sample, median, round_robin
+from tnlayers.checkpoint import load_layers, save_layers
+from tnlayers.cost import cost_model_for
+from tnlayers.datasets import find_folder, load_mnist, synthetic_digits
+from tnlayers.plan import plan
+from tnlayers.spec import MPOSpec, RankClippedWarning
+from tnlayers.timing import calls_per_sample, round_robin
 
-__all__ = ["find_mnist", "format_table", "run_demo", "train_classifier"]
+from .tables import format_table
+from .training import accuracy, train_classifier
+
+__all__ = ["run_demo"]
 
 ORDERINGS = ("zipper", "reverse-zipper", "materialize", "greedy", "dp", "auto")
-
-
-def find_mnist(folder: str | os.PathLike[str] | None = None) -> Path | None:
-    """The MNIST folder: ``folder`` (checked), else ``$TNLAYERS_DATA`` or ``../shared/data/mnist``; or ``None``."""
-    if folder is not None:
-        if not (Path(folder) / "t10k-labels-idx1-ubyte.gz").is_file():
-            raise FileNotFoundError(f"no MNIST IDX files in {folder}")
-        return Path(folder)
-    candidates = [os.environ.get("TNLAYERS_DATA"), Path.cwd().parent / "shared/data/mnist"]
-    candidates.append(Path(__file__).resolve().parents[2] / "shared/data/mnist")
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "t10k-labels-idx1-ubyte.gz").is_file():
-            return Path(candidate)
-    return None
-
-
-def train_classifier(
-    model: Any,
-    data: tuple[Any, Any, Any, Any],
-    epochs: int,
-    lr: float,
-    batch_size: int = 100,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
-    label: str = "",
-) -> list[float]:
-    """Train a torch classifier with AdamW and cosine decay; returns the test accuracy after each epoch.
-
-    ``data`` is ``(x_train, y_train, x_test, y_test)`` as tensors; a tqdm bar shows the progress.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    x_train, y_train, x_test, y_test = data
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = -(-len(x_train) // batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * steps_per_epoch))
-    history = []
-    with tqdm(total=epochs * steps_per_epoch, desc=label, leave=False, mininterval=0.5) as bar:
-        for _ in range(epochs):
-            model.train()
-            order = torch.randperm(len(x_train), generator=generator)
-            for start in range(0, len(x_train), batch_size):
-                batch = order[start : start + batch_size]
-                loss = torch.nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]
-                optimizer.step()
-                schedule.step()
-                bar.update()
-            history.append(accuracy(model, x_test, y_test))
-            bar.set_postfix(loss=f"{loss.item():.3f}", test=f"{history[-1]:.4f}")
-    return history
-
-
-def accuracy(model: Any, x: Any, y: Any, batch_size: int = 1000) -> float:
-    """Fraction of ``x`` that a torch classifier labels as ``y`` (in eval mode, without gradients)."""
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        hits = sum(
-            int((model(x[k : k + batch_size]).argmax(-1) == y[k : k + batch_size]).sum())
-            for k in range(0, len(x), batch_size)
-        )
-    return hits / len(x)
 
 
 def _load_data(folder: str | None, quick: bool) -> tuple[tuple[Any, ...], str]:
     import torch
 
-    root = find_mnist(folder)
+    root = find_folder("mnist", folder)
     if root is not None:
         x_train, y_train = load_mnist(root, "train")
         x_test, y_test = load_mnist(root, "test")
@@ -124,24 +62,14 @@ def _load_data(folder: str | None, quick: bool) -> tuple[tuple[Any, ...], str]:
 
 
 def _mpo_fc2(bond: int) -> Any:
+    from tnlayers.backends.torch import MPOLinear
     from torch import nn
-
-    from .backends.torch import MPOLinear
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RankClippedWarning)
         return nn.Sequential(
             MPOLinear((4, 7, 7, 4), (4, 4, 4, 4), bond), nn.ReLU(), MPOLinear((4, 4, 4, 4), (1, 1, 10, 1), 4)
         )
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Right-aligned columns separated by ``|``, a rule under the header (the command line's tables)."""
-    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(row[k]) for row in cells) for k in range(len(headers))]
-    lines = [" | ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def _print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -151,9 +79,8 @@ def _print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 def _time_orderings(bond: int, batches: Sequence[int], repeats: int) -> list[dict[str, Any]]:
     """Forward+backward of the 784 -> 256 MPO layer per ordering, against ``nn.Linear``, round-robin."""
     import torch
+    from tnlayers.backends.torch import MPOLinear
     from torch import nn
-
-    from .backends.torch import MPOLinear
 
     records = []
     with warnings.catch_warnings():
@@ -178,11 +105,11 @@ def _time_orderings(bond: int, batches: Sequence[int], repeats: int) -> list[dic
         inner = calls_per_sample(contenders["auto"], 2e-3)
         times = round_robin(contenders, repeats, inner)
         chosen = plan(spec, batch, cost_model=cost_model_for("torch"), gradients="cores").method
-        fastest = min(median(times[name]) for name in ORDERINGS)
+        fastest = min(statistics.median(times[name]) for name in ORDERINGS)
         for name in layers:
             records.append(
-                {"batch": batch, "ordering": name, "ms": 1e3 * median(times[name]),
-                 "vs_fastest_mpo": median(times[name]) / fastest, "auto_chose": chosen}
+                {"batch": batch, "ordering": name, "ms": 1e3 * statistics.median(times[name]),
+                 "vs_fastest_mpo": statistics.median(times[name]) / fastest, "auto_chose": chosen}
             )  # fmt: skip
     return records
 
@@ -230,10 +157,9 @@ def run_demo(
     """Run the five steps (see the module docstring); returns what ``demo.json`` holds."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import torch
+    from tnlayers.backends import numpy as numpy_backend
+    from tnlayers.backends.torch import MPOLinear, compress
     from torch import nn
-
-    from .backends import numpy as numpy_backend
-    from .backends.torch import MPOLinear, compress
 
     started = time.perf_counter()
     output = Path(out)
@@ -282,8 +208,7 @@ def run_demo(
     save_layers(checkpoint, {name: (list(network[k].cores), network[k].bias) for name, k in (("fc1", 0), ("fc2", 2))})
     layers = load_layers(checkpoint)
     import keras
-
-    from .backends.keras import MPODense
+    from tnlayers.backends.keras import MPODense
 
     torch_net = nn.Sequential(MPOLinear.load(checkpoint, "fc1"), nn.ReLU(), MPOLinear.load(checkpoint, "fc2")).eval()
     keras_net = keras.Sequential(

@@ -1,4 +1,4 @@
-"""Timing helpers of the benchmarks (the round-robin timer itself lives in :mod:`tnlayers.timing`)."""
+"""Writing benchmark records: one JSON line per measurement, with the run's environment."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tnlayers.timing import calls_per_sample, median, round_robin
-
-__all__ = ["calls_per_sample", "median", "round_robin", "write_records"]
+__all__ = ["write_records"]
 
 
 def write_records(path: Path | None, records: Sequence[Mapping[str, Any]], environment: Mapping[str, Any]) -> None:

@@ -1,0 +1,134 @@
+"""Judging the planners from the records: times per path, ratios to the fastest, the cost-model fit."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import tnlayers
+from tnlayers.cost import cost_model_for
+from tnlayers.plan import grad_inputs
+
+from .cases import AUTO_CHOICES, BASELINES, PLANNERS
+
+PathKey = tuple[tuple[int, ...], ...]
+
+
+def path_times(
+    records: Sequence[dict[str, Any]], mode: str
+) -> tuple[dict[tuple[Any, ...], dict[PathKey, float]], dict[tuple[Any, ...], PathKey]]:
+    """Per (backend, case, batch): each distinct path's time, the median over the contenders that ran
+    it (baselines have no path); and per (backend, case, batch, ordering) the path it ran."""
+    samples: dict[tuple[Any, ...], dict[PathKey, list[float]]] = {}
+    ran: dict[tuple[Any, ...], PathKey] = {}
+    for r in records:
+        if r["mode"] != mode or r["ordering"] in BASELINES or r.get("path") is None:
+            continue
+        key, path = (r["backend"], r["case"], r["batch"]), tuple(map(tuple, r["path"]))
+        samples.setdefault(key, {}).setdefault(path, []).append(r["median_s"])
+        ran[(*key, r["ordering"])] = path
+    times = {key: {path: statistics.median(t) for path, t in paths.items()} for key, paths in samples.items()}
+    return times, ran
+
+
+def ratio_table(records: Sequence[dict[str, Any]], mode: str = "forward+backward") -> list[dict[str, Any]]:
+    """Per (backend, case, batch): the fastest ordering and each contender's time / that fastest time.
+
+    Also ``"auto by path"`` and ``"autotune by path"``: several contenders often run the very same
+    path (the same steps), so their medians are repeated measurements of one computation. Per
+    distinct path the median of those medians is its time; the planner's ratio is its path's time
+    over the fastest path's. The per-contender ratio takes the minimum over a dozen noisy medians as
+    "the fastest", which biases it low; this one does not.
+    """
+    groups: dict[tuple[Any, ...], dict[str, float]] = {}
+    chosen: dict[tuple[Any, ...], str] = {}
+    for r in records:
+        if r["mode"] != mode:
+            continue
+        key = (r["backend"], r["case"], r["batch"])
+        groups.setdefault(key, {})[r["ordering"]] = r["median_s"]
+        if r["ordering"] == "auto":
+            chosen[key] = r["method"]
+    path_time, ran = path_times(records, mode)
+    rows = []
+    for key, times in groups.items():
+        orderings = {name: t for name, t in times.items() if name not in BASELINES and name not in PLANNERS}
+        fastest_name = min(orderings, key=orderings.__getitem__)
+        fastest = orderings[fastest_name]
+        judged = {
+            f"{name} by path": path_time[key][ran[(*key, name)]] / min(path_time[key].values())
+            for name in PLANNERS
+            if (*key, name) in ran
+        }
+        rows.append(
+            {
+                "backend": key[0],
+                "case": key[1],
+                "batch": key[2],
+                "fastest": fastest_name,
+                "fastest_ms": 1e3 * fastest,
+                "auto_chose": chosen.get(key),
+                **{name: t / fastest for name, t in times.items()},
+                **judged,
+            }
+        )
+    return rows
+
+
+def planner_figures(rows: Sequence[dict[str, Any]], contender: str = "auto") -> tuple[float, float, float]:
+    """Median, geometric mean and worst of ``contender``'s time / the fastest ordering's."""
+    ratios = [row[contender] for row in rows if contender in row]
+    if not ratios:
+        return math.nan, math.nan, math.nan
+    return statistics.median(ratios), math.exp(statistics.fmean(map(math.log, ratios))), max(ratios)
+
+
+PARALLEL_THRESHOLD = cost_model_for("torch").parallel_threshold
+"""``M*N*K`` from which MKL's sgemm splits a product across the 2 threads of this machine (found by
+timing random shapes on 1 and 2 threads); ``--fit`` fits the cost of waking the threads."""
+
+
+def fit_cost_model(
+    records: Sequence[dict[str, Any]], mode: str = "forward+backward"
+) -> tuple[tnlayers.CostModel, tuple[float, float, float]]:
+    """Grid search of CostModel weights for ``auto``'s choice among its candidates.
+
+    Scored by the worst, then the geometric mean, of the picked path's time / the fastest path's
+    (any ordering, opt_einsum's and cotengra's included; a path's time is the median over the
+    contenders that ran it, as in :func:`ratio_table`), a worst within 1.5x counting as met;
+    returns the model and its (median, geometric mean, worst) on these records.
+    """
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in records:
+        if r["mode"] == mode and r["ordering"] in AUTO_CHOICES:
+            groups.setdefault((r["backend"], r["case"], r["batch"]), []).append(r)
+    path_time, ran = path_times(records, mode)
+    fastest = {key: min(times.values()) for key, times in path_time.items()}
+
+    gradients = "none" if mode == "forward" else "cores"
+
+    def estimate(model: tnlayers.CostModel, r: dict[str, Any]) -> float:
+        grads = grad_inputs([tuple(p) for p in r["path"]], len(r["in_modes"]) + 1, gradients)
+        return model.estimate([tuple(s) for s in r["step_sizes"]], grads)
+
+    def pick(model: tnlayers.CostModel, group: list[dict[str, Any]]) -> dict[str, Any]:
+        return group[model.choose_index([estimate(model, r) for r in group], [r["flops"] for r in group])]
+
+    def ratios(model: tnlayers.CostModel) -> list[float]:
+        return [
+            path_time[key][ran[(*key, pick(model, group)["ordering"])]] / fastest[key] for key, group in groups.items()
+        ]
+
+    def score(model: tnlayers.CostModel) -> tuple[float, float]:
+        values = ratios(model)  # the issue's bound first (worst within 1.5x), then the geometric mean
+        return max(max(values), 1.5), round(math.exp(statistics.fmean(map(math.log, values))), 4)
+
+    grid = itertools.product([4e10, 8e10, 1.6e11, 3.2e11], [2e8, 4e8, 1e9, 2e9, 4e9], [1, 2, 8, 32],
+                             [1e-5, 2e-5, 4e-5], [0.0, 0.1, 0.2, 0.3], [0.0, 5e-5, 9e-5, 1.5e-4])  # fmt: skip
+    models = (tnlayers.CostModel(p, b, h, o, t, PARALLEL_THRESHOLD if w else math.inf, w) for p, b, h, o, t, w in grid)
+    best = min(models, key=score)
+    values = ratios(best)
+    return best, (statistics.median(values), math.exp(statistics.fmean(map(math.log, values))), max(values))

@@ -1,0 +1,404 @@
+"""The framework-free layer kit: everything an MPO layer needs that no framework has to do.
+
+Adapters (``tnlayers.backends.torch``, ``.keras``, ``.numpy``) hold parameters and run plans; the
+rules they share live here, once:
+
+- :class:`LayerPlanner`: which plan a layer runs for a call, with one autotune policy;
+- :func:`tune_key`: the one cache-key format (backend, device, dtype, gradients);
+- :func:`layer_spec`, :class:`ConvGeometry`, :func:`conv_route`: shapes of dense and conv layers;
+- argument and input checks (:func:`pair`, :func:`draw_seed`, :func:`check_input`, :func:`check_init`);
+- :func:`freeze_flags`: which parameters a ``freeze`` call leaves trainable;
+- :func:`compress_choice` and :func:`layer_report`: ``compress``'s selection rules and report rows.
+
+The autotune policy, the same in every framework: with ``strategy="autotune"`` a layer times the
+cost model's best candidates on its first call for a ``(batch bucket, device, dtype, gradients)``
+when it runs eagerly on concrete inputs, and runs the remembered winner after that. Where nothing
+can be timed (inside ``torch.compile``, ``tf.function`` or ``jax.jit``) it runs a winner tuned
+before, else the cost model's choice.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .autotune import Autotuner, default_tuner
+from .checkpoint import load
+from .cost import CostModel, cost_model_for
+from .decompose import DecompositionReport
+from .init import INITIALIZERS
+from .plan import GRADIENTS, ContractionPlan, batch_bucket, dense_cost, plan, strategy_key
+from .reports import LayerReport
+from .spec import MPOSpec, _as_positive_int, factorize_balanced
+
+__all__ = [
+    "SEED_LIMIT",
+    "ConvGeometry",
+    "LayerPlanner",
+    "MPOLayerMixin",
+    "check_init",
+    "check_input",
+    "compress_choice",
+    "conv_route",
+    "describe",
+    "draw_seed",
+    "freeze_flags",
+    "gradients_needed",
+    "layer_report",
+    "layer_spec",
+    "modes_or_none",
+    "no_saving",
+    "pair",
+    "tune_key",
+]
+
+#: Seeds drawn for a layer lie in ``[0, SEED_LIMIT)``: a signed 32-bit int, which every framework's
+#: generator (and ``keras.utils.set_random_seed``) accepts.
+SEED_LIMIT = 2**31 - 1
+#: ``compress`` leaves layers whose larger side has fewer features dense by default.
+DEFAULT_MIN_FEATURES = 256
+
+
+# --- arguments ---------------------------------------------------------------------------------
+
+
+def draw_seed(seed: int | None, draw: Callable[[int], int]) -> int:
+    """``seed``, or ``draw(SEED_LIMIT)`` from the framework's seeded generator (so its global seed governs init)."""
+    if seed is None:
+        return int(draw(SEED_LIMIT))
+    return _as_positive_int(seed, "seed", minimum=0)
+
+
+def pair(value: Any, name: str, minimum: int = 1) -> tuple[int, int]:
+    """``(v, v)`` for an int ``v``, or a pair of ints, each at least ``minimum``."""
+    values = (value, value) if isinstance(value, int) else value
+    try:
+        first, second = values
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}") from None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in (first, second)):
+        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
+    return (first, second)
+
+
+def modes_or_none(value: Any, name: str) -> tuple[int, ...] | None:
+    """``None``, or the modes as a tuple (checked fully by :class:`MPOSpec`)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of positive integers or None, got {value!r}")
+    return tuple(value)
+
+
+def check_init(init: Any, name: str = "init") -> str:
+    if init not in INITIALIZERS:
+        raise ValueError(f"unknown {name} {init!r}; expected one of {', '.join(INITIALIZERS)}")
+    return str(init)
+
+
+def check_input(shape: Sequence[Any], in_features: int, what: str) -> None:
+    """A ``ValueError`` naming the expected width unless ``shape`` is ``(..., in_features)`` (``None`` passes)."""
+    if len(shape) == 0 or (shape[-1] is not None and shape[-1] != in_features):
+        raise ValueError(f"{what} expects input of shape (..., {in_features}), got {tuple(shape)}")
+
+
+def layer_spec(
+    in_features: int,
+    out_features: int,
+    in_modes: Sequence[int] | None,
+    out_modes: Sequence[int] | None,
+    rank: int | Sequence[int],
+    n_cores: int | None = None,
+    what: str = "in_features",
+    out_what: str = "out_features",
+) -> MPOSpec:
+    """The spec of a layer: modes given, or balanced over ``n_cores`` (4, or as many as the modes given)."""
+    given = next((len(m) for m in (in_modes, out_modes) if m is not None), None)
+    n = given or (4 if n_cores is None else _as_positive_int(n_cores, "n_cores"))
+    spec = MPOSpec(
+        factorize_balanced(in_features, n) if in_modes is None else in_modes,
+        factorize_balanced(out_features, n) if out_modes is None else out_modes,
+        rank,
+    )
+    if spec.in_features != in_features:
+        raise ValueError(f"in_modes {spec.in_modes} multiply to {spec.in_features}, but {what} = {in_features}")
+    if spec.out_features != out_features:
+        raise ValueError(f"out_modes {spec.out_modes} multiply to {spec.out_features}, but {out_what} = {out_features}")
+    return spec
+
+
+def describe(spec: MPOSpec, has_bias: bool) -> str:
+    """The layer summary adapters put in their ``repr``."""
+    return (
+        f"modes={'x'.join(map(str, spec.in_modes))}->{'x'.join(map(str, spec.out_modes))}, "
+        f"ranks={spec.ranks}, params={spec.num_params:,} of {spec.dense_params:,} "
+        f"(compression {1 / spec.compression_ratio:.1f}x), bias={has_bias}"
+    )
+
+
+# --- planning ----------------------------------------------------------------------------------
+
+
+def gradients_needed(grad_enabled: bool, cores_trainable: bool, input_needs_grad: bool) -> str:
+    """What the backward of this call will need: ``"none"``, the cores' gradients, or the input's too."""
+    if not grad_enabled or not cores_trainable:
+        return "none"
+    return "all" if input_needs_grad else "cores"
+
+
+def tune_key(backend: str, device: str, dtype: str, gradients: str) -> tuple[str, str, str, str]:
+    """The autotune cache key of a call, the same format in every framework."""
+    if gradients not in GRADIENTS:
+        raise ValueError(f"gradients must be one of {GRADIENTS}, got {gradients!r}")
+    return (backend, device, dtype, gradients)
+
+
+@dataclass(frozen=True)
+class LayerPlanner:
+    """Plans for one layer: its spec, its strategy (as :func:`tnlayers.plan.strategy_key` keeps it) and
+    the cost model of its backend. Frozen and hashable, so compilers can treat a lookup as a constant."""
+
+    spec: MPOSpec
+    strategy: Any
+    backend: str
+
+    @classmethod
+    def make(cls, spec: MPOSpec, strategy: Any, backend: str) -> LayerPlanner:
+        """Checks ``strategy`` now (an optimiser searches once), not at the first call."""
+        return cls(spec, strategy_key(spec, strategy), backend)
+
+    @property
+    def cost_model(self) -> CostModel:
+        return cost_model_for(self.backend)
+
+    @property
+    def autotunes(self) -> bool:
+        return bool(self.strategy == "autotune")
+
+    def plan(
+        self,
+        rows: Any,
+        gradients: str,
+        key: Sequence[str] = (),
+        timer: Callable[[ContractionPlan], Callable[[], object]] | None = None,
+        tuner: Autotuner | None = None,
+    ) -> ContractionPlan:
+        """The plan for ``rows`` input rows (``None`` if unknown) and what the backward will need.
+
+        With ``strategy="autotune"``: the winner remembered under ``key`` (see :func:`tune_key`); else,
+        when the adapter can time now, it passes ``timer`` (a plan -> a call that runs it on this
+        input) and the candidates are timed; else the cost model's choice.
+        """
+        bucket = batch_bucket(rows)
+        if self.autotunes:
+            tuner = default_tuner() if tuner is None else tuner
+            known = tuner.cached(self.spec, bucket, key)
+            if known is not None:
+                return known
+            if timer is not None:
+                return tuner.tune(self.spec, bucket, timer, key, self.cost_model, gradients=gradients)
+        return plan(self.spec, bucket, self.strategy, cost_model=self.cost_model, gradients=gradients)
+
+    def conv_route(self, rows: Any) -> tuple[ContractionPlan, bool]:
+        """:func:`conv_route` for this layer."""
+        return conv_route(self.spec, rows, self.strategy, cost_model=self.cost_model)
+
+
+# --- convolutions ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Kernel size, stride, dilation and zero padding of a 2-D convolution, framework-free.
+
+    ``padding`` is ``(top, bottom, left, right)``, or ``"same"`` (output size ``ceil(size / stride)``,
+    the extra row or column of an odd total at the bottom or right, as TensorFlow and torch do).
+    """
+
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] | str = (0, 0, 0, 0)
+
+    @classmethod
+    def make(cls, kernel_size: Any, stride: Any = 1, padding: Any = 0, dilation: Any = 1) -> ConvGeometry:
+        """From layer arguments: ``padding`` an int, a pair ``(rows, cols)``, ``"valid"`` or ``"same"``."""
+        geometry = cls(pair(kernel_size, "kernel_size"), pair(stride, "stride"), pair(dilation, "dilation"))
+        if isinstance(padding, str):
+            if padding.lower() not in ("valid", "same"):
+                raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+            if padding.lower() == "valid":
+                return geometry
+            return cls(geometry.kernel_size, geometry.stride, geometry.dilation, "same")
+        rows, cols = pair(padding, "padding", minimum=0)
+        return cls(geometry.kernel_size, geometry.stride, geometry.dilation, (rows, rows, cols, cols))
+
+    @property
+    def extent(self) -> tuple[int, int]:
+        """The dilated kernel's height and width."""
+        return (
+            self.dilation[0] * (self.kernel_size[0] - 1) + 1,
+            self.dilation[1] * (self.kernel_size[1] - 1) + 1,
+        )
+
+    @property
+    def rows_per_channel(self) -> int:
+        return self.kernel_size[0] * self.kernel_size[1]
+
+    def pads(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """``(top, bottom, left, right)`` zero padding for an input of this size."""
+        if self.padding != "same":
+            return self.padding  # type: ignore[return-value]
+        pads = []
+        for size, stride, extent in zip((height, width), self.stride, self.extent):
+            total = max((-(-size // stride) - 1) * stride + extent - size, 0)
+            pads += [total // 2, total - total // 2]
+        return (pads[0], pads[1], pads[2], pads[3])
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """Output height and width; a ``ValueError`` when the dilated kernel does not fit the padded input."""
+        top, bottom, left, right = self.pads(height, width)
+        sizes = [
+            (size + pad - extent) // stride + 1
+            for size, pad, extent, stride in zip(
+                (height, width), (top + bottom, left + right), self.extent, self.stride
+            )
+        ]
+        if sizes[0] < 1 or sizes[1] < 1:
+            raise ValueError(
+                f"input of spatial size {(height, width)} is smaller than the dilated kernel {self.extent} "
+                f"(kernel_size {self.kernel_size}, dilation {self.dilation}) after padding {(top, bottom, left, right)}"
+            )
+        return sizes[0], sizes[1]
+
+
+def conv_route(
+    spec: MPOSpec, rows: Any, strategy: Any = "auto", *, cost_model: CostModel | None = None
+) -> tuple[ContractionPlan, bool]:
+    """How an MPO convolution runs ``rows`` output positions (batch x height x width).
+
+    Returns the plan for contracting the unfolded input (``rows`` patches of ``in_features``) and
+    whether building the kernel and running the framework's own convolution is cheaper instead.
+    ``"auto"`` (and ``"autotune"``: convolutions do not time) decide by the cost model, where unfolding
+    writes and reads every patch once more; an explicit strategy builds the kernel when its plan does
+    (:attr:`ContractionPlan.builds_weight`, e.g. ``"materialize"``), and unfolds otherwise.
+    """
+    model = cost_model_for("numpy") if cost_model is None else cost_model
+    key = strategy_key(spec, strategy) if not isinstance(strategy, tuple) else strategy
+    return _conv_route_cached(spec, batch_bucket(rows), key, model)
+
+
+@functools.lru_cache(maxsize=1024)
+def _conv_route_cached(spec: MPOSpec, bucket: int, strategy: Any, model: CostModel) -> tuple[ContractionPlan, bool]:
+    chosen = plan(spec, bucket, "auto" if strategy == "autotune" else strategy, cost_model=model)
+    if chosen.strategy != "auto":
+        return chosen, chosen.builds_weight
+    unfolded = chosen.cost + 2 * bucket * spec.in_features / model.bandwidth
+    return chosen, dense_cost(spec, bucket, cost_model=model) < unfolded
+
+
+# --- freezing and compressing ------------------------------------------------------------------
+
+
+def freeze_flags(spec: MPOSpec, cores: str | Iterable[int] = "central", bias: bool = False) -> tuple[list[bool], bool]:
+    """Which parameters stay trainable after ``layer.freeze(cores, bias)``: per core, and the bias.
+
+    ``cores`` names the frozen ones: ``"central"`` (the largest, the default), ``"auxiliary"`` (the
+    others), ``"all"`` or indices; the other cores become trainable. ``bias=True`` freezes the bias too.
+    Frozen parameters are left out of training in the framework's own way, so they stay bit-identical.
+    """
+    frozen = spec.select_cores(cores)
+    return [k not in frozen for k in range(spec.n_cores)], not bias
+
+
+def _matches(name: str, patterns: str | Iterable[str] | None) -> bool:
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def compress_choice(
+    name: str,
+    in_features: int,
+    out_features: int,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    min_features: int = DEFAULT_MIN_FEATURES,
+) -> bool:
+    """Whether ``compress`` tries the layer ``name``: its larger side has at least ``min_features``,
+    its name matches one of the ``include`` glob patterns (all names if ``None``) and none of ``exclude``."""
+    if (include is not None and not _matches(name, include)) or _matches(name, exclude):
+        return False
+    return max(in_features, out_features) >= min_features
+
+
+def no_saving(report: DecompositionReport) -> str | None:
+    """Why a decomposed layer is kept dense (its MPO would not be smaller), or ``None``."""
+    if report.num_params >= report.dense_params:
+        return f"no saving at ranks {report.ranks}: {report.num_params} >= {report.dense_params}"
+    return None
+
+
+def layer_report(name: str, kind: str, report: DecompositionReport) -> LayerReport:
+    """The report row of one replaced layer."""
+    spec = report.spec
+    return LayerReport(
+        name=name,
+        kind=kind,
+        in_features=spec.in_features,
+        out_features=spec.out_features,
+        in_modes=spec.in_modes,
+        out_modes=spec.out_modes,
+        ranks=report.ranks,
+        params_before=report.dense_params,
+        params_after=report.num_params,
+        relative_error=report.relative_error,
+    )
+
+
+# --- what every layer class shares ---------------------------------------------------------------
+
+
+class MPOLayerMixin:
+    """``load``, ``auto``, ``freeze`` and ``unfreeze`` for a framework's layer class.
+
+    The class provides ``from_cores(cores, bias, **kwargs)``, a constructor ``cls(in_modes,
+    out_modes, rank, **kwargs)``, ``built_spec`` and ``_set_trainable(per_core, bias)``.
+    """
+
+    @property
+    def built_spec(self) -> MPOSpec:
+        """The layer's spec (a ``RuntimeError`` before a Keras layer is built)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, path: Any, name: str | None = None, **kwargs: Any) -> Any:
+        """A layer from a :func:`tnlayers.save` checkpoint (written by any framework); ``kwargs`` go to
+        ``from_cores`` (e.g. ``strategy``)."""
+        cores, bias = load(path, name)
+        return cls.from_cores(cores, bias, **kwargs)  # type: ignore[attr-defined]
+
+    @classmethod
+    def auto(cls, in_features: int, out_features: int, n_cores: int = 4, rank: int = 8, **kwargs: Any) -> Any:
+        """A layer with balanced modes for the given feature counts (see :meth:`tnlayers.MPOSpec.auto`)."""
+        spec = MPOSpec.auto(in_features, out_features, n_cores, rank)
+        return cls(spec.in_modes, spec.out_modes, spec.ranks, **kwargs)  # type: ignore[call-arg]
+
+    def freeze(self, cores: str | Iterable[int] = "central", bias: bool = False) -> Any:
+        """Freeze cores (see :func:`tnlayers.layer.freeze_flags`): ``"central"``, ``"auxiliary"``, ``"all"``
+        or indices; the other cores become trainable; ``bias=True`` freezes the bias too. Returns the layer."""
+        per_core, bias_trainable = freeze_flags(self.built_spec, cores, bias)
+        self._set_trainable(per_core, bias_trainable)
+        return self
+
+    def unfreeze(self) -> Any:
+        """Make every core and the bias trainable again."""
+        return self.freeze([], bias=False)
+
+    def _set_trainable(self, per_core: Sequence[bool], bias: bool) -> None:
+        raise NotImplementedError
