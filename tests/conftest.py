@@ -176,8 +176,53 @@ def harness(request: pytest.FixtureRequest) -> Any:
     return HARNESSES[request.param]()
 
 
+def reference_patches(
+    x: np.ndarray, kernel: tuple[int, int], stride: Any, padding: Any, dilation: Any
+) -> tuple[np.ndarray, tuple[int, int], tuple[int, int, int, int]]:
+    """Rows ``(batch*oh*ow, channels*kh*kw)`` of the zero-padded NCHW input (plain NumPy im2col), the output
+    size and the padding ``(top, bottom, left, right)``; ``padding`` is an int or ``"valid"``/``"same"``."""
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    n, c, h, w = x.shape
+    extent = (dh * (kernel[0] - 1) + 1, dw * (kernel[1] - 1) + 1)
+    if padding == "same":  # output ceil(size / stride); the odd pixel at the bottom / right
+        totals = [max((-(-size // s) - 1) * s + e - size, 0) for size, s, e in zip((h, w), (sh, sw), extent)]
+        pads = (totals[0] // 2, totals[0] - totals[0] // 2, totals[1] // 2, totals[1] - totals[1] // 2)
+    else:
+        p = 0 if padding == "valid" else padding
+        pads = (p, p, p, p)
+    padded = np.pad(x, ((0, 0), (0, 0), pads[:2], pads[2:]))
+    oh = (h + pads[0] + pads[1] - extent[0]) // sh + 1
+    ow = (w + pads[2] + pads[3] - extent[1]) // sw + 1
+    rows = np.empty((n, oh, ow, c, *kernel))
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            window = padded[:, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw]
+            rows[..., i, j] = window.transpose(0, 2, 3, 1)
+    return rows.reshape(n * oh * ow, -1), (oh, ow), pads
+
+
+def reference_patch_gradient(
+    grad_rows: np.ndarray, x_shape: tuple[int, ...], kernel: tuple[int, int], stride: Any, padding: Any, dilation: Any
+) -> np.ndarray:
+    """The gradient for the NCHW input of ``sum(grad_rows * patches(x))``: each patch entry added back."""
+    x = np.zeros(x_shape)
+    _, (oh, ow), pads = reference_patches(x, kernel, stride, padding, dilation)
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    n, c, h, w = x_shape
+    padded = np.zeros((n, c, h + pads[0] + pads[1], w + pads[2] + pads[3]))
+    grads = grad_rows.reshape(n, oh, ow, c, *kernel)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            window = (slice(None), slice(None), slice(i * dh, i * dh + sh * (oh - 1) + 1, sh),
+                      slice(j * dw, j * dw + sw * (ow - 1) + 1, sw))  # fmt: skip
+            padded[window] += grads[..., i, j].transpose(0, 3, 1, 2)
+    return padded[:, :, pads[0] : pads[0] + h, pads[2] : pads[2] + w]
+
+
 class NumpyLayerHarness:
-    """How the shared layer tests build, run and differentiate a framework's MPO layer."""
+    """How the shared layer tests build, run, train and differentiate a framework's MPO layer."""
 
     name = "numpy"
     tune_backend = "numpy"
@@ -187,11 +232,21 @@ class NumpyLayerHarness:
 
         return MPOLinear(in_modes, out_modes, rank, seed=seed, strategy=strategy, dtype=dtype)
 
+    def load(self, path: Path) -> Any:
+        from tnlayers.backends.numpy import MPOLinear
+
+        return MPOLinear.load(path)
+
+    def from_dense(self, matrix: np.ndarray, bias: np.ndarray, in_modes: Any, out_modes: Any, max_rank: int) -> Any:
+        from tnlayers.backends.numpy import MPOLinear
+
+        return MPOLinear.from_dense(matrix, in_modes, out_modes, bias=bias, max_rank=max_rank)
+
     def set_bias(self, layer: Any, values: np.ndarray) -> None:
         layer.bias[:] = values
 
     def weights(self, layer: Any) -> tuple[list[np.ndarray], np.ndarray | None]:
-        return list(layer.cores), layer.bias
+        return [np.array(c) for c in layer.cores], None if layer.bias is None else np.array(layer.bias)
 
     def forward(self, layer: Any, x: np.ndarray) -> np.ndarray:
         """An inference call (nothing kept for a backward)."""
@@ -206,6 +261,15 @@ class NumpyLayerHarness:
         grad_x = layer.backward(grad_out)
         return grad_x, list(layer.core_grads), layer.bias_grad
 
+    def train_step(self, layer: Any, x: np.ndarray) -> None:
+        """One AdamW step (lr 0.1, weight decay 0.1) on ``sum(layer(x))``: it moves every trainable array."""
+        from tnlayers.backends.numpy import Adam
+
+        optimizer = Adam(layer.parameters(), lr=0.1, weight_decay=0.1)
+        layer.train()(x)
+        layer.backward(np.ones((len(x), layer.out_features), x.dtype))
+        optimizer.step(layer.grads())
+
 
 class TorchLayerHarness:
     name = "torch"
@@ -218,11 +282,45 @@ class TorchLayerHarness:
         torch_dtype = getattr(torch, np.dtype(dtype).name)
         return MPOLinear(in_modes, out_modes, rank, strategy=strategy, dtype=torch_dtype, seed=seed)
 
+    def make_conv(
+        self, channels: int, filters: int, kernel: Any, in_modes: Any, out_modes: Any, rank: Any,
+        stride: Any, padding: Any, dilation: Any, strategy: Any, dtype: Any, seed: int = 0,
+    ) -> Any:  # fmt: skip
+        import torch
+        from tnlayers.backends.torch import MPOConv2d
+
+        torch_dtype = getattr(torch, np.dtype(dtype).name)
+        return MPOConv2d(channels, filters, kernel, in_modes, out_modes, rank, stride, padding, dilation,
+                         strategy=strategy, dtype=torch_dtype, seed=seed)  # fmt: skip
+
+    def load(self, path: Path) -> Any:
+        from tnlayers.backends.torch import MPOLinear
+
+        return MPOLinear.load(path)
+
+    def from_dense(self, matrix: np.ndarray, bias: np.ndarray, in_modes: Any, out_modes: Any, max_rank: int) -> Any:
+        import torch
+        from tnlayers.backends.torch import MPOLinear
+
+        linear = torch.nn.Linear(*matrix.shape, dtype=torch.float64)
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(matrix.T))
+            linear.bias.copy_(torch.from_numpy(bias))
+        return MPOLinear.from_linear(linear, in_modes, out_modes, max_rank)
+
     def set_bias(self, layer: Any, values: np.ndarray) -> None:
         import torch
 
         with torch.no_grad():
             layer.bias.copy_(torch.from_numpy(values))
+
+    def set_weights(self, layer: Any, cores: list[np.ndarray], bias: np.ndarray) -> None:
+        import torch
+
+        with torch.no_grad():
+            for core, values in zip(layer.cores, cores):
+                core.copy_(torch.from_numpy(values))
+            layer.bias.copy_(torch.from_numpy(bias))
 
     def weights(self, layer: Any) -> tuple[list[np.ndarray], np.ndarray | None]:
         return [c.detach().numpy().copy() for c in layer.cores], layer.bias.detach().numpy().copy()
@@ -233,6 +331,8 @@ class TorchLayerHarness:
         with torch.no_grad():
             return layer(torch.from_numpy(x)).numpy()
 
+    conv_forward = forward  # torch convolutions take NCHW, like the references
+
     def grads(self, layer: Any, x: np.ndarray, grad_out: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], Any]:
         import torch
 
@@ -240,6 +340,15 @@ class TorchLayerHarness:
         x_t = torch.from_numpy(x).requires_grad_(True)
         layer(x_t).backward(torch.from_numpy(grad_out))
         return x_t.grad.numpy(), [c.grad.numpy() for c in layer.cores], layer.bias.grad.numpy()
+
+    conv_grads = grads
+
+    def train_step(self, layer: Any, x: np.ndarray) -> None:
+        import torch
+
+        optimizer = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
+        layer(torch.from_numpy(x)).sum().backward()
+        optimizer.step()
 
 
 class KerasLayerHarness:
@@ -260,8 +369,37 @@ class KerasLayerHarness:
         layer.build((None, int(np.prod(in_modes))))
         return layer
 
+    def make_conv(
+        self, channels: int, filters: int, kernel: Any, in_modes: Any, out_modes: Any, rank: Any,
+        stride: Any, padding: Any, dilation: Any, strategy: Any, dtype: Any, seed: int = 0,
+    ) -> Any:  # fmt: skip
+        from tnlayers.backends.keras import MPOConv2D
+
+        layer = MPOConv2D(filters, kernel, in_modes, out_modes, rank, stride, padding, dilation, strategy=strategy,
+                          seed=seed, dtype=np.dtype(dtype).name)  # fmt: skip
+        layer.build((None, None, None, channels))
+        return layer
+
+    def load(self, path: Path) -> Any:
+        from tnlayers.backends.keras import MPODense
+
+        return MPODense.load(path)
+
+    def from_dense(self, matrix: np.ndarray, bias: np.ndarray, in_modes: Any, out_modes: Any, max_rank: int) -> Any:
+        import keras
+        from tnlayers.backends.keras import MPODense
+
+        dense = keras.layers.Dense(matrix.shape[1], dtype="float64")
+        dense.build((None, matrix.shape[0]))
+        dense.kernel.assign(matrix)
+        dense.bias.assign(bias)
+        return MPODense.from_dense(dense, in_modes, out_modes, max_rank)
+
     def set_bias(self, layer: Any, values: np.ndarray) -> None:
         layer.bias.assign(values)
+
+    def set_weights(self, layer: Any, cores: list[np.ndarray], bias: np.ndarray) -> None:
+        layer.set_numpy_weights(cores, bias)
 
     def weights(self, layer: Any) -> tuple[list[np.ndarray], np.ndarray | None]:
         return layer.numpy_weights()  # type: ignore[no-any-return]
@@ -271,7 +409,12 @@ class KerasLayerHarness:
 
         return keras.ops.convert_to_numpy(layer(x))  # type: ignore[no-any-return]
 
+    def conv_forward(self, layer: Any, x: np.ndarray) -> np.ndarray:
+        """NCHW in and out, like the references (Keras convolutions are channels-last)."""
+        return self.forward(layer, x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
     def grads(self, layer: Any, x: np.ndarray, grad_out: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], Any]:
+        """Gradients of ``sum(grad_out * layer(x, training=True))`` by the backend's autodiff."""
         import keras
 
         backend = keras.backend.backend()
@@ -304,15 +447,41 @@ class KerasLayerHarness:
         arrays = [keras.ops.convert_to_numpy(g) for g in grads]
         return arrays[0], arrays[1:-1], arrays[-1]
 
+    def conv_grads(self, layer: Any, x: np.ndarray, grad_out: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], Any]:
+        nhwc = (0, 2, 3, 1)
+        grad_x, core_grads, bias_grad = self.grads(layer, x.transpose(nhwc), grad_out.transpose(nhwc))
+        return grad_x.transpose(0, 3, 1, 2), core_grads, bias_grad
+
+    def train_step(self, layer: Any, x: np.ndarray) -> None:
+        import keras
+
+        model = keras.Sequential([keras.Input((x.shape[1],)), layer])
+        model.compile(optimizer=keras.optimizers.AdamW(0.1, weight_decay=0.1), loss="mse")
+        model.fit(x, np.ones((len(x), layer.units), np.float32), epochs=1, batch_size=len(x), verbose=0)
+
 
 LAYER_HARNESSES = {"numpy": NumpyLayerHarness, "torch": TorchLayerHarness, "keras": KerasLayerHarness}
+CONV_HARNESSES = ("torch", "keras")
+
+
+def make_layer_harness(name: str) -> Any:
+    """The harness of ``name``, or a skip naming the missing framework (or the backend selection)."""
+    if _SELECTED and name not in _SELECTED.split(","):
+        pytest.skip(f"{name} not in TNLAYERS_TEST_BACKENDS={_SELECTED}")
+    if importlib.util.find_spec(name) is None:
+        pytest.skip(f"{name} is not installed")
+    return LAYER_HARNESSES[name]()
 
 
 @pytest.fixture(params=[_param(name) for name in LAYER_HARNESSES])
 def layer_harness(request: pytest.FixtureRequest) -> Any:
-    if _SELECTED and request.param not in _SELECTED.split(","):
-        pytest.skip(f"{request.param} not in TNLAYERS_TEST_BACKENDS={_SELECTED}")
-    return LAYER_HARNESSES[request.param]()
+    return make_layer_harness(request.param)
+
+
+@pytest.fixture(params=[_param(name) for name in CONV_HARNESSES])
+def conv_harness(request: pytest.FixtureRequest) -> Any:
+    """The frameworks with an MPO convolution."""
+    return make_layer_harness(request.param)
 
 
 @pytest.fixture

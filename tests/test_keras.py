@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,6 @@ from conftest import assert_close, dense_reference
 import tnlayers
 
 keras = pytest.importorskip("keras", reason="keras is not installed")
-from tnlayers.backends import numpy as numpy_backend  # noqa: E402
 from tnlayers.backends.keras import MPOConv2D, MPODense  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::tnlayers.RankClippedWarning", "ignore::DeprecationWarning")
@@ -35,13 +33,6 @@ tensorflow_only = pytest.mark.skipif(
 
 def _np(value: Any) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(value))
-
-
-def _reference_kernel(layer: MPOConv2D) -> np.ndarray:
-    """``(kh, kw, channels, filters)`` from the NumPy dense reference; rows of W are (channel, kh, kw)."""
-    cores, _ = layer.numpy_weights()
-    kh, kw = layer.kernel_size
-    return dense_reference(cores).reshape(layer.channels, kh, kw, layer.filters).transpose(1, 2, 0, 3)
 
 
 def test_weights_are_tracked_and_shapes_inferred() -> None:
@@ -78,68 +69,6 @@ def test_get_config_roundtrip_and_dot_keras_file_is_bit_exact(tmp_path: Path) ->
     assert isinstance(loaded.layers[1], MPOConv2D) and isinstance(loaded.layers[-1], MPODense)
 
 
-@pytest.mark.parametrize("strategy", ["auto", "materialize", "zipper", "dp"])
-@pytest.mark.parametrize(
-    ("kernel", "strides", "padding", "dilation"),
-    [(3, 1, "same", 1), ((2, 3), 2, "valid", 1), (4, 1, "same", 1), (3, 1, "valid", 2)],
-)
-def test_conv_matches_the_dense_convolution(
-    strategy: str, kernel: Any, strides: Any, padding: str, dilation: Any
-) -> None:
-    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
-    layer = MPOConv2D(8, kernel, (3, kh, kw), (2, 2, 2), 3, strides, padding, dilation, strategy=strategy,
-                      seed=4, dtype="float64")  # fmt: skip
-    x = np.random.default_rng(1).normal(size=(2, 9, 11, 3))
-    layer.build(x.shape)
-    layer.bias.assign(np.linspace(-1, 1, 8))
-    expected = _np(keras.ops.conv(x, _reference_kernel(layer), strides, padding, dilation_rate=dilation)) + np.linspace(
-        -1, 1, 8
-    )
-    assert_close(_np(layer(x)), expected, np.float64)
-    assert layer.compute_output_shape(x.shape) == expected.shape
-
-
-@tensorflow_only
-def test_conv_gradients_match_the_dense_convolution() -> None:
-    import tensorflow as tf
-
-    for strategy in ("materialize", "zipper"):
-        layer = MPOConv2D(4, 3, (2, 3, 3), (2, 1, 2), 3, padding="same", strategy=strategy, dtype="float64", seed=2)
-        x = tf.constant(np.random.default_rng(2).normal(size=(2, 6, 5, 2)))
-        layer.build(x.shape)
-        kernel = tf.constant(_reference_kernel(layer))
-        with tf.GradientTape(persistent=True) as tape:
-            tape.watch([x, kernel])
-            actual = layer(x)
-            expected = tf.nn.conv2d(x, kernel, 1, "SAME") + layer.bias
-        assert_close(tape.gradient(actual, x).numpy(), tape.gradient(expected, x).numpy(), np.float64)
-        assert_close(tape.gradient(actual, layer.bias).numpy(), tape.gradient(expected, layer.bias).numpy(), np.float64)
-
-
-def test_from_dense_keeps_the_trained_layer_within_the_reported_error() -> None:
-    keras.utils.set_random_seed(1)
-    dense = keras.layers.Dense(256, activation="relu")
-    dense.build((None, 784))
-    layer = MPODense.from_dense(dense, (4, 7, 7, 4), (4, 4, 4, 4), max_rank=16)
-    report = layer.decomposition
-    assert report is not None and report.ranks == (1, 16, 16, 16, 1)
-    kernel = _np(dense.kernel).astype(np.float64)
-    measured = np.linalg.norm(_np(layer.to_dense()) - kernel) / np.linalg.norm(kernel)
-    np.testing.assert_allclose(measured, report.relative_error, rtol=1e-4)
-    x = np.random.default_rng(0).normal(size=(16, 784)).astype("float32")
-    gap = np.linalg.norm(_np(layer(x)) - _np(dense(x)))  # relu is 1-Lipschitz
-    assert gap <= np.linalg.norm(x) * report.relative_error * np.linalg.norm(kernel) * 1.001
-    exact = MPODense.from_dense(_dense_with(_np(layer.to_dense())))
-    assert exact.decomposition is not None and exact.decomposition.relative_error < 1e-5
-
-
-def _dense_with(kernel: np.ndarray) -> Any:
-    dense = keras.layers.Dense(kernel.shape[1])
-    dense.build((None, kernel.shape[0]))
-    dense.kernel.assign(kernel)
-    return dense
-
-
 def _trained_keras_model() -> Any:
     keras.utils.set_random_seed(3)
     model = keras.Sequential(
@@ -153,49 +82,6 @@ def _trained_keras_model() -> Any:
     rng = np.random.default_rng(3)
     model.fit(rng.normal(size=(64, 784)).astype("float32"), rng.integers(0, 10, 64), epochs=2, verbose=0)
     return model
-
-
-def test_a_model_trained_in_keras_runs_in_torch_and_numpy(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
-    from tnlayers.backends.torch import MPOLinear
-
-    model = _trained_keras_model()
-    tnlayers.save_layers(tmp_path / "mlp.safetensors", {layer.name: layer.numpy_weights() for layer in model.layers})
-    weights = tnlayers.load_layers(tmp_path / "mlp.safetensors")
-    torch_model = torch.nn.Sequential(
-        MPOLinear.from_cores(*weights["hidden"]), torch.nn.ReLU(), MPOLinear.from_cores(*weights["logits"])
-    )
-    hidden, logits = (numpy_backend.MPOLinear.from_cores(*weights[name]) for name in ("hidden", "logits"))
-    x = np.random.default_rng(4).normal(size=(32, 784)).astype("float32")
-    expected = _np(model(x))
-    with torch.no_grad():
-        np.testing.assert_allclose(torch_model(torch.from_numpy(x)).numpy(), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(logits(np.maximum(hidden(x), 0)), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_a_torch_layer_runs_in_keras(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
-    from tnlayers.backends.torch import MPOConv2d, MPOLinear
-
-    torch.manual_seed(5)
-    linear = MPOLinear((4, 7, 7, 4), (4, 4, 4, 4), 8)
-    conv = MPOConv2d(3, 8, 3, (3, 3, 3), (2, 2, 2), 4, padding="same")
-    with torch.no_grad():
-        linear.bias.normal_()
-        conv.bias.normal_()
-    linear.save(tmp_path / "linear.safetensors")
-    conv.save(tmp_path / "conv.safetensors")
-    x = np.random.default_rng(5).normal(size=(6, 784)).astype("float32")
-    with torch.no_grad():
-        expected = linear(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(_np(MPODense.load(tmp_path / "linear.safetensors")(x)), expected, rtol=1e-5, atol=1e-5)
-    images = np.random.default_rng(6).normal(size=(2, 3, 7, 7)).astype("float32")  # NCHW for torch
-    with torch.no_grad():
-        expected = conv(torch.from_numpy(images)).numpy().transpose(0, 2, 3, 1)
-    keras_conv = MPOConv2D(8, 3, (3, 3, 3), (2, 2, 2), 4, padding="same")
-    keras_conv.build((None, 7, 7, 3))
-    keras_conv.set_numpy_weights(*tnlayers.load(tmp_path / "conv.safetensors"))
-    np.testing.assert_allclose(_np(keras_conv(images.transpose(0, 2, 3, 1))), expected, rtol=1e-5, atol=1e-5)
 
 
 @tensorflow_only
@@ -296,9 +182,6 @@ def test_the_same_tests_pass_on_other_keras_backends(backend: str) -> None:
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests, "-k", "not mnist"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-4000:]
-    summary = result.stdout.strip().splitlines()[-1]
-    passed = re.search(r"(\d+) passed", summary)
-    assert passed and int(passed.group(1)) >= 40 and not re.search(r"\d+ (failed|error)", summary), summary
 
 
 def _cores(in_modes: tuple[int, ...], out_modes: tuple[int, ...]) -> list[np.ndarray]:
