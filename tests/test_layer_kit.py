@@ -42,8 +42,11 @@ def test_seeds_are_drawn_below_one_limit_and_given_ones_kept() -> None:
         kit.draw_seed(-1, lambda high: 0)
 
 
-@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation"), [(3, 1, "same", 1), ((2, 3), 2, "valid", 1),
-                         (4, 1, "same", 1), (3, 1, "valid", 2), (3, 2, "same", 1), (5, 3, "same", 1), (3, 2, 1, 1)])  # fmt: skip
+GEOMETRIES = [(3, 1, "same", 1), ((2, 3), 2, "valid", 1), (4, 1, "same", 1), (3, 1, "valid", 2),
+              (3, 2, "same", 1), (5, 3, "same", 1), (3, 2, 1, 1)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation"), GEOMETRIES)
 def test_conv_output_size_matches_the_reference_im2col(kernel: Any, stride: Any, padding: Any, dilation: Any) -> None:
     geometry = kit.ConvGeometry.make(kernel, stride, padding, dilation)
     kh, kw = geometry.kernel_size
