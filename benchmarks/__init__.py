@@ -1,1 +1,1 @@
-"""Benchmarks of tnlayers: ``python -m benchmarks.orderings`` and its siblings (see the README)."""
+"""Benchmarks of tnlayers: ``python -m benchmarks.orderings`` and its siblings (see docs/benchmarks.md)."""
