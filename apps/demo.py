@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from tnlayers.backends import numpy as numpy_backend
+from tnlayers.backends.torch import MPOLinear, compress
+from torch import nn
 
 from tnlayers.checkpoint import load_layers, save_layers
 from tnlayers.cost import cost_model_for
@@ -42,7 +46,6 @@ ORDERINGS = ("zipper", "reverse-zipper", "materialize", "greedy", "dp", "auto")
 
 
 def _load_data(folder: str | None, quick: bool) -> tuple[tuple[Any, ...], str]:
-    import torch
 
     root = find_folder("mnist", folder)
     if root is not None:
@@ -62,8 +65,6 @@ def _load_data(folder: str | None, quick: bool) -> tuple[tuple[Any, ...], str]:
 
 
 def _mpo_fc2(bond: int) -> Any:
-    from tnlayers.backends.torch import MPOLinear
-    from torch import nn
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RankClippedWarning)
@@ -78,9 +79,6 @@ def _print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
 def _time_orderings(bond: int, batches: Sequence[int], repeats: int) -> list[dict[str, Any]]:
     """Forward+backward of the 784 -> 256 MPO layer per ordering, against ``nn.Linear``, round-robin."""
-    import torch
-    from tnlayers.backends.torch import MPOLinear
-    from torch import nn
 
     records = []
     with warnings.catch_warnings():
@@ -155,23 +153,46 @@ def run_demo(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Run the five steps (see the module docstring); returns what ``demo.json`` holds."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import torch
-    from tnlayers.backends import numpy as numpy_backend
-    from tnlayers.backends.torch import MPOLinear, compress
-    from torch import nn
-
     started = time.perf_counter()
     output = Path(out)
     output.mkdir(parents=True, exist_ok=True)
     tensors, source = _load_data(data, quick)
-    x_test, y_test = tensors[2], tensors[3]
-
     print(f"== 1. Train a dense FC2 and MPO-FC2 (D = {', '.join(map(str, bonds))}) in PyTorch ==")
     print(f"   data: {source}; {epochs} epoch(s), AdamW, cosine schedule\n")
-    dense_weights = 784 * 256 + 256 * 10
+    dense, models, trained_mpo = _train_models(tensors, epochs, bonds, seed)
+    report = _compress_and_fine_tune(dense, tensors, max(bonds), models, seed)
+    same = _share_across_frameworks(trained_mpo[max(bonds)], tensors, output / "mpo_fc2.safetensors")
+
+    print(f"\n== 4. Contraction orderings of the MPO layer 784 -> 256 at D = {max(bonds)} (forward+backward) ==\n")
+    timings = _time_orderings(max(bonds), batches, repeats)
+    _print_table(
+        ["batch", "ordering", "ms (median)", "x fastest MPO ordering"],
+        [[r["batch"], r["ordering"] + (f" -> {r['auto_chose']}" if r["ordering"] == "auto" else ""), f"{r['ms']:.3f}",
+          f"{r['vs_fastest_mpo']:.2f}"] for r in timings],
+    )  # fmt: skip
+    print("   (torch, this machine; `python -m benchmarks.orderings` runs the full comparison)")
+
+    figure = output / "demo.png"
+    _plot(models, timings, figure)
+    result = {"data": source, "epochs": epochs, "models": models, "compression": report.as_dicts(),
+              "same_labels": same, "orderings": timings, "seconds": time.perf_counter() - started}  # fmt: skip
+    (output / "demo.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\n== 5. Wrote {figure} and {output / 'demo.json'} ({result['seconds']:.0f} s in all) ==")
+    return result
+
+
+def _weights(layers: Sequence[Any]) -> int:
+    """Weights of dense layers, or core parameters of MPO layers (biases left out, as rho counts them)."""
+    return sum(p.numel() for layer in layers for name, p in layer.named_parameters() if name != "bias")
+
+
+def _train_models(
+    tensors: tuple[Any, ...], epochs: int, bonds: Sequence[int], seed: int
+) -> tuple[Any, list[dict[str, Any]], dict[int, Any]]:
+    """Step 1: the dense FC2 and MPO-FC2 at each bond dimension, trained; a table of their accuracy."""
     torch.manual_seed(seed)
     dense = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+    dense_weights = _weights([dense[0], dense[2]])
     history = train_classifier(dense, tensors, epochs, 5e-3, seed=seed, label="dense FC2")
     models: list[dict[str, Any]] = [
         {"model": "dense FC2", "params": dense_weights, "rho": 1.0, "accuracy": history[-1]}
@@ -181,7 +202,7 @@ def run_demo(
         torch.manual_seed(seed)
         trained_mpo[bond] = network = _mpo_fc2(bond)
         history = train_classifier(network, tensors, epochs, 1e-2, seed=seed, label=f"MPO-FC2 D={bond}")
-        params = sum(core.numel() for layer in (network[0], network[2]) for core in layer.cores)
+        params = _weights([network[0], network[2]])
         models.append({"model": f"MPO-FC2 D={bond}", "params": params, "rho": params / dense_weights,
                        "accuracy": history[-1]})  # fmt: skip
     _print_table(
@@ -189,27 +210,36 @@ def run_demo(
         [[m["model"], f"{m['params']:,}", f"{m['rho']:.4f}", f"{1 / m['rho']:.0f}x", f"{100 * m['accuracy']:.2f}%"]
          for m in models],
     )  # fmt: skip
+    return dense, models, trained_mpo
 
-    rank = max(bonds)
+
+def _compress_and_fine_tune(
+    dense: Any, tensors: tuple[Any, ...], rank: int, models: list[dict[str, Any]], seed: int
+) -> Any:
+    """Step 2: ``compress`` a copy of the trained dense FC2, then one epoch of fine-tuning."""
     print(f"\n== 2. Compress the trained dense FC2 with compress(rank={rank}) (TT-SVD, no retraining) ==\n")
     compressed = copy.deepcopy(dense)
     report = compress(compressed, rank=rank, min_features=256)
     print(report)
-    after = accuracy(compressed, x_test, y_test)
+    after = accuracy(compressed, tensors[2], tensors[3])
     tuned = train_classifier(compressed, tensors, 1, 1e-3, seed=seed, label="fine-tune")[-1]
     print(f"\ntest accuracy: dense {100 * models[0]['accuracy']:.2f}% -> compressed {100 * after:.2f}% "
           f"-> after one epoch of fine-tuning {100 * tuned:.2f}%")  # fmt: skip
-    models.append({"model": f"compress(dense, rank={rank})", "params": report.params_after,
+    models.append({"model": f"compress(dense, rank={rank}) + 1 epoch fine-tuning", "params": report.params_after,
                    "rho": report.compression_ratio, "accuracy": tuned})  # fmt: skip
+    return report
 
-    network = trained_mpo[max(bonds)]
-    checkpoint = output / "mpo_fc2.safetensors"
+
+def _share_across_frameworks(network: Any, tensors: tuple[Any, ...], checkpoint: Path) -> bool:
+    """Step 3: one checkpoint loaded by PyTorch, Keras and NumPy; whether they predict the same labels."""
     print(f"\n== 3. One checkpoint, three frameworks: {checkpoint} ==\n")
     save_layers(checkpoint, {name: (list(network[k].cores), network[k].bias) for name, k in (("fc1", 0), ("fc2", 2))})
     layers = load_layers(checkpoint)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     from tnlayers.backends.keras import MPODense
 
+    x_test, y_test = tensors[2], tensors[3]
     torch_net = nn.Sequential(MPOLinear.load(checkpoint, "fc1"), nn.ReLU(), MPOLinear.load(checkpoint, "fc2")).eval()
     keras_net = keras.Sequential(
         [MPODense.load(checkpoint, "fc1"), keras.layers.ReLU(), MPODense.load(checkpoint, "fc2")]
@@ -232,20 +262,4 @@ def run_demo(
     _print_table(["framework", "Keras backend", "same labels as PyTorch", "max |logit gap|", "test accuracy"], rows)
     same = all(np.array_equal(labels[name], labels["PyTorch"]) for name in labels)
     print(f"\n   all three frameworks predict the same labels: {same}")
-
-    print(f"\n== 4. Contraction orderings of the MPO layer 784 -> 256 at D = {max(bonds)} (forward+backward) ==\n")
-    timings = _time_orderings(max(bonds), batches, repeats)
-    _print_table(
-        ["batch", "ordering", "ms (median)", "x fastest MPO ordering"],
-        [[r["batch"], r["ordering"] + (f" -> {r['auto_chose']}" if r["ordering"] == "auto" else ""), f"{r['ms']:.3f}",
-          f"{r['vs_fastest_mpo']:.2f}"] for r in timings],
-    )  # fmt: skip
-    print("   (torch, this machine; `python -m benchmarks.orderings` runs the full comparison)")
-
-    figure = output / "demo.png"
-    _plot(models, timings, figure)
-    result = {"data": source, "epochs": epochs, "models": models, "compression": report.as_dicts(),
-              "same_labels": same, "orderings": timings, "seconds": time.perf_counter() - started}  # fmt: skip
-    (output / "demo.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\n== 5. Wrote {figure} and {output / 'demo.json'} ({result['seconds']:.0f} s in all) ==")
-    return result
+    return same

@@ -86,6 +86,18 @@ def planner_figures(rows: Sequence[dict[str, Any]], contender: str = "auto") -> 
     return statistics.median(ratios), math.exp(statistics.fmean(map(math.log, ratios))), max(ratios)
 
 
+#: The CostModel weights the fit searches, around what this machine measures: GEMM peaks from 4e10 to
+#: 3.2e11 flop/s (the measured torch ceiling is 3.1-3.4e11), bandwidths from 2e8 to 4e9 elements/s
+#: (8 GB/s measured is 2e9 float32), and around the ~90 us timed to wake the second BLAS thread.
+FIT_GRID: dict[str, list[float]] = {
+    "peak_flops": [4e10, 8e10, 1.6e11, 3.2e11],
+    "bandwidth": [2e8, 4e8, 1e9, 2e9, 4e9],
+    "half_size": [1, 2, 8, 32],
+    "step_overhead": [1e-5, 2e-5, 4e-5],
+    "tolerance": [0.0, 0.1, 0.2, 0.3],
+    "parallel_overhead": [0.0, 5e-5, 9e-5, 1.5e-4],
+}
+
 PARALLEL_THRESHOLD = cost_model_for("torch").parallel_threshold
 """``M*N*K`` from which MKL's sgemm splits a product across the 2 threads of this machine (found by
 timing random shapes on 1 and 2 threads); ``--fit`` fits the cost of waking the threads."""
@@ -126,8 +138,7 @@ def fit_cost_model(
         values = ratios(model)  # the issue's bound first (worst within 1.5x), then the geometric mean
         return max(max(values), 1.5), round(math.exp(statistics.fmean(map(math.log, values))), 4)
 
-    grid = itertools.product([4e10, 8e10, 1.6e11, 3.2e11], [2e8, 4e8, 1e9, 2e9, 4e9], [1, 2, 8, 32],
-                             [1e-5, 2e-5, 4e-5], [0.0, 0.1, 0.2, 0.3], [0.0, 5e-5, 9e-5, 1.5e-4])  # fmt: skip
+    grid = itertools.product(*FIT_GRID.values())
     models = (tnlayers.CostModel(p, b, h, o, t, PARALLEL_THRESHOLD if w else math.inf, w) for p, b, h, o, t, w in grid)
     best = min(models, key=score)
     values = ratios(best)

@@ -105,39 +105,51 @@ def measure_case(
             times[name] = round_robin({name: runs[name]}, SLOW_REPEATS, 1, warmup=0)[name]
         for name, samples in times.items():
             plan = (plans if mode == "forward" else train_plans).get(name)
-            median = statistics.median(samples)
-            flops = plan.flops if plan else 2 * runner.batch * runner.spec.in_features * runner.spec.out_features
-            work = flops if mode == "forward" else 3 * flops  # backward: two products per forward product
-            record: dict[str, Any] = {
-                "backend": runner.backend,
-                "device": runner.device,
-                "case": case.name,
-                "group": case.group,
-                "in_modes": list(case.in_modes),
-                "out_modes": list(case.out_modes),
-                "ranks": list(runner.spec.ranks),
-                "batch": runner.batch,
-                "dtype": str(runner.x_np.dtype),
-                "mode": mode,
-                "ordering": name,
-                "method": plan.method if plan else name,
-                "path": [list(p) for p in plan.path] if plan else None,
-                "median_s": median,
-                "q25_s": float(np.quantile(samples, 0.25)),
-                "q75_s": float(np.quantile(samples, 0.75)),
-                "repeats": len(samples),
-                "calls_per_sample": inner if name in quick else 1,
-                "flops": flops,
-                "gflops_per_s": work / median / 1e9,
-                "largest_intermediate": plan.largest_intermediate if plan else runner.batch * runner.spec.out_features,
-                "step_sizes": [list(s) for s in plan.step_sizes] if plan else None,
-                "model_cost": plan.cost if plan else None,
-            }
-            records.append(record)
+            records.append(_record(runner, case, mode, name, plan, samples, inner if name in quick else 1))
         if mode == "forward+backward":
             for record in records[-len(times) :]:
                 record["memory_bytes"] = runner.memory(runs[record["ordering"]])
     return records
+
+
+def _record(
+    runner: Runner,
+    case: Case,
+    mode: str,
+    name: str,
+    plan: tnlayers.ContractionPlan | None,
+    samples: Sequence[float],
+    inner: int,
+) -> dict[str, Any]:
+    """One measurement: what ran (``plan`` is ``None`` for a baseline), its time and its work."""
+    median = statistics.median(samples)
+    flops = plan.flops if plan else 2 * runner.batch * runner.spec.in_features * runner.spec.out_features
+    work = flops if mode == "forward" else 3 * flops  # backward: two products per forward product
+    return {
+        "backend": runner.backend,
+        "device": runner.device,
+        "case": case.name,
+        "group": case.group,
+        "in_modes": list(case.in_modes),
+        "out_modes": list(case.out_modes),
+        "ranks": list(runner.spec.ranks),
+        "batch": runner.batch,
+        "dtype": str(runner.x_np.dtype),
+        "mode": mode,
+        "ordering": name,
+        "method": plan.method if plan else name,
+        "path": [list(p) for p in plan.path] if plan else None,
+        "median_s": median,
+        "q25_s": float(np.quantile(samples, 0.25)),
+        "q75_s": float(np.quantile(samples, 0.75)),
+        "repeats": len(samples),
+        "calls_per_sample": inner,
+        "flops": flops,
+        "gflops_per_s": work / median / 1e9,
+        "largest_intermediate": plan.largest_intermediate if plan else runner.batch * runner.spec.out_features,
+        "step_sizes": [list(s) for s in plan.step_sizes] if plan else None,
+        "model_cost": plan.cost if plan else None,
+    }
 
 
 def overhead(repeats: int = 7) -> list[dict[str, Any]]:
