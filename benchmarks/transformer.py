@@ -114,6 +114,26 @@ def stdlib_sentences(count: int) -> list[str]:
 
 
 @functools.lru_cache(maxsize=1)
+def _is_prose(sentence: str) -> bool:
+    """A sentence of 40-200 characters that starts upper-case, ends with a full stop and holds no code."""
+    return (
+        40 <= len(sentence) <= 200
+        and sentence[0].isupper()
+        and sentence.endswith(".")
+        and not _CODE_LIKE.search(sentence)
+    )
+
+
+def _docstrings(path: Path) -> list[str]:
+    """The docstrings of a module and its classes and functions (parsed, never imported)."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return [doc for node in ast.walk(tree) if isinstance(node, kinds) and (doc := ast.get_docstring(node))]
+
+
 def _stdlib_sentences() -> tuple[str, ...]:
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idlelib", "turtledemo", "site-packages", "lib2to3", "ensurepip"}
@@ -121,22 +141,8 @@ def _stdlib_sentences() -> tuple[str, ...]:
     for path in sorted(root.rglob("*.py")):
         if skip & set(path.relative_to(root).parts):
             continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc:
-                    for sentence in _SENTENCE_END.split(" ".join(doc.split())):
-                        if (
-                            40 <= len(sentence) <= 200
-                            and sentence[0].isupper()
-                            and sentence.endswith(".")
-                            and not _CODE_LIKE.search(sentence)
-                        ):
-                            found.add(sentence)
+        for doc in _docstrings(path):
+            found.update(s for s in _SENTENCE_END.split(" ".join(doc.split())) if _is_prose(s))
     return tuple(sorted(found, key=lambda s: hashlib.sha1(s.encode()).hexdigest()))
 
 

@@ -217,3 +217,14 @@ def _cores(in_modes: tuple[int, ...], out_modes: tuple[int, ...]) -> list[np.nda
 def test_bad_input(call: Any, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         call()
+
+
+def test_keras_plans_for_training_when_keras_trains() -> None:
+    """A train step (``training=True``) plans for the backward too; inference and frozen layers do not."""
+    layer = MPODense((4, 7, 7, 4), (4, 4, 4, 4), 8)
+    x = keras.ops.convert_to_tensor(np.zeros((64, 784), "float32"))
+    layer(x)
+    assert layer._plan(x, 64, training=True).gradients == "all"
+    assert layer._plan(x, 64, training=None).gradients == "none"
+    layer.freeze("all")
+    assert layer._plan(x, 64, training=True).gradients == "none"
