@@ -59,6 +59,7 @@ _OPS = ArrayOps(
     pairwise=_tensordot_pairwise if _BACKEND == "tensorflow" else _einsum_pairwise,
     reshape=ops.reshape,
     restore_leading=_restore_leading,
+    transpose=ops.transpose,
 )
 
 

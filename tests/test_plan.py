@@ -153,13 +153,22 @@ def test_training_plans_count_the_backward_products() -> None:
     materialize = tnlayers.plan(spec, 64, "materialize")
     assert sorted(grad_inputs(materialize.steps, 5, "cores")[-1]) == [False, True]  # W, x: no gradient for x
     model = tnlayers.cost.DEFAULT_COST_MODEL
-    for chosen in (zipper, materialize):
-        steps = [model.step_cost(*sizes) for sizes in chosen.step_sizes]
-        flags = grad_inputs(chosen.steps, 5, "cores")
-        expected = sum(steps) + sum(cost * (a + b) for cost, (a, b) in zip(steps, flags))
-        trained = tnlayers.plan(spec, 64, chosen.method, gradients="cores")
-        assert trained.gradients == "cores" and abs(trained.cost - expected) < 1e-12 * expected
-        assert trained.path == chosen.path and trained.cost > chosen.cost
+    steps = [model.step_cost(*sizes) for sizes in zipper.step_sizes]
+    flags = grad_inputs(zipper.steps, 5, "cores")
+    expected = sum(steps) + sum(cost * (a + b) for cost, (a, b) in zip(steps, flags))
+    trained = tnlayers.plan(spec, 64, "zipper", gradients="cores")
+    assert trained.gradients == "cores" and abs(trained.cost - expected) < 1e-12 * expected
+    assert trained.path == zipper.path and trained.cost > zipper.cost
+    # a materialising plan runs as dense_weight does: each half's chain (cut at the middle bond here),
+    # L @ R with W transposed after (W moved 3 times), then one (64, 784) @ (784, 256) product
+    build = [(16, 224, 8, 16 * 8 + 8 * 224 + 16 * 224), (224, 16, 8, 224 * 8 + 8 * 16 + 224 * 16),
+             (448, 448, 8, 448 * 8 + 8 * 448 + 3 * 448 * 448)]  # fmt: skip
+    product = (64, 256, 784, 64 * 784 + 784 * 256 + 64 * 256)
+    forward = sum(model.step_cost(*sizes) for sizes in (*build, product))
+    assert abs(materialize.cost - forward) < 1e-12 * forward
+    training = forward + 2 * sum(model.step_cost(*sizes) for sizes in build) + model.step_cost(*product)
+    trained = tnlayers.plan(spec, 64, "materialize", gradients="cores")
+    assert abs(trained.cost - training) < 1e-12 * training
     with pytest.raises(ValueError, match="gradients must be one of 'none', 'cores', 'all', got 'some'"):
         tnlayers.plan(spec, 64, gradients="some")
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .decompose import spec_from_cores
-from .plan import ContractionPlan, Pairwise, PlanStep, _pairwise, plan
+from .plan import ContractionPlan, Pairwise, PlanStep, _pairwise, plan, weight_split
 from .spec import MPOSpec
 
 __all__ = ["ArrayOps", "Tape", "backprop", "contract", "dense_weight", "execute", "get_ops", "run_steps"]
@@ -28,23 +28,36 @@ class ArrayOps:
     reshape: Callable[[Any, tuple[int, ...]], Any]
     restore_leading: Callable[[Any, Any, int], Any]
     """``(y2d, x, out_features) -> y`` with the leading dimensions of ``x``."""
+    transpose: Callable[[Any, tuple[int, ...]], Any]
+    """Reorder the axes (``numpy.transpose``)."""
 
 
 def _numpy_pairwise(step: Pairwise, a: Any, b: Any) -> Any:
     return np.tensordot(a, b, axes=step.axes).transpose(step.perm)
 
 
+def _torch_pairwise(torch: Any) -> Callable[[Pairwise, Any, Any], Any]:
+    def pairwise(step: Pairwise, a: Any, b: Any) -> Any:
+        product = torch.tensordot(a, b, dims=step.axes)
+        return product if step.perm == tuple(range(len(step.perm))) else product.permute(step.perm)
+
+    return pairwise
+
+
 def _einsum_pairwise(einsum: Callable[..., Any]) -> Callable[[Pairwise, Any, Any], Any]:
     return lambda step, a, b: einsum(step.equation, a, b)
 
 
-def _method_ops(name: str, pairwise: Callable[[Pairwise, Any, Any], Any]) -> ArrayOps:
+def _method_ops(
+    name: str, pairwise: Callable[[Pairwise, Any, Any], Any], transpose: Callable[[Any, tuple[int, ...]], Any]
+) -> ArrayOps:
     """Ops for arrays with a NumPy-like ``.reshape`` and ``.shape`` (numpy, torch, jax)."""
     return ArrayOps(
         name=name,
         pairwise=pairwise,
         reshape=lambda x, shape: x.reshape(shape),
         restore_leading=lambda y, x, out: y.reshape((*x.shape[:-1], out)),
+        transpose=transpose,
     )
 
 
@@ -61,17 +74,20 @@ def _tensorflow_ops() -> ArrayOps:
         pairwise=lambda step, a, b: tf.transpose(tf.tensordot(a, b, axes=step.axes), step.perm),
         reshape=tf.reshape,
         restore_leading=restore_leading,
+        transpose=tf.transpose,
     )
 
 
 def _make_ops(name: str) -> ArrayOps:
     if name == "numpy":
-        return _method_ops("numpy", _numpy_pairwise)
+        return _method_ops("numpy", _numpy_pairwise, np.transpose)
     if name == "torch":  # tensordot + permute: 10-30% faster than einsum at small batch, equal at large
         torch = sys.modules["torch"]
-        return _method_ops("torch", lambda step, a, b: torch.tensordot(a, b, dims=step.axes).permute(step.perm))
+        pairwise = _torch_pairwise(torch)
+        return _method_ops("torch", pairwise, lambda x, perm: x.permute(perm))
     if name == "jax":
-        return _method_ops("jax", _einsum_pairwise(sys.modules["jax"].numpy.einsum))
+        jnp = sys.modules["jax"].numpy
+        return _method_ops("jax", _einsum_pairwise(jnp.einsum), jnp.transpose)
     return _tensorflow_ops()
 
 
@@ -150,28 +166,62 @@ def execute(
     With a ``tape``, the inputs of every step are recorded for :func:`backprop`.
     """
     spec = plan_.spec
+    if plan_.builds_weight and tape is None:  # build W in its cheapest layout, then one product
+        y2d = ops.pairwise(_MATMUL, ops.reshape(x, (-1, spec.in_features)), dense_weight(cores, ops))
+        y = ops.restore_leading(y2d, x, spec.out_features)
+        return y if bias is None else y + bias
     operands = [ops.reshape(x, (-1, *spec.in_modes))]
     operands += [ops.reshape(core, shape) for core, shape in zip(cores, plan_.operand_shapes[1:])]
     y = ops.restore_leading(run_steps(plan_.steps, operands, ops, tape), x, spec.out_features)
     return y if bias is None else y + bias
 
 
-#: ``(rows, cols, r) x (r, i, j, r') -> (rows, i, cols, j, r')``: absorb one more core into W.
-_ABSORB_CORE = _pairwise(("ABa", "aijc"), "AiBjc")
+#: ``(P, r) x (r, i, j, r') -> (P, i, j, r')``: absorb one more core; a plain ``(P, r) @ (r, i*j*r')`` product
+#: whose result is already in the order the next step reads (no copy between steps).
+_ABSORB_CORE = _pairwise(("Pa", "aijc"), "Pijc")
+#: ``(P, K) x (K, N) -> (P, N)``: a plain matrix product (the halves of W, and a materialising plan's product).
+_MATMUL = _pairwise(("PK", "KN"), "PN")
+
+
+def _chain(cores: Sequence[Any], shapes: Sequence[tuple[int, ...]], ops: ArrayOps) -> Any:
+    """Consecutive cores contracted over their inner bonds: ``(r_first * i1 j1 ... ik jk, r_last)``,
+    the mode indices interleaved in core order (each product writes the order the next one reads)."""
+    dense = ops.reshape(cores[0], (-1, shapes[0][3]))
+    for core, shape in zip(cores[1:], shapes[1:]):
+        dense = ops.reshape(ops.pairwise(_ABSORB_CORE, dense, core), (-1, shape[3]))
+    return dense
+
+
+def _grouped(chain: Any, shapes: Sequence[tuple[int, ...]], ops: ArrayOps, bond_first: bool) -> Any:
+    """A chain's mode indices regrouped as (in modes..., out modes...): ``(r, I*J)`` or ``(I*J, r)``."""
+    k = len(shapes)
+    modes = [d for shape in shapes for d in shape[1:3]]
+    if bond_first:
+        order = (0, *range(1, 2 * k + 1, 2), *range(2, 2 * k + 1, 2))
+        return ops.reshape(ops.transpose(ops.reshape(chain, (shapes[0][0], *modes)), order), (shapes[0][0], -1))
+    order = (*range(0, 2 * k, 2), *range(1, 2 * k, 2), 2 * k)
+    return ops.reshape(ops.transpose(ops.reshape(chain, (*modes, shapes[-1][3])), order), (-1, shapes[-1][3]))
 
 
 def dense_weight(cores: Sequence[Any], ops: ArrayOps) -> Any:
     """``W`` of shape ``(in_features, out_features)`` in the cores' framework (differentiable there).
 
-    The framework-neutral twin of :func:`tnlayers.to_dense`, for layers that build ``W``.
+    The framework-neutral twin of :func:`tnlayers.to_dense`, for layers that build ``W``. Built as two
+    halves ``L`` (the left cores) and ``R`` (the right ones), each small, then one product ``L @ R``
+    over the bond between them and one transpose: ``W``-sized arrays are written twice in the
+    forward, and read about three times in the backward, whatever the number of cores.
     """
-    shapes = [tuple(core.shape) for core in cores]
-    dense = ops.reshape(cores[0], shapes[0][1:])
-    rows, cols = shapes[0][1], shapes[0][2]
-    for core, (_, i, j, r_next) in zip(cores[1:], shapes[1:]):
-        dense = ops.reshape(ops.pairwise(_ABSORB_CORE, dense, core), (rows * i, cols * j, r_next))
-        rows, cols = rows * i, cols * j
-    return ops.reshape(dense, (rows, cols))
+    shapes = [tuple(core.shape) for core in cores]  # lists, not generators: torch.compile traces this
+    rows, cols = math.prod([shape[1] for shape in shapes]), math.prod([shape[2] for shape in shapes])
+    if len(shapes) == 1:
+        return ops.reshape(cores[0], (rows, cols))
+    k = weight_split(shapes)
+    left = _grouped(_chain(cores[:k], shapes[:k], ops), shapes[:k], ops, bond_first=False)  # (IL*JL, r)
+    right = _grouped(_chain(cores[k:], shapes[k:], ops), shapes[k:], ops, bond_first=True)  # (r, IR*JR)
+    in_left, out_left = math.prod([s[1] for s in shapes[:k]]), math.prod([s[2] for s in shapes[:k]])
+    in_right, out_right = rows // in_left, cols // out_left
+    product = ops.reshape(ops.pairwise(_MATMUL, left, right), (in_left, out_left, in_right, out_right))
+    return ops.reshape(ops.transpose(product, (0, 2, 1, 3)), (rows, cols))
 
 
 def _leading_size(x: Any) -> int | None:

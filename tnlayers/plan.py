@@ -281,6 +281,15 @@ def _build(
         moved = size(a) + size(b) + size(output)
         largest = max(largest, size(output))
         step_sizes.append((m, n, k, moved))
+    builds = _builds_weight(steps, len(shapes))
+    if builds:  # run as dense_weight builds W, then one product (tnlayers.contract.execute)
+        run_sizes = [*weight_step_sizes(spec), (batch, spec.out_features, spec.in_features, 0)]
+        m, n, k, _ = run_sizes[-1]
+        run_sizes[-1] = (m, n, k, m * k + k * n + m * n)
+        grads = [(True, True)] * (len(run_sizes) - 1) + [(gradients == "all", True)]
+        cost = model.estimate(run_sizes, None if gradients == "none" else grads)
+    else:
+        cost = model.estimate(step_sizes, grad_inputs(steps, len(shapes), gradients))
     return ContractionPlan(
         spec=spec,
         batch_size=batch,
@@ -292,8 +301,8 @@ def _build(
         steps=tuple(steps),
         step_sizes=tuple(step_sizes),
         largest_intermediate=largest,
-        builds_weight=_builds_weight(steps, len(shapes)),
-        cost=model.estimate(step_sizes, grad_inputs(steps, len(shapes), gradients)),
+        builds_weight=builds,
+        cost=cost,
         gradients=gradients,
     )
 
@@ -444,8 +453,39 @@ def strategy_key(spec: MPOSpec, strategy: Any) -> str | Path:
     return strategy.lower() if isinstance(strategy, str) else planned.path
 
 
+def weight_split(shapes: Sequence[tuple[int, ...]]) -> int:
+    """Where :func:`tnlayers.contract.dense_weight` cuts the chain of cores of these shapes into two halves
+    (1 for one core): the bond that makes the larger half smallest. Lists only: torch.compile traces this."""
+    if len(shapes) == 1:
+        return 1
+    sizes = [math.prod([shape[1] * shape[2] for shape in shapes[:k]]) for k in range(len(shapes) + 1)]
+    larger = [max(sizes[k], sizes[-1] // sizes[k]) * shapes[k][0] for k in range(1, len(shapes))]
+    return 1 + larger.index(min(larger))
+
+
+def weight_step_sizes(spec: MPOSpec) -> list[tuple[int, int, int, int]]:
+    """``(M, N, K, elements moved)`` of the products :func:`tnlayers.contract.dense_weight` runs: each half's
+    chain, then ``L @ R``; the final transpose of ``W`` is counted as moving ``W`` twice more."""
+    shapes = spec.core_shapes
+    if len(shapes) == 1:
+        return []  # W is the core, reshaped
+    k = weight_split(shapes)
+    sizes: list[tuple[int, int, int, int]] = []
+    for half in (shapes[:k], shapes[k:]):
+        rows = half[0][0] * half[0][1] * half[0][2]
+        for shape in half[1:]:
+            m, kk, n = rows, shape[0], shape[1] * shape[2] * shape[3]
+            sizes.append((m, n, kk, m * kk + kk * n + m * n))
+            rows = m * shape[1] * shape[2]
+    left = math.prod([s[1] * s[2] for s in shapes[:k]])
+    right = math.prod([s[1] * s[2] for s in shapes[k:]])
+    r = shapes[k][0]
+    sizes.append((left, right, r, left * r + r * right + 3 * left * right))
+    return sizes
+
+
 def dense_cost(spec: MPOSpec, rows: int | None, *, cost_model: CostModel = DEFAULT_COST_MODEL) -> float:
     """Model cost of building ``W`` from the cores, then one ``(rows, in) @ (in, out)`` product."""
-    building = plan(spec, 1, "materialize", cost_model=cost_model).step_sizes[:-1]
+    building = weight_step_sizes(spec)
     m, n, k = batch_bucket(rows), spec.out_features, spec.in_features
     return cost_model.estimate(building) + cost_model.step_cost(m, n, k, m * k + k * n + m * n)
