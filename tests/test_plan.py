@@ -149,7 +149,8 @@ def test_training_plans_count_the_backward_products() -> None:
     flags = grad_inputs(zipper.steps, 5, "cores")
     assert sorted(flags[0]) == [False, True] and flags[1:] == ((True, True),) * 3
     assert grad_inputs(zipper.steps, 5, "all") == ((True, True),) * 4
-    assert grad_inputs(zipper.path, 5, "cores") == flags  # the same from the bare path
+    from_path = grad_inputs(zipper.path, 5, "cores")  # the same from the bare path (steps may swap operands)
+    assert [sorted(pair) for pair in from_path] == [sorted(pair) for pair in flags]
     materialize = tnlayers.plan(spec, 64, "materialize")
     assert sorted(grad_inputs(materialize.steps, 5, "cores")[-1]) == [False, True]  # W, x: no gradient for x
     model = tnlayers.cost.DEFAULT_COST_MODEL
@@ -210,7 +211,8 @@ def test_torch_planning_avoids_products_that_wake_threads_for_little_work() -> N
     32x28x224 product goes multi-threaded and ran 1.4-2x slower than a zipper, whose products stay
     under MKL's threshold."""
     spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 2)
-    torch_model = tnlayers.cost.cost_model_for("torch")
+    passive = tnlayers.cost.thread_wake_seconds("PASSIVE")
+    torch_model = dataclasses.replace(tnlayers.cost.cost_model_for("torch"), parallel_overhead=passive)
     chosen = tnlayers.plan(spec, 8, cost_model=torch_model, gradients="cores")
     assert max(m * n * k for m, n, k, _ in chosen.step_sizes) < torch_model.parallel_threshold
     unaware = dataclasses.replace(torch_model, parallel_overhead=0.0)
@@ -218,15 +220,28 @@ def test_torch_planning_avoids_products_that_wake_threads_for_little_work() -> N
     assert max(m * n * k for m, n, k, _ in ignoring.step_sizes) >= torch_model.parallel_threshold
 
 
+def test_thread_wake_cost_follows_the_wait_policy() -> None:
+    assert tnlayers.cost.thread_wake_seconds("PASSIVE") == 9e-5 == tnlayers.cost.thread_wake_seconds("passive")
+    assert tnlayers.cost.thread_wake_seconds(None) == 1e-6 == tnlayers.cost.thread_wake_seconds("ACTIVE")
+
+
 def test_plans_the_model_cannot_tell_apart_go_to_the_first_candidate() -> None:
+    model = tnlayers.CostModel(tolerance=10.0)  # every candidate is near: fewest flops, then cost, then first
+    assert (
+        model.choose_index([2.0, 2.0 + 1e-12], [10, 10]) == 0 and model.choose_index([2.0 + 1e-12, 2.0], [10, 10]) == 0
+    )
+    assert model.choose_index([1.0, 3.0], [20, 10]) == 1
+
+
+def test_the_layout_tells_apart_paths_with_the_same_products() -> None:
+    """dp and optimal run the same products in another order; which operand each step copies differs."""
     spec = tnlayers.MPOSpec((4, 8, 8, 4), (4, 8, 8, 4), 4)
     candidates = auto_candidates(spec, 4096, gradients="cores")
     dp, optimal = (next(p for p in candidates if p.method == name) for name in ("dp", "optimal"))
+    assert dp.path != optimal.path and dp.flops == optimal.flops
 
     def products(plan: tnlayers.ContractionPlan) -> list[tuple[int, ...]]:
-        return sorted((*sorted((m, n)), k, moved) for m, n, k, moved in plan.step_sizes)
+        return sorted((*sorted((m, n)), k) for m, n, k, _ in plan.step_sizes)
 
-    assert dp.path != optimal.path and products(dp) == products(optimal)  # the same products, in another order
-    assert dp.flops == optimal.flops and dp.cost == pytest.approx(optimal.cost, rel=1e-12)
-    pick = tnlayers.CostModel(tolerance=10.0).choose  # every candidate is near: fewest flops, then cost
-    assert pick([dp, optimal]) is dp and pick([optimal, dp]) is optimal
+    assert products(dp) == products(optimal)
+    assert [s[3] for s in dp.step_sizes] != [s[3] for s in optimal.step_sizes] and dp.cost != optimal.cost

@@ -8,6 +8,7 @@ it comes from. Refit them for other hardware with ``python -m benchmarks.orderin
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .plan import ContractionPlan
 
-__all__ = ["COST_MODELS", "DEFAULT_COST_MODEL", "CostModel", "cost_model_for"]
+__all__ = ["COST_MODELS", "DEFAULT_COST_MODEL", "CostModel", "cost_model_for", "thread_wake_seconds"]
 
 
 @dataclass(frozen=True)
@@ -86,12 +87,21 @@ DEFAULT_COST_MODEL = CostModel()
 """The first fit: torch forward+backward and NumPy forward times over 32 layer shapes and batch sizes (float32,
 2-core x86; benchmarks/README.md). NumPy keeps it; it ranked NumPy plans within 1.07x of the fastest (median)."""
 
+
 #: Per backend. torch: ``python -m benchmarks.orderings --fit`` on one shuffled 183-case forward+backward
 #: run (float32, 2-core x86, OMP_WAIT_POLICY=PASSIVE), checked on a second run; its GEMM peak and bandwidth
 #: came out near the measured 311-344 GFLOP/s and 8 GB/s, and ``parallel_overhead`` near the ~90 us timed
-#: for one multi-threaded product under PASSIVE (benchmarks/results/orderings/torch-summary.md).
+#: for one multi-threaded product under PASSIVE (benchmarks/results/orderings/torch-summary.md); the
+#: wait policy of this process picks the overhead term (:func:`thread_wake_seconds`).
 #: ``parallel_threshold``: MKL's sgemm went multi-threaded from M*N*K ~ 1.9e5 over 250 random shapes.
 #: tensorflow and jax have not been fitted and use the default.
+def thread_wake_seconds(wait_policy: str | None) -> float:
+    """What a multi-threaded BLAS product pays to start its threads under ``OMP_WAIT_POLICY``: about 90 us
+    under PASSIVE (sleeping threads), about 1 us with the default spin-wait (a 64x64x64 product took
+    6 us on one thread; 86 us on two under PASSIVE, 7 us by default; 2-core x86, torch 2.13)."""
+    return 9e-5 if (wait_policy or "").upper() == "PASSIVE" else 1e-6
+
+
 COST_MODELS: dict[str, CostModel] = {
     "numpy": DEFAULT_COST_MODEL,
     "torch": CostModel(
@@ -101,7 +111,7 @@ COST_MODELS: dict[str, CostModel] = {
         step_overhead=1e-5,
         tolerance=0.1,
         parallel_threshold=1.9e5,
-        parallel_overhead=9e-5,
+        parallel_overhead=thread_wake_seconds(os.environ.get("OMP_WAIT_POLICY")),  # read once, at import
     ),
     "tensorflow": DEFAULT_COST_MODEL,
     "jax": DEFAULT_COST_MODEL,

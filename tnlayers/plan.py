@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -255,6 +256,72 @@ def _builds_weight(steps: Sequence[PlanStep], n_operands: int) -> bool:
     return True
 
 
+#: Exhaustive search of operand orders up to this many steps (2**steps orders); greedy per step beyond.
+_LAYOUT_SEARCH_STEPS = 10
+
+
+def _contiguous_block(term: str, letters: set[str]) -> bool:
+    """Whether ``letters`` sit together at the start or the end of ``term``: a tensordot operand whose
+    contracted axes do is read in place (as a matrix or its transpose); any other is copied first."""
+    k = len(letters)
+    return set(term[:k]) == letters or set(term[len(term) - k :]) == letters
+
+
+def _step_layout(a: str, b: str, swap: bool, size: Callable[[str], int]) -> tuple[str, str, str, int]:
+    """``(first, second, output, elements copied)`` of one step: tensordot of ``first`` with ``second``
+    writes their free indices in their own orders (no transpose after the product). The larger operand
+    sets the order of the contracted indices; the other is copied unless its block is in that order."""
+    first, second = (b, a) if swap else (a, b)
+    summed = set(a) & set(b)
+    leader, follower = (a, b) if size(a) >= size(b) else (b, a)
+    copied = 0 if _contiguous_block(leader, summed) else size(leader)
+    in_leader = [ch for ch in leader if ch in summed]
+    if not _contiguous_block(follower, summed) or [ch for ch in follower if ch in summed] != in_leader:
+        copied += size(follower)
+    output = "".join(ch for ch in first if ch not in summed) + "".join(ch for ch in second if ch not in summed)
+    return first, second, output, copied
+
+
+def _layout(
+    inputs: list[str], pairs: Sequence[tuple[int, int]], final: str, size: Callable[[str], int]
+) -> list[tuple[tuple[int, int], str, str, str, int]]:
+    """Per step ``(positions, first, second, output, elements copied)``: the operand order of every step
+    chosen so that the fewest elements are copied (the result's transpose to ``final`` included).
+
+    ``pairs`` pop two operands from the list (the second position counted after the first pop). Each
+    step may swap its operands, which decides the order of its output's indices and so whether later
+    steps read their operands in place.
+    """
+
+    def simulate(swaps: Sequence[bool]) -> tuple[int, list[tuple[tuple[int, int], str, str, str, int]]]:
+        terms, total = list(inputs), 0
+        steps: list[tuple[tuple[int, int], str, str, str, int]] = []
+        for (i, j), swap in zip(pairs, swaps):
+            a = terms.pop(i)
+            b = terms.pop(j)
+            first, second, output, copied = _step_layout(a, b, swap, size)
+            if swap:  # pop b first: its position in the list before a was removed, then a's without b
+                b_at = j if j < i else j + 1
+                positions = (b_at, i if i < b_at else i - 1)
+            else:
+                positions = (i, j)
+            if len(steps) == len(pairs) - 1 and output != final:
+                copied += size(final)  # the result is transposed once, into the layer's output order
+                output = final
+            terms.append(output)
+            total += copied
+            steps.append((positions, first, second, output, copied))
+        return total, steps
+
+    if len(pairs) <= _LAYOUT_SEARCH_STEPS:
+        orders = itertools.product((False, True), repeat=len(pairs))
+        return min((simulate(swaps) for swaps in orders), key=lambda found: found[0])[1]
+    swaps: list[bool] = []
+    for _ in pairs:  # greedy: each step's swap chosen with the later ones unswapped
+        swaps.append(min((False, True), key=lambda s: simulate([*swaps, s])[0]))
+    return simulate(swaps)[1]
+
+
 def _build(
     spec: MPOSpec, batch: int, strategy: str, method: str, optimize: Any, model: CostModel, gradients: str = "none"
 ) -> ContractionPlan:
@@ -269,18 +336,19 @@ def _build(
     def size(indices: Any) -> int:
         return math.prod(sizes[ch] for ch in indices)
 
-    steps, step_sizes, largest = [], [], 0
-    for positions, _, einsum_str, _, _ in info.contraction_list:
+    pairs = []
+    for positions, _, _, _, _ in info.contraction_list:
         if len(positions) != 2:
             raise ValueError(f"strategy {strategy!r} gave a step over {len(positions)} operands; only pairs are run")
-        inputs, output = einsum_str.split("->")
-        a, b = inputs.split(",")
-        steps.append(_make_step((positions[0], positions[1]), (a, b), output))
+        pairs.append((int(positions[0]), int(positions[1])))
+    inputs, output = equation.split("->")
+    steps, step_sizes, largest = [], [], 0
+    for positions, a, b, out, copied in _layout(inputs.split(","), pairs, output, size):
+        steps.append(_make_step(positions, (a, b), out))
         summed = set(a) & set(b)
         m, n, k = size(set(a) - summed), size(set(b) - summed), size(summed)
-        moved = size(a) + size(b) + size(output)
-        largest = max(largest, size(output))
-        step_sizes.append((m, n, k, moved))
+        step_sizes.append((m, n, k, size(a) + size(b) + size(out) + 2 * copied))
+        largest = max(largest, size(out))
     builds = _builds_weight(steps, len(shapes))
     if builds:  # run as dense_weight builds W, then one product (tnlayers.contract.execute)
         run_sizes = [*weight_step_sizes(spec), (batch, spec.out_features, spec.in_features, 0)]

@@ -2,9 +2,8 @@
 
 import os
 
-# Before torch and TensorFlow start. OMP_WAIT_POLICY: see ../shared/BENCHMARKING.md; a value the user
-# set wins, and the run records the one in effect.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before TensorFlow starts: quiet logs. OMP_WAIT_POLICY is left as the user has it (unset, by default,
+# as users run); each record notes the policy in effect, and the cost model uses the matching thread term.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from .cli import main

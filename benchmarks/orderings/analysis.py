@@ -78,6 +78,37 @@ def ratio_table(records: Sequence[dict[str, Any]], mode: str = "forward+backward
     return rows
 
 
+def dense_ratios(
+    records: Sequence[dict[str, Any]],
+    gemm_gflops: dict[str, float],
+    mode: str = "forward+backward",
+    contender: str = "auto",
+) -> list[dict[str, Any]]:
+    """Per (backend, case, batch): ``contender`` against the dense layer holding the same W, timed in the same
+    round. ``x dense`` is the time ratio; ``efficiency`` is (plan flops / dense flops) / (time / dense time),
+    1.0 when the MPO runs its flops at the dense product's rate; ``% of GEMM`` is the plan's achieved
+    GFLOP/s over this backend's measured GEMM ceiling."""
+    dense = {
+        (r["backend"], r["case"], r["batch"]): r for r in records if r["mode"] == mode and r["ordering"] == "dense"
+    }
+    rows = []
+    for r in records:
+        key = (r["backend"], r["case"], r["batch"])
+        if r["mode"] != mode or r["ordering"] != contender or key not in dense:
+            continue
+        ratio = r["median_s"] / dense[key]["median_s"]
+        ceiling = gemm_gflops.get(r["backend"])
+        rows.append(
+            {
+                "backend": key[0], "case": key[1], "batch": key[2], "method": r["method"], "x dense": ratio,
+                "flops vs dense": r["flops"] / dense[key]["flops"],
+                "efficiency": r["flops"] / dense[key]["flops"] / ratio,
+                "% of GEMM": 100 * r["gflops_per_s"] / ceiling if ceiling else math.nan,
+            }
+        )  # fmt: skip
+    return rows
+
+
 def planner_figures(rows: Sequence[dict[str, Any]], contender: str = "auto") -> tuple[float, float, float]:
     """Median, geometric mean and worst of ``contender``'s time / the fastest ordering's."""
     ratios = [row[contender] for row in rows if contender in row]

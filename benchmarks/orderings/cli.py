@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,9 @@ from tqdm.auto import tqdm
 import benchmarks.orderings as package
 from tnlayers.autotune import Autotuner
 
-from .analysis import fit_cost_model, planner_figures, ratio_table
+from .analysis import dense_ratios, fit_cost_model, planner_figures, ratio_table
 from .cases import BATCHES, CASES, MAX_DENSE_FLOPS, ORDERINGS, PLANNERS, QUICK_BATCHES, QUICK_CASES, Case
-from .measure import environment, measure_case, overhead
+from .measure import environment, measure_case, overhead, profile
 from .report import markdown_summary, overhead_lines, plot
 from .runners import RUNNERS, available_backends
 
@@ -41,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-overhead", action="store_true", help="skip the per-call overhead measurement (torch)")
     parser.add_argument(
         "--from-records", type=Path, default=None, help="summarise / --fit a records.jsonl, timing nothing"
+    )
+    parser.add_argument(
+        "--profile", metavar="CASE", default=None, help="torch: where auto's forward+backward spends its time, per op"
     )
     return parser
 
@@ -121,7 +125,9 @@ def _measure(
     return records, calls, env
 
 
-def _print_figures(records: Sequence[dict[str, Any]], backends: Sequence[str], fit: bool) -> dict[tuple[str, str], Any]:
+def _print_figures(
+    records: Sequence[dict[str, Any]], backends: Sequence[str], fit: bool, gemm: dict[str, float]
+) -> dict[tuple[str, str], Any]:
     rows = ratio_table(records)
     figures: dict[tuple[str, str], Any] = {}
     for backend in backends:
@@ -134,6 +140,14 @@ def _print_figures(records: Sequence[dict[str, Any]], backends: Sequence[str], f
                 f"{backend:<10} {contender:<16} fwd+bwd time / fastest {against}: "
                 f"median {med:.3f}x, geomean {geo:.3f}x, worst {worst:.3f}x over {len(subset)} cases"
             )
+        large = [
+            row["efficiency"]
+            for row in dense_ratios(records, gemm)
+            if row["backend"] == backend and row["batch"] >= 256
+        ]
+        if large:
+            print(f"{backend:<10} auto against dense from batch 256: efficiency median {statistics.median(large):.2f}, "
+                  f"worst {min(large):.2f} over {len(large)} cases")  # fmt: skip
         if fit:
             fitted, (med, geo, worst) = fit_cost_model([r for r in records if r["backend"] == backend])
             figures[(backend, "fitted")] = fitted
@@ -144,12 +158,20 @@ def _print_figures(records: Sequence[dict[str, Any]], backends: Sequence[str], f
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.profile:
+        case = next((c for c in CASES if c.name == args.profile), None)
+        if case is None:
+            parser.error(f"no case named {args.profile!r}; expected one of {', '.join(c.name for c in CASES)}")
+        for batch in args.batches:
+            print(profile(case, batch, args.dtype, args.device))
+        return {}
     backends, cases, batches = _selection(parser, args)
     _set_threads(backends, args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_records:  # re-summarise (and refit) earlier measurements, timing nothing
         records, calls = _read_records(args.from_records, backends)
-        env = {k: records[0][k] for k in ("cpu", "cores", "device", "gemm_gflops")} if records else {}
+        keys = ("cpu", "cores", "device", "gemm_gflops", "omp_wait_policy", "torch_threads")
+        env = {k: records[0].get(k) for k in keys} if records else {}
     else:
         records, calls, env = _measure(args, backends, cases, batches)
     summary = markdown_summary(records, env)
@@ -160,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print()
     if calls:
         print("\n".join(overhead_lines(calls)) + "\n")
-    figures = _print_figures(records, backends, args.fit)
+    figures = _print_figures(records, backends, args.fit, env.get("gemm_gflops") or {})
     print(
         f"\n{'read' if args.from_records else 'wrote'} {len(records)} records; wrote {args.out / 'summary.md'}, "
         + ", ".join(str(p) for p in paths)

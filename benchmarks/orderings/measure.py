@@ -240,3 +240,36 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def profile(case: Case, batch: int, dtype: str = "float32", device: str = "cpu", repeats: int = 5) -> str:
+    """Where ``auto``'s forward+backward of ``case`` spends its time in torch: products, copies, the rest.
+
+    A table of torch's profiler (self CPU time per op over ``repeats`` calls), after the plan's steps
+    and a line per group: GEMM (``mm``/``bmm``/``addmm``), copies (``copy_``, ``clone``), everything else.
+    """
+    import torch
+
+    from .runners import TorchRunner
+
+    runner = TorchRunner(case.spec, batch, dtype, device)
+    chosen = tnlayers.plan(case.spec, batch, cost_model=cost_model_for("torch"), gradients="cores")
+    run = runner.train_step(chosen)
+    dense = runner.dense()[1]
+    for _ in range(2):
+        run(), dense()
+    with torch.profiler.profile() as profiler:
+        for _ in range(repeats):
+            run()
+    events = profiler.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    groups = {"GEMM": ("aten::mm", "aten::bmm", "aten::addmm"), "copies": ("aten::copy_", "aten::clone")}
+    shares = {name: sum(e.self_cpu_time_total for e in events if e.key in keys) for name, keys in groups.items()}
+    dense_s = statistics.median(round_robin({"dense": dense}, repeats)["dense"])
+    lines = [chosen.describe(), f"dense layer, forward+backward: {1e3 * dense_s:.3f} ms", "per call:"]
+    for name, share in shares.items():
+        lines.append(f"  {name:<7} {share / repeats / 1e3:8.3f} ms ({100 * share / total:.0f}%)")
+    rest = total - sum(shares.values())
+    lines.append(f"  {'other':<7} {rest / repeats / 1e3:8.3f} ms ({100 * rest / total:.0f}%)")
+    lines.append(str(events.table(sort_by="self_cpu_time_total", row_limit=8)))
+    return "\n".join(lines)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import tnlayers
 
-from .analysis import planner_figures, ratio_table
+from .analysis import dense_ratios, planner_figures, ratio_table
 from .cases import BASELINES, CASES, ORDERINGS
 
 
@@ -33,6 +34,26 @@ def overhead_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def dense_lines(records: Sequence[dict[str, Any]], gemm_gflops: dict[str, float], backend: str) -> list[str]:
+    """``auto`` against the dense layer, per case (forward+backward), and the efficiency from batch 256 up."""
+    rows = [row for row in dense_ratios(records, gemm_gflops) if row["backend"] == backend]
+    if not rows:
+        return []
+    large = sorted(row["efficiency"] for row in rows if row["batch"] >= 256)
+    lines = ["`auto` against the dense layer holding the same W (forward+backward, same round):", ""]
+    if large:
+        lines += [f"- from batch 256 up: efficiency median {statistics.median(large):.2f}, worst {large[0]:.2f} "
+                  f"over {len(large)} cases", ""]  # fmt: skip
+    lines += ["| case | batch | auto chose | flops vs dense | x dense | efficiency | % of GEMM ceiling |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in rows:
+        lines.append(
+            f"| {row['case']} | {row['batch']} | {row['method']} | {row['flops vs dense']:.2f} | {row['x dense']:.2f} | "
+            f"{row['efficiency']:.2f} | {row['% of GEMM']:.0f} |"
+        )
+    return [*lines, ""]
+
+
 def markdown_summary(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> str:
     lines = [f"# Contraction orderings on {env['cpu']} ({env['cores']} cores, {env['device']})", ""]
     lines.append("Time / the fastest ordering of that case (forward+backward, median of round-robin repeats).")
@@ -42,6 +63,9 @@ def markdown_summary(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> 
     )
     lines.append(
         "GEMM ceiling measured here (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in env["gemm_gflops"].items())
+    )
+    lines.append(
+        f"OMP_WAIT_POLICY {env.get('omp_wait_policy') or 'unset'}, torch threads {env.get('torch_threads', 'n/a')}."
     )
     lines.append("")
     rows = ratio_table(records)
@@ -61,6 +85,7 @@ def markdown_summary(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> 
                     f"fastest {against} over {sum(contender in r for r in subset)} cases"
                 )
         lines.append("")
+        lines += dense_lines(records, env.get("gemm_gflops", {}), backend)
         columns = [c for c in (*ORDERINGS, *BASELINES) if any(c in r for r in subset)]
         lines.append("| case | batch | fastest | ms | auto chose | " + " | ".join(columns) + " |")
         lines.append("|---|---|---|---|---|" + "---|" * len(columns))
