@@ -48,8 +48,8 @@ def dense_lines(records: Sequence[dict[str, Any]], gemm_gflops: dict[str, float]
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         lines.append(
-            f"| {row['case']} | {row['batch']} | {row['method']} | {row['flops vs dense']:.2f} | {row['x dense']:.2f} | "
-            f"{row['efficiency']:.2f} | {row['% of GEMM']:.0f} |"
+            f"| {row['case']} | {row['batch']} | {row['method']} | {row['flops vs dense']:.2f} | "
+            f"{row['x dense']:.2f} | {row['efficiency']:.2f} | {row['% of GEMM']:.0f} |"
         )
     return [*lines, ""]
 
