@@ -41,6 +41,8 @@ def test_orderings_quick(tmp_path: Path) -> None:
         assert f"{backend:<10} fitted CostModel(" in result.stdout
     summary = (tmp_path / "summary.md").read_text()
     assert "## torch" in summary and "Per-call overhead" in summary
+    assert "| case | batch | auto chose | flops vs dense | x dense | efficiency | % of GEMM ceiling |" in summary
+    assert "OMP_WAIT_POLICY" in summary
     assert (tmp_path / "time_vs_batch.png").stat().st_size > 10_000
     assert (tmp_path / "measured_vs_model.png").stat().st_size > 10_000
 
@@ -105,3 +107,28 @@ def test_keras_layers_quick(tmp_path: Path) -> None:
     for record in records:
         for mode in ("forward", "forward+backward"):
             assert set(record[mode]) == {"mpo", "dense", "tn_keras"} and min(record[mode].values()) > 0
+
+
+def test_orderings_profile_splits_the_time(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    command = [sys.executable, "-m", "benchmarks.orderings", "--profile", "FC2 784->256 D4", "--batches", "8"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "auto -> " in result.stdout and "dense layer, forward+backward" in result.stdout
+    shares = [float(line.split("(")[1].split("%")[0]) for line in result.stdout.splitlines() if "%)" in line]
+    assert len(shares) == 3 and abs(sum(shares) - 100) <= 2  # GEMM, copies and the rest add up
+    bad = subprocess.run([*command[:4], "no such case"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no case named 'no such case'" in bad.stderr
+
+
+def test_auto_is_judged_against_the_dense_layer() -> None:
+    from benchmarks.orderings import dense_ratios
+
+    def record(ordering: str, ms: float, flops: int, gflops: float) -> dict[str, object]:
+        return {"backend": "torch", "case": "c", "batch": 256, "mode": "forward+backward", "ordering": ordering,
+                "method": "greedy", "median_s": ms / 1e3, "flops": flops, "gflops_per_s": gflops}  # fmt: skip
+
+    records = [record("dense", 2.0, 100, 90.0), record("auto", 1.0, 25, 10.0), record("zipper", 9.0, 99, 1.0)]
+    (row,) = dense_ratios(records, {"torch": 100.0})
+    assert (row["x dense"], row["flops vs dense"], row["efficiency"], row["% of GEMM"]) == (0.5, 0.25, 0.5, 10.0)
+    assert dense_ratios([records[1]], {"torch": 100.0}) == []  # no dense layer timed beside it: no ratio

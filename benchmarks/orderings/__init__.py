@@ -17,11 +17,22 @@ GPU: ``--device cuda`` runs torch on the GPU and synchronises before reading the
 here: this project's machines have no GPU).
 
 The package: ``cases`` (the grid), ``runners`` (one per backend), ``peers`` (tltorch, tn_keras),
-``measure`` (checking and timing a case, the per-call overhead, the environment), ``analysis``
+``measure`` (checking and timing a case, the environment), ``profiling`` (the per-call overhead, and
+where ``--profile`` finds the time goes), ``analysis``
 (ratios, per-path times, the cost-model fit), ``report`` (summary and plots), ``cli`` (the command).
 """
 
-from .analysis import fit_cost_model, path_times, planner_figures, ratio_table
+from .analysis import dense_ratios, fit_cost_model, path_times, planner_figures, ratio_table
 from .cases import BASELINES, CASES, ORDERINGS, Case
 
-__all__ = ["BASELINES", "CASES", "ORDERINGS", "Case", "fit_cost_model", "path_times", "planner_figures", "ratio_table"]
+__all__ = [
+    "BASELINES",
+    "CASES",
+    "ORDERINGS",
+    "Case",
+    "dense_ratios",
+    "fit_cost_model",
+    "path_times",
+    "planner_figures",
+    "ratio_table",
+]

@@ -16,7 +16,8 @@ from tnlayers.autotune import Autotuner
 
 from .analysis import dense_ratios, fit_cost_model, planner_figures, ratio_table
 from .cases import BATCHES, CASES, MAX_DENSE_FLOPS, ORDERINGS, PLANNERS, QUICK_BATCHES, QUICK_CASES, Case
-from .measure import environment, measure_case, overhead, profile
+from .measure import environment, measure_case
+from .profiling import overhead, profile
 from .report import markdown_summary, overhead_lines, plot
 from .runners import RUNNERS, available_backends
 
