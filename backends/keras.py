@@ -102,17 +102,20 @@ def _concrete(x: Any) -> bool:
 
 
 def _timer(x: Any, cores: Sequence[Any], gradients: str) -> Callable[[ContractionPlan], Callable[[], object]]:
-    """Plan -> a call running it on ``x`` (forward, with the backward pass when training), for autotune."""
-    x = ops.convert_to_tensor(x)
-    values = [ops.convert_to_tensor(ops.convert_to_numpy(core)) for core in cores]  # plain tensors, not variables
+    """Plan -> a call running it on ``x`` (forward, with the backward pass when training), for autotune.
+
+    Nothing is converted until a candidate is timed: after the first call, a tuned layer only looks up."""
 
     def make_run(candidate: ContractionPlan) -> Callable[[], object]:
+        data = ops.convert_to_tensor(x)
+        values = [ops.convert_to_tensor(ops.convert_to_numpy(core)) for core in cores]  # plain tensors
+
         def loss(x: Any, *cores: Any) -> Any:
             return ops.sum(execute(candidate, x, list(cores), None, _OPS))
 
         if gradients == "none":
-            return lambda: ops.convert_to_numpy(loss(x, *values))
-        return lambda: [ops.convert_to_numpy(g) for g in _gradients_of(loss, x, values)]
+            return lambda: ops.convert_to_numpy(loss(data, *values))
+        return lambda: [ops.convert_to_numpy(g) for g in _gradients_of(loss, data, values)]
 
     return make_run
 
@@ -254,12 +257,6 @@ class _MPOLayer(kit.MPOLayerMixin, keras.layers.Layer):  # type: ignore[misc]
     def _strategy_config(self) -> Any:
         key = self.planner.strategy if self.planner is not None else self.strategy
         return [list(pair) for pair in key] if isinstance(key, tuple) else key
-
-    @property
-    def built_spec(self) -> tnlayers.MPOSpec:
-        if self.spec is None:
-            raise RuntimeError(f"layer {self.name!r} is not built yet: call it on an input first")
-        return self.spec
 
     @property
     def _built_planner(self) -> kit.LayerPlanner:

@@ -103,10 +103,6 @@ class MPOLinear(kit.MPOLayerMixin):
         return self.planner.strategy
 
     @property
-    def built_spec(self) -> tnlayers.MPOSpec:
-        return self.spec
-
-    @property
     def in_features(self) -> int:
         return self.spec.in_features
 

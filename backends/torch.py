@@ -50,18 +50,21 @@ def _gradients(x: torch.Tensor, cores: Iterable[torch.Tensor]) -> str:
 
 
 def _timer(rows: torch.Tensor, cores: Sequence[torch.Tensor], gradients: str) -> Callable[[ContractionPlan], Any]:
-    """Plan -> a call running it on these rows (forward, and backward when training), for autotune."""
-    rows = rows.detach().requires_grad_(gradients == "all")
-    trial = [core.detach().requires_grad_(gradients != "none") for core in cores]  # leaves of their own
+    """Plan -> a call running it on these rows (forward, and backward when training), for autotune.
+
+    Nothing is copied until a candidate is timed: after the first call, a tuned layer only looks up."""
 
     def make_run(candidate: ContractionPlan) -> Callable[[], object]:
+        data = rows.detach().requires_grad_(gradients == "all")
+        trial = [core.detach().requires_grad_(gradients != "none") for core in cores]  # leaves of their own
+
         def run() -> object:
             with torch.set_grad_enabled(gradients != "none"):
-                y = execute(candidate, rows, trial, None, _OPS)
+                y = execute(candidate, data, trial, None, _OPS)
                 if gradients != "none":
                     y.backward(torch.ones_like(y))
-            if rows.is_cuda:
-                torch.cuda.synchronize(rows.device)
+            if data.is_cuda:
+                torch.cuda.synchronize(data.device)
             return y
 
         return run
@@ -103,10 +106,6 @@ class _MPOModule(kit.MPOLayerMixin, nn.Module):
     def strategy(self) -> Any:
         """The strategy as the layer keeps it: a name, or an explicit path."""
         return self.planner.strategy
-
-    @property
-    def built_spec(self) -> tnlayers.MPOSpec:
-        return self.spec
 
     def reset_parameters(self, seed: int | None = None) -> None:
         """Cores drawn so that ``W`` has the ``init`` variance (exactly in norm); zero bias.

@@ -373,8 +373,12 @@ class MPOLayerMixin:
 
     @property
     def built_spec(self) -> MPOSpec:
-        """The layer's spec (a ``RuntimeError`` before a Keras layer is built)."""
-        raise NotImplementedError
+        """The layer's spec (a ``RuntimeError`` where a layer builds its weights lazily and has not yet)."""
+        spec = getattr(self, "spec", None)
+        if not isinstance(spec, MPOSpec):
+            name = getattr(self, "name", type(self).__name__)
+            raise RuntimeError(f"layer {name!r} is not built yet: call it on an input first")
+        return spec
 
     @classmethod
     def load(cls, path: Any, name: str | None = None, **kwargs: Any) -> Any:
