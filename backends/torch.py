@@ -145,11 +145,17 @@ class _MPOModule(kit.MPOLayerMixin, nn.Module):
         return dense_weight(list(self.cores), _OPS)  # type: ignore[no-any-return]
 
     def _inference_weight(self) -> torch.Tensor:
-        """``W``, built once and reused while no core changed (in place, by ``.to`` or by loading)."""
-        key = tuple((core._version, core.data_ptr(), core.dtype, core.device) for core in self.cores)
-        if self._cached_weight is None or self._cached_weight[0] != key:
-            # the cached entry holds the cores' storage, so that no new tensor can reuse its address
-            self._cached_weight = (key, [core.detach() for core in self.cores], self.weight_matrix())
+        """``W``, built once and reused while the cores hold the values it was built from.
+
+        The check compares the cores with copies kept beside ``W``: it sees every change, also edits
+        through ``.data`` (an EMA update), which torch's version counter does not. The cores are small,
+        so comparing them costs a fraction of building ``W`` (their elements, against ``W``'s times D).
+        """
+        key = tuple((core.dtype, core.device, core.shape) for core in self.cores)
+        cached = self._cached_weight
+        if cached is not None and cached[0] == key and all(map(torch.equal, self.cores, cached[1])):
+            return cached[2]
+        self._cached_weight = (key, [core.detach().clone() for core in self.cores], self.weight_matrix())
         return self._cached_weight[2]
 
     def _serve_cached(self) -> bool:

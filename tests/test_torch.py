@@ -210,7 +210,36 @@ def test_eval_reuses_w_and_never_serves_a_stale_one() -> None:
         assert_close(layer(x).numpy(), reference(), np.float64)  # after load_state_dict
         layer.to(torch.float32)
         assert_close(layer(x.float()).numpy(), reference(), np.float32)  # after .to(dtype)
+        layer.cores[0].data.mul_(2)  # .data edits do not bump torch's version counter
+        assert_close(layer(x.float()).numpy(), reference(), np.float32)
+        ema = MPOLinear((2, 3, 4), (3, 2, 2), 3, dtype=torch.float32, seed=8)
+        for p, q in zip(layer.parameters(), ema.parameters()):  # the classic EMA update, through .data
+            p.data.mul_(0.9).add_(q.data, alpha=0.1)
+        assert_close(layer(x.float()).numpy(), reference(), np.float32)
     assert layer(x.float()).requires_grad  # with gradients on, W is not served from the cache
+
+
+def test_conv_inference_serves_the_current_kernel() -> None:
+    """eval() under no_grad builds the kernel once; it must follow every change of the cores."""
+    layer = MPOConv2d(3, 8, 3, (3, 3, 3), (2, 2, 2), 3, padding=1, strategy="materialize", dtype=torch.float64)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+
+    def reference() -> np.ndarray:
+        kernel = torch.from_numpy(_reference_kernel(layer))
+        return F.conv2d(x, kernel, layer.bias.detach(), 1, 1).numpy()
+
+    layer.eval()
+    with torch.no_grad():
+        assert_close(layer(x).numpy(), reference(), np.float64)
+        layer.cores[1].data.mul_(-3)
+        assert_close(layer(x).numpy(), reference(), np.float64)
+    layer.train()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).pow(2).sum().backward()
+    optimizer.step()
+    layer.eval()
+    with torch.no_grad():
+        assert_close(layer(x).numpy(), reference(), np.float64)  # after an optimiser step
 
 
 def test_state_dict_and_checkpoint_roundtrips_are_bit_exact(tmp_path: Path) -> None:
