@@ -72,11 +72,15 @@ def _timer(rows: torch.Tensor, cores: Sequence[torch.Tensor], gradients: str) ->
     return make_run
 
 
-def _check_tensor(x: Any, dtype: torch.dtype, what: str) -> None:
+def _check_tensor(x: Any, dtype: torch.dtype, what: str) -> torch.dtype | None:
+    """The dtype to compute in under ``torch.autocast`` (``None`` outside it); a clear error for a bad input."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} expects a torch.Tensor, got {type(x).__name__}")
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        return torch.get_autocast_dtype(x.device.type)  # as nn.Linear: compute in it, parameters stay as they are
     if x.dtype != dtype:
         raise TypeError(f"{what} has dtype {dtype} but the input has dtype {x.dtype}; use x.to({dtype})")
+    return None
 
 
 class _MPOModule(kit.MPOLayerMixin, nn.Module):
@@ -160,6 +164,16 @@ class _MPOModule(kit.MPOLayerMixin, nn.Module):
 
     def _serve_cached(self) -> bool:
         return not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+    def _operands(
+        self, x: torch.Tensor, autocast: torch.dtype | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """``x``, the cores and the bias in the dtype to compute in: under autocast, differentiable casts
+        (the gradients reach the parameters in their own dtype), else the parameters themselves."""
+        cores, bias = list(self.cores), self.bias
+        if autocast is None:
+            return x, cores, bias
+        return x.to(autocast), [c.to(autocast) for c in cores], None if bias is None else bias.to(autocast)
 
     def _plan(self, x: torch.Tensor, rows: Any) -> ContractionPlan:
         """The plan for this call (see :class:`tnlayers.layer.LayerPlanner` for the autotune policy)."""
@@ -260,12 +274,13 @@ class MPOLinear(_MPOModule):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_tensor(x, self.cores[0].dtype, "MPOLinear")
+        autocast = _check_tensor(x, self.cores[0].dtype, "MPOLinear")
         kit.check_input(tuple(x.shape), self.in_features, "MPOLinear")
+        x, cores, bias = self._operands(x, autocast)
         plan = self._plan(x, math.prod(x.shape[:-1]))
         if plan.builds_weight and self._serve_cached():
-            return F.linear(x, self._inference_weight().T, self.bias)
-        return execute(plan, x, list(self.cores), self.bias, _OPS)  # type: ignore[no-any-return]
+            return F.linear(x, self._inference_weight().T.to(x.dtype), bias)
+        return execute(plan, x, cores, bias, _OPS)  # type: ignore[no-any-return]
 
     def extra_repr(self) -> str:
         described = kit.describe(self.spec, self.bias is not None)
@@ -378,7 +393,7 @@ class MPOConv2d(_MPOModule):
         return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_tensor(x, self.cores[0].dtype, "MPOConv2d")
+        autocast = _check_tensor(x, self.cores[0].dtype, "MPOConv2d")
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(
                 f"MPOConv2d expects a tensor of shape (batch, {self.in_channels}, height, width) or "
@@ -386,6 +401,7 @@ class MPOConv2d(_MPOModule):
             )
         if x.dim() == 3:
             return self.forward(x.unsqueeze(0)).squeeze(0)
+        x, cores, bias = self._operands(x, autocast)
         height, width = self.geometry.output_size(x.shape[2], x.shape[3])
         plan, build_kernel = _compiled_conv_route(self.planner, batch_bucket(x.shape[0] * height * width))
         top, bottom, left, right = self.geometry.pads(x.shape[2], x.shape[3])
@@ -393,11 +409,11 @@ class MPOConv2d(_MPOModule):
         if (top, left) != (bottom, right):
             x, padding = F.pad(x, (left, right, top, bottom)), (0, 0)
         if build_kernel:
-            kernel = self._inference_weight().T if self._serve_cached() else self.weight_matrix().T
-            kernel = kernel.reshape(self.out_channels, self.in_channels, *self.kernel_size)
-            return F.conv2d(x, kernel, self.bias, self.stride, padding, self.dilation)
+            kernel = self._inference_weight() if self._serve_cached() else dense_weight(cores, _OPS)
+            kernel = kernel.T.to(x.dtype).reshape(self.out_channels, self.in_channels, *self.kernel_size)
+            return F.conv2d(x, kernel, bias, self.stride, padding, self.dilation)
         patches = F.unfold(x, self.kernel_size, self.dilation, padding, self.stride).transpose(1, 2)
-        y = execute(plan, patches, list(self.cores), self.bias, _OPS)  # (batch, positions, out_channels)
+        y = execute(plan, patches, cores, bias, _OPS)  # (batch, positions, out_channels)
         return y.transpose(1, 2).reshape(x.shape[0], self.out_channels, height, width)  # type: ignore[no-any-return]
 
     def extra_repr(self) -> str:

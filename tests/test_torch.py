@@ -384,3 +384,39 @@ def test_distributed_data_parallel_matches_one_process(tmp_path: Path) -> None:
 def test_bad_input(call: Any, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_autocast_computes_like_nn_linear_and_keeps_float32_parameters(train: bool) -> None:
+    torch.manual_seed(9)
+    layer = MPOLinear((4, 7, 7, 4), (4, 4, 4, 4), 8).train(train)
+    linear = layer.to_linear().train(train)
+    x = torch.randn(64, 784)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(train):
+        ours, theirs = layer(x), linear(x)
+        after_linear = layer(nn.Linear(784, 784)(x))  # a bf16 input, as autocast hands it on
+    assert ours.dtype == theirs.dtype == after_linear.dtype == torch.bfloat16
+    scale = float(theirs.float().abs().max())
+    np.testing.assert_allclose(ours.float().detach().numpy(), theirs.float().detach().numpy(), atol=2e-2 * scale)
+    if train:  # float32 gradients on float32 cores, near those of the same layer without autocast
+        ours.float().sum().backward()
+        exact = MPOLinear.from_cores(list(layer.cores), layer.bias)
+        exact(x).sum().backward()
+        for core, twin in zip(layer.cores, exact.cores):
+            assert core.dtype == core.grad.dtype == torch.float32
+            scale = float(twin.grad.abs().max())
+            np.testing.assert_allclose(core.grad.numpy(), twin.grad.numpy(), atol=5e-2 * scale)
+
+
+def test_autocast_convolution_matches_nn_conv2d() -> None:
+    torch.manual_seed(10)
+    layer = MPOConv2d(3, 8, 3, (3, 3, 3), (2, 2, 2), 4, padding=1)
+    conv = layer.to_conv()
+    x = torch.randn(2, 3, 9, 9)
+    for strategy_layer in (layer, MPOConv2d.from_conv(conv, strategy="zipper", max_rank=100)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours, theirs = strategy_layer(x), conv(x)
+        assert ours.dtype == theirs.dtype == torch.bfloat16
+        scale = float(theirs.float().abs().max())
+        np.testing.assert_allclose(ours.float().detach().numpy(), theirs.float().detach().numpy(), atol=3e-2 * scale)
+        assert all(c.dtype == torch.float32 for c in strategy_layer.parameters())
