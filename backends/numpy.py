@@ -57,6 +57,10 @@ class MPOLinear(kit.MPOLayerMixin):
         self.cores: list[Array] = [np.ascontiguousarray(c) for c in cores]
         self.bias: Array | None = None if bias is None else np.ascontiguousarray(bias)
         self.dtype = self.cores[0].dtype
+        if not np.issubdtype(self.dtype, np.floating):
+            raise TypeError(f"cores must hold floating-point numbers, got dtype {self.dtype}")
+        if self.bias is not None and self.bias.shape != (self.spec.out_features,):
+            raise ValueError(f"bias must have shape ({self.spec.out_features},), got {self.bias.shape}")
         if any(c.dtype != self.dtype for c in self.cores) or (self.bias is not None and self.bias.dtype != self.dtype):
             given = [str(c.dtype) for c in self.cores] + ([] if self.bias is None else [f"bias {self.bias.dtype}"])
             raise TypeError(f"cores and bias must share one dtype, got {given}")

@@ -72,10 +72,14 @@ def _timer(rows: torch.Tensor, cores: Sequence[torch.Tensor], gradients: str) ->
     return make_run
 
 
-def _check_tensor(x: Any, dtype: torch.dtype, what: str) -> torch.dtype | None:
+def _check_tensor(x: Any, dtype: torch.dtype, device: torch.device, what: str) -> torch.dtype | None:
     """The dtype to compute in under ``torch.autocast`` (``None`` outside it); a clear error for a bad input."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} expects a torch.Tensor, got {type(x).__name__}")
+    if x.device != device:
+        raise ValueError(
+            f"{what} has its weights on {device} but the input is on {x.device}; use x.to({str(device)!r})"
+        )
     if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
         return torch.get_autocast_dtype(x.device.type)  # as nn.Linear: compute in it, parameters stay as they are
     if x.dtype != dtype:
@@ -274,7 +278,7 @@ class MPOLinear(_MPOModule):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        autocast = _check_tensor(x, self.cores[0].dtype, "MPOLinear")
+        autocast = _check_tensor(x, self.cores[0].dtype, self.cores[0].device, "MPOLinear")
         kit.check_input(tuple(x.shape), self.in_features, "MPOLinear")
         x, cores, bias = self._operands(x, autocast)
         plan = self._plan(x, math.prod(x.shape[:-1]))
@@ -393,7 +397,7 @@ class MPOConv2d(_MPOModule):
         return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        autocast = _check_tensor(x, self.cores[0].dtype, "MPOConv2d")
+        autocast = _check_tensor(x, self.cores[0].dtype, self.cores[0].device, "MPOConv2d")
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(
                 f"MPOConv2d expects a tensor of shape (batch, {self.in_channels}, height, width) or "

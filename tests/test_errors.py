@@ -75,7 +75,7 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "negative normal std",
         lambda: tnlayers.init_cores(SPEC, "normal", std=-1.0),
         ValueError,
-        "std must be a positive number, got -1.0",
+        "std must be a positive finite number, got -1.0",
     ),
     (
         "unknown strategy",

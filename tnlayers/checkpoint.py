@@ -139,6 +139,9 @@ def load_layers(path: str | os.PathLike[str]) -> dict[str, MPOWeights]:
                 raise ValueError(f"layer {name!r}: core shapes {[c.shape for c in cores]} do not match {spec}")
             if bias is not None and bias.shape != (spec.out_features,):
                 raise ValueError(f"layer {name!r}: bias shape {bias.shape} does not match {spec.out_features}")
+            for array in (*cores, *([] if bias is None else [bias])):
+                if not np.issubdtype(array.dtype, np.floating):
+                    raise TypeError(f"layer {name!r} holds {array.dtype} tensors; MPO weights are floating point")
             layers[name] = MPOWeights(cores, bias)
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
         raise _not_a_checkpoint(source, f"{type(err).__name__}: {err}") from None

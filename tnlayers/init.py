@@ -30,8 +30,8 @@ def target_variance(init: str, in_features: int, out_features: int, std: float |
         return 1.0 / in_features
     if init == "normal":
         value = 0.02 if std is None else std
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"std must be a positive number, got {std!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"std must be a positive finite number, got {std!r}")
         return float(value) ** 2
     raise ValueError(f"unknown init {init!r}; expected one of {', '.join(INITIALIZERS)}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .cost import cost_model_for
+from .cost import COST_MODELS, cost_model_for
 from .plan import ContractionPlan, batch_bucket, plan
 from .spec import MPOSpec
 
@@ -145,6 +145,8 @@ def report(layer_or_spec: Any, batch_size: int = 1, backend: str = "numpy") -> C
         from .decompose import cores_of, spec_from_cores
 
         spec = spec_from_cores(cores_of(layer_or_spec))
+    if backend not in COST_MODELS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(COST_MODELS)}")
     model = cost_model_for(backend)
     strategies = [s for s in REPORTED_STRATEGIES if s != "optimal" or spec.n_cores <= 6]
     plans = tuple(plan(spec, batch_size, s, cost_model=model) for s in strategies)
