@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tnlayers.backends.numpy import MPOLinear as NumpyMPOLinear
 
 import tnlayers
-from tnlayers.backends.numpy import MPOLinear as NumpyMPOLinear
 
 SPEC = tnlayers.MPOSpec((2, 3), (3, 2), 2)
 
