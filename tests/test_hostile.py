@@ -69,3 +69,27 @@ def test_torch_layers_check_the_input_device(make: str) -> None:
     x = torch.empty(shape, device="meta")  # a CPU layer used to return uninitialised CPU memory here
     with pytest.raises(ValueError, match=r"has its weights on cpu but the input is on meta; use x.to\('cpu'\)"):
         layer(x)
+
+
+@pytest.mark.parametrize("scale", [1e-170, 1e-40, 1e40, 1e170])
+def test_from_dense_reports_the_true_error_at_extreme_magnitudes(scale: float) -> None:
+    rng = np.random.default_rng(0)
+    matrix = rng.normal(size=(24, 12))
+    cores, report = tnlayers.from_dense(matrix * scale, (2, 3, 4), (3, 2, 2), tol=0.5)
+    rebuilt = tnlayers.to_dense([c / scale ** (1 / 3) for c in cores])  # back to unit scale, in float64
+    measured = np.linalg.norm(rebuilt - matrix) / np.linalg.norm(matrix)
+    assert 0 < report.relative_error <= 0.5 and report.relative_error == pytest.approx(measured, rel=1e-9)
+    _, unscaled = tnlayers.from_dense(matrix, (2, 3, 4), (3, 2, 2), tol=0.5)
+    assert report.ranks == unscaled.ranks
+    np.testing.assert_allclose(report.singular_values[0] / scale, unscaled.singular_values[0], rtol=1e-9)
+
+
+@pytest.mark.parametrize("scale", [1e-40, 1e40])
+def test_truncate_works_on_cores_at_extreme_magnitudes(scale: float) -> None:
+    cores = tnlayers.init_cores(tnlayers.MPOSpec((2, 3, 4), (3, 2, 2), 4), seed=0, dtype=np.float64)
+    out, report = tnlayers.truncate([c * scale for c in cores], max_rank=2)
+    reference, expected = tnlayers.truncate(cores, max_rank=2)
+    assert report.ranks == expected.ranks and report.relative_error == pytest.approx(expected.relative_error)
+    np.testing.assert_allclose(
+        tnlayers.to_dense([c / scale for c in out]), tnlayers.to_dense(reference), rtol=1e-9, atol=1e-12
+    )

@@ -211,6 +211,9 @@ def from_dense(
     work = dense.astype(work_dtype)
     if not np.all(np.isfinite(work)):
         raise ValueError("matrix contains NaN or infinite values")
+    # The sweep runs on W / max|W|: entries near 1e-170 or 1e170 would under- or overflow ||W||**2.
+    scale = float(np.max(np.abs(work), initial=0.0)) or 1.0
+    work = work / scale
     norm_sq = float(np.linalg.norm(work) ** 2)
     budget = (tol**2) * norm_sq if tol is not None else 0.0
 
@@ -228,10 +231,12 @@ def from_dense(
         cores.append(u.reshape(-1, ins[k], outs[k], rank))
         remainder = svh.reshape(rank * ins[k + 1] * outs[k + 1], -1)
     cores.append(remainder.reshape(rank, ins[-1], outs[-1], 1))
-    cores = [np.ascontiguousarray(c.astype(out_dtype, copy=False)) for c in cores]
     spec = MPOSpec(ins, outs, [1, *(c.shape[3] for c in cores[:-1]), 1], clip=False)
-    error = float(np.linalg.norm(work - to_dense(cores).astype(work_dtype)))
+    error = float(np.linalg.norm(work - to_dense(cores)))  # relative errors do not depend on the scale
     relative = error / math.sqrt(norm_sq) if norm_sq > 0 else 0.0
+    share = scale ** (1 / n)  # the scale back, shared by the cores so that none of them over- or underflows
+    cores = [np.ascontiguousarray((c * share).astype(out_dtype, copy=False)) for c in cores]
+    spectra = [s * scale for s in spectra]
     return cores, DecompositionReport(spec=spec, relative_error=relative, singular_values=tuple(spectra))
 
 
@@ -254,6 +259,10 @@ def truncate(
     work = [a.astype(np.complex128 if is_complex else np.float64) for a in arrays]
     if not all(np.all(np.isfinite(a)) for a in work):
         raise ValueError("cores contain NaN or infinite values")
+    # Each core divided by its largest entry for the sweep (products of cores near 1e40 overflow), the
+    # product of those scales given back at the end, shared by the cores.
+    scales = [float(np.max(np.abs(a), initial=0.0)) or 1.0 for a in work]
+    work = [a / s for a, s in zip(work, scales)]
     for k in range(n - 1, 0, -1):  # right-orthogonalise: core k = R^T Q^T with orthonormal rows in Q^T
         r_left, i, j, r_right = work[k].shape
         q, r = np.linalg.qr(work[k].reshape(r_left, -1).T)
@@ -271,7 +280,12 @@ def truncate(
         work[k] = u.reshape(r_left, i, j, -1)
         work[k + 1] = np.tensordot(svh, work[k + 1], axes=(1, 0))
     out_dtype = np.result_type(*arrays)
-    result = [np.ascontiguousarray(c.astype(out_dtype, copy=False)) for c in work]
+    log_scale = sum(math.log(s) for s in scales)
+    share = math.exp(log_scale / n)
+    with np.errstate(over="ignore"):  # singular values beyond float64's range are reported as inf
+        factor = np.exp(log_scale)
+        spectra = [np.where(s > 0, s * factor, 0.0) for s in spectra]
+    result = [np.ascontiguousarray((c * share).astype(out_dtype, copy=False)) for c in work]
     relative = math.sqrt(discarded / norm_sq) if norm_sq > 0 else 0.0
     return result, DecompositionReport(spec_from_cores(result), relative_error=relative, singular_values=tuple(spectra))
 
