@@ -446,14 +446,25 @@ def compress(
     listed in the report's ``skipped``, as is the output projection of ``nn.MultiheadAttention``
     (which reads its ``.weight``). An ``nn.TransformerEncoderLayer`` whose feed-forward layers are
     replaced runs its regular path in inference too (its fused fast path reads their ``.weight``).
+    A layer reachable under several names is replaced once, by one MPO, at every name; a layer whose
+    weight is shared with another (tied weights) is left dense and listed in ``skipped``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
     if rank is None and tol is None:
         raise ValueError("compress needs a bond cap (rank=...) or an error tolerance (tol=...), got neither")
     params_before = sum(p.numel() for p in model.parameters())
+    aliases: dict[int, list[str]] = {}  # a module reachable under several names is replaced at all of them
+    weight_users: dict[int, set[int]] = {}  # a weight shared by several modules is tied: left alone
+    for name, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(name)
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            weight_users.setdefault(id(module.weight), set()).add(id(module))
     rows, skipped = [], []
     for name, module in list(model.named_modules()):
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and len(weight_users[id(module.weight)]) > 1:
+            skipped.append((name, "its weight is tied to another layer's; an MPO of it would break the tie"))
+            continue
         if isinstance(module, nn.Linear):
             shape = (module.in_features, module.out_features)
         elif isinstance(module, nn.Conv2d):
@@ -482,7 +493,8 @@ def compress(
             skipped.append((name, reason))
             continue
         replacement.train(module.training)
-        _replace(model, name, replacement)
+        for alias in aliases[id(module)]:
+            _replace(model, alias, replacement)
         rows.append(kit.layer_report(name, type(module).__name__, report))
     params_after = sum(p.numel() for p in model.parameters())
     return CompressionReport(tuple(rows), params_before, params_after, tuple(skipped))

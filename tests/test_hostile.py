@@ -93,3 +93,30 @@ def test_truncate_works_on_cores_at_extreme_magnitudes(scale: float) -> None:
     np.testing.assert_allclose(
         tnlayers.to_dense([c / scale for c in out]), tnlayers.to_dense(reference), rtol=1e-9, atol=1e-12
     )
+
+
+def test_compress_replaces_a_shared_module_everywhere_and_leaves_tied_weights_alone() -> None:
+    torch = pytest.importorskip("torch")
+    from tnlayers.backends.torch import MPOLinear, compress
+
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(256, 256)
+    low_rank = tnlayers.to_dense(tnlayers.init_cores(tnlayers.MPOSpec((4,) * 4, (4,) * 4, 2), seed=0))
+    with torch.no_grad():
+        shared.weight.copy_(torch.from_numpy(low_rank.T))
+    model = torch.nn.ModuleDict({"a": shared, "b": shared})  # one layer under two names
+    x = torch.randn(4, 256)
+    report = compress(model, rank=2, n_cores=4)  # exact: the weight has TT ranks 2
+    assert isinstance(model["a"], MPOLinear) and model["a"] is model["b"] and len(report.layers) == 1
+    torch.testing.assert_close(model["b"](x), shared(x), rtol=1e-4, atol=1e-4)
+
+    first, second = torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)
+    second.weight = first.weight  # tied
+    tied = torch.nn.Sequential(first, second)
+    before = sum(p.numel() for p in tied.parameters())
+    report = compress(tied, rank=4)
+    assert not report.layers and all(isinstance(m, torch.nn.Linear) for m in tied)
+    assert [reason for _, reason in report.skipped] == [
+        "its weight is tied to another layer's; an MPO of it would break the tie"
+    ] * 2
+    assert sum(p.numel() for p in tied.parameters()) == before and tied[1].weight is tied[0].weight
