@@ -38,7 +38,7 @@ from tnlayers.spec import MPOSpec, RankClippedWarning
 from tnlayers.timing import calls_per_sample, round_robin
 
 from .tables import format_table
-from .training import accuracy, train_classifier
+from .training import accuracy, standardised, train_classifier
 
 __all__ = ["run_demo"]
 
@@ -46,7 +46,6 @@ ORDERINGS = ("zipper", "reverse-zipper", "materialize", "greedy", "dp", "auto")
 
 
 def _load_data(folder: str | None, quick: bool) -> tuple[tuple[Any, ...], str]:
-
     root = find_folder("mnist", folder)
     if root is not None:
         x_train, y_train = load_mnist(root, "train")
@@ -58,10 +57,8 @@ def _load_data(folder: str | None, quick: bool) -> tuple[tuple[Any, ...], str]:
         source = "synthetic font digits (no MNIST found; set TNLAYERS_DATA to an MNIST folder)"
     if quick:
         x_train, y_train, x_test, y_test = x_train[:3000], y_train[:3000], x_test[:1000], y_test[:1000]
-    mean, std = float(x_train.mean()), float(x_train.std())
-    tensors = [torch.from_numpy((x_train - mean) / std), torch.from_numpy(y_train)]
-    tensors += [torch.from_numpy((x_test - mean) / std), torch.from_numpy(y_test)]
-    return tuple(tensors), f"{source}: {len(x_train):,} training, {len(x_test):,} test images"
+    tensors = standardised(x_train, y_train, x_test, y_test)
+    return tensors, f"{source}: {len(x_train):,} training, {len(x_test):,} test images"
 
 
 def _mpo_fc2(bond: int) -> Any:

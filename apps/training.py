@@ -4,10 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
-__all__ = ["accuracy", "train_classifier"]
+__all__ = ["accuracy", "standardised", "train_classifier"]
+
+
+def standardised(
+    x_train: NDArray[np.float32], y_train: NDArray[np.int64], x_test: NDArray[np.float32], y_test: NDArray[np.int64]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_train, y_train, x_test, y_test)`` as tensors, the images shifted and scaled by the training
+    set's mean and standard deviation: the ``data`` :func:`train_classifier` takes."""
+    mean, std = float(x_train.mean()), float(x_train.std())
+    return (
+        torch.from_numpy((x_train - mean) / std),
+        torch.from_numpy(y_train),
+        torch.from_numpy((x_test - mean) / std),
+        torch.from_numpy(y_test),
+    )
 
 
 def train_classifier(

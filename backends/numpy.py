@@ -145,10 +145,13 @@ class MPOLinear(kit.MPOLayerMixin):
     __call__ = forward
 
     def _timer(self, x: Array, gradients: str) -> Any:
-        """Plan -> a call running it on ``x`` (with the backward pass when training), for autotune."""
-        grad = np.ones((int(np.prod(x.shape[:-1])), *self.spec.out_modes), self.dtype)
+        """Plan -> a call running it on ``x`` (with the backward pass when training), for autotune.
+
+        Nothing is allocated until a candidate is timed: after the first call, a tuned layer only looks up."""
 
         def make_run(candidate: ContractionPlan) -> Any:
+            grad = np.ones((int(np.prod(x.shape[:-1])), *self.spec.out_modes), self.dtype)
+
             def run() -> object:
                 tape: Tape | None = [] if gradients != "none" else None
                 y = execute(candidate, x, self.cores, None, _OPS, tape)

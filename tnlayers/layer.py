@@ -30,7 +30,7 @@ from .checkpoint import load
 from .cost import CostModel, cost_model_for
 from .decompose import DecompositionReport
 from .init import INITIALIZERS
-from .plan import GRADIENTS, ContractionPlan, batch_bucket, dense_cost, plan, strategy_key
+from .plan import GRADIENTS, ContractionPlan, batch_bucket, dense_cost, plan, plan_by_key, strategy_key
 from .reports import LayerReport
 from .spec import MPOSpec, _as_positive_int, factorize_balanced
 
@@ -200,11 +200,11 @@ class LayerPlanner:
                 return known
             if timer is not None:
                 return tuner.tune(self.spec, bucket, timer, key, self.cost_model, gradients=gradients)
-        return plan(self.spec, bucket, self.strategy, cost_model=self.cost_model, gradients=gradients)
+        return plan_by_key(self.spec, bucket, self.strategy, self.cost_model, gradients)
 
     def conv_route(self, rows: Any) -> tuple[ContractionPlan, bool]:
-        """:func:`conv_route` for this layer."""
-        return conv_route(self.spec, rows, self.strategy, cost_model=self.cost_model)
+        """:func:`conv_route` for this layer (its strategy was checked when it was made)."""
+        return _conv_route_cached(self.spec, batch_bucket(rows), self.strategy, self.cost_model)
 
 
 # --- convolutions ------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ __all__ = [
     "batch_bucket",
     "dense_cost",
     "plan",
+    "plan_by_key",
     "strategy_key",
 ]
 
@@ -351,9 +352,7 @@ def _build(
         largest = max(largest, size(out))
     builds = _builds_weight(steps, len(shapes))
     if builds:  # run as dense_weight builds W, then one product (tnlayers.contract.execute)
-        run_sizes = [*weight_step_sizes(spec), (batch, spec.out_features, spec.in_features, 0)]
-        m, n, k, _ = run_sizes[-1]
-        run_sizes[-1] = (m, n, k, m * k + k * n + m * n)
+        run_sizes = _materialized_sizes(spec, batch)
         grads = [(True, True)] * (len(run_sizes) - 1) + [(gradients == "all", True)]
         cost = model.estimate(run_sizes, None if gradients == "none" else grads)
     else:
@@ -511,6 +510,14 @@ def plan(
     )
 
 
+def plan_by_key(
+    spec: MPOSpec, bucket: int, key: str | Path, cost_model: CostModel, gradients: str = "none"
+) -> ContractionPlan:
+    """:func:`plan` for a strategy already checked by :func:`strategy_key` and a bucket from
+    :func:`batch_bucket`: the cache lookup alone, which layers make on every call."""
+    return _plan_cached(spec, bucket, key if isinstance(key, str) else ("path", key), cost_model, gradients)
+
+
 def strategy_key(spec: MPOSpec, strategy: Any) -> str | Path:
     """What a layer keeps of ``strategy``: checked now (not at the first call), hashable and constant.
 
@@ -552,8 +559,12 @@ def weight_step_sizes(spec: MPOSpec) -> list[tuple[int, int, int, int]]:
     return sizes
 
 
+def _materialized_sizes(spec: MPOSpec, rows: int) -> list[tuple[int, int, int, int]]:
+    """The products of building ``W`` (:func:`weight_step_sizes`), then the one ``(rows, in) @ (in, out)``."""
+    m, n, k = rows, spec.out_features, spec.in_features
+    return [*weight_step_sizes(spec), (m, n, k, m * k + k * n + m * n)]
+
+
 def dense_cost(spec: MPOSpec, rows: int | None, *, cost_model: CostModel = DEFAULT_COST_MODEL) -> float:
     """Model cost of building ``W`` from the cores, then one ``(rows, in) @ (in, out)`` product."""
-    building = weight_step_sizes(spec)
-    m, n, k = batch_bucket(rows), spec.out_features, spec.in_features
-    return cost_model.estimate(building) + cost_model.step_cost(m, n, k, m * k + k * n + m * n)
+    return cost_model.estimate(_materialized_sizes(spec, batch_bucket(rows)))

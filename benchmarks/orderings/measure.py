@@ -36,7 +36,8 @@ def _seconds_once(run: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def _cotengra(n_cores: int) -> Any:
+def _cotengra() -> Any:
+    """cotengra's hyper-optimiser, or ``None`` where cotengra is not installed."""
     try:
         import cotengra
     except ImportError:
@@ -61,8 +62,8 @@ def _plans(
             plans[name] = tuner.tune(spec, batch, run, key, cost_model=model, gradients=gradients)
         elif name in candidates:
             plans[name] = candidates[name]
-        elif name == "cotengra" and _cotengra(spec.n_cores) is not None:
-            plans[name] = tnlayers.plan(spec, batch, _cotengra(spec.n_cores), cost_model=model)
+        elif name == "cotengra" and (optimizer := _cotengra()) is not None:
+            plans[name] = tnlayers.plan(spec, batch, optimizer, cost_model=model)
     return plans
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tnlayers.apps.training import train_classifier
+from tnlayers.apps.training import standardised, train_classifier
 from tnlayers.backends.torch import MPOConv2d, MPOLinear
 from torch import nn
 
@@ -81,13 +81,8 @@ def load_data(
     x_test, y_test = load_mnist(root, "test")
     if limit is not None:
         x_train, y_train = x_train[:limit], y_train[:limit]
-    mean, std = float(x_train.mean()), float(x_train.std())
-    return (
-        torch.from_numpy((x_train - mean) / std),
-        torch.from_numpy(y_train),
-        torch.from_numpy((x_test - mean) / std),
-        torch.from_numpy(y_test),
-    )
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] = standardised(x_train, y_train, x_test, y_test)
+    return data
 
 
 def train(
