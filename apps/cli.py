@@ -104,9 +104,28 @@ def basics(ranks: Sequence[int], batches: Sequence[int], seed: int, repeats: int
 
 def _modes(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(part) for part in text.lower().split("x"))
+        modes = tuple(int(part) for part in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"modes must look like 4x7x7x4, got {text!r}") from None
+        modes = ()
+    if not modes or min(modes) < 1:
+        raise argparse.ArgumentTypeError(f"modes must be positive ints joined by x, like 4x7x7x4, got {text!r}")
+    return modes
+
+
+def _positive(text: str, minimum: int = 1) -> int:
+    """An argparse type: an int of at least 1 (bond dimensions, batch sizes, repeats, epochs)."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise argparse.ArgumentTypeError(f"expected {'a positive' if minimum else 'a non-negative'} int, got {text!r}")
+    return number
+
+
+def _non_negative(text: str) -> int:
+    """An argparse type: an int of at least 0 (seeds)."""
+    return _positive(text, minimum=0)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -120,24 +139,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     demo_parser.add_argument(
         "--data", help="MNIST folder (default: TNLAYERS_DATA, ../shared/data/mnist, else synthetic)"
     )
-    demo_parser.add_argument("--epochs", type=int, default=3)
-    demo_parser.add_argument("--bonds", type=int, nargs=2, default=[4, 16], help="two bond dimensions of MPO-FC2")
-    demo_parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 1024])
-    demo_parser.add_argument("--repeats", type=int, default=7)
+    demo_parser.add_argument("--epochs", type=_positive, default=3)
+    demo_parser.add_argument("--bonds", type=_positive, nargs=2, default=[4, 16], help="two bond dimensions of MPO-FC2")
+    demo_parser.add_argument("--batches", type=_positive, nargs="+", default=[1, 32, 1024])
+    demo_parser.add_argument("--repeats", type=_positive, default=7)
     demo_parser.add_argument("--out", default="results", help="folder for the plot, JSON and checkpoint")
     demo_parser.add_argument("--quick", action="store_true", help="3,000 training images and 1 epoch (a smoke run)")
     basics_parser = commands.add_parser(
         "basics", help="NumPy only: decompose dense matrices and compare contraction orderings"
     )
-    basics_parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
-    basics_parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 1024])
-    basics_parser.add_argument("--seed", type=int, default=0)
-    basics_parser.add_argument("--repeats", type=int, default=7)
+    basics_parser.add_argument("--ranks", type=_positive, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    basics_parser.add_argument("--batches", type=_positive, nargs="+", default=[1, 32, 1024])
+    basics_parser.add_argument("--seed", type=_non_negative, default=0)
+    basics_parser.add_argument("--repeats", type=_positive, default=7)
     plan_parser = commands.add_parser("plan", help="print the plan of one MPO layer")
     plan_parser.add_argument("in_modes", type=_modes, help="e.g. 4x7x7x4")
     plan_parser.add_argument("out_modes", type=_modes, help="e.g. 4x4x4x4")
-    plan_parser.add_argument("--rank", type=int, default=8)
-    plan_parser.add_argument("--batch", type=int, default=32)
+    plan_parser.add_argument("--rank", type=_positive, default=8)
+    plan_parser.add_argument("--batch", type=_positive, default=32)
     plan_parser.add_argument("--strategy", default="auto")
     args = parser.parse_args(argv)
     if args.command == "demo":

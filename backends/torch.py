@@ -102,6 +102,8 @@ class _MPOModule(kit.MPOLayerMixin, nn.Module):
         self.decomposition = None
         """The TT-SVD report when the layer was made from a trained dense layer."""
         factory = {"device": device, "dtype": dtype if dtype is not None else torch.get_default_dtype()}
+        if not isinstance(factory["dtype"], torch.dtype) or not factory["dtype"].is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
         self.cores = nn.ParameterList([nn.Parameter(torch.empty(shape, **factory)) for shape in spec.core_shapes])
         if bias:
             self.bias = nn.Parameter(torch.empty(spec.out_features, **factory))
@@ -193,8 +195,7 @@ class _MPOModule(kit.MPOLayerMixin, nn.Module):
 
     def save(self, path: str | os.PathLike[str], name: str = "mpo") -> None:
         """Write the cores and bias to a portable :func:`tnlayers.save` checkpoint."""
-        bias = None if self.bias is None else self.bias.detach().cpu().numpy()
-        tnlayers.save(path, [c.detach().cpu().numpy() for c in self.cores], bias, name=name)
+        tnlayers.save(path, list(self.cores), self.bias, name=name)  # bfloat16 is stored widened to float32
 
 
 class MPOLinear(_MPOModule):
@@ -473,6 +474,11 @@ def compress(
             continue
         if not kit.compress_choice(name, *shape, include, exclude, min_features):
             continue
+        if module.weight.is_meta:
+            raise ValueError(
+                f"layer {name!r} is on the meta device and holds no values to decompose; "
+                "materialise the model first (model.to_empty(device=...) and load_state_dict)"
+            )
         chosen = modes(name, *shape) if modes is not None else None
         in_modes, out_modes = chosen if chosen is not None else (None, None)
         if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):

@@ -13,6 +13,7 @@ file, then a rename) and merge with what other processes wrote meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -24,6 +25,11 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+try:  # an advisory lock between processes (POSIX); elsewhere the in-process lock and merge remain
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 from .cost import DEFAULT_COST_MODEL, CostModel
 from .plan import ContractionPlan, auto_candidates, batch_bucket, plan
@@ -38,6 +44,8 @@ FORMAT_VERSION = 1
 TOP_CANDIDATES = 4
 #: One timed sample lasts about this long, so short calls are not all timer noise.
 SAMPLE_SECONDS = 2e-3
+#: Path indices in a cache entry are operand positions: below twice this (no spec has more cores).
+MAX_INDEX = 1024
 
 
 def cache_dir_from(environ: Mapping[str, str]) -> Path:
@@ -82,7 +90,7 @@ class Autotuner:
             entries = content.get("entries")
             if not isinstance(entries, dict):
                 raise ValueError("no 'entries' object")
-        except (OSError, UnicodeDecodeError, ValueError) as err:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # RecursionError: deep nesting
             if not warn:
                 return {}
             warnings.warn(
@@ -96,23 +104,35 @@ class Autotuner:
             self._entries = self._read_file()
         return self._entries
 
+    @contextlib.contextmanager
+    def _file_lock(self) -> Any:
+        """Hold ``{path}.lock`` exclusively (POSIX ``flock``), so a read-merge-write is never interleaved."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def _save(self, key: str, entry: dict[str, Any]) -> None:
         """Merge ``entry`` into what the file holds now (another process may have written), then replace it."""
         with self._lock:
-            entries = self._loaded()
-            entries.update(self._read_file(warn=False))
-            entries[key] = entry
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                handle, temporary = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-                try:
-                    with os.fdopen(handle, "w") as out:
-                        json.dump({"version": FORMAT_VERSION, "entries": dict(entries)}, out, indent=1)
-                    os.replace(temporary, self.path)
-                finally:
-                    Path(temporary).unlink(missing_ok=True)
+                with self._file_lock():
+                    self._write_merged(key, entry)
             except OSError as err:  # a read-only home still tunes, it just cannot remember across runs
                 warnings.warn(f"could not write the autotune cache {self.path}: {err}", stacklevel=4)
+
+    def _write_merged(self, key: str, entry: dict[str, Any]) -> None:
+        entries = self._loaded()
+        entries.update(self._read_file(warn=False))
+        entries[key] = entry
+        handle, temporary = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w") as out:
+                json.dump({"version": FORMAT_VERSION, "entries": dict(entries)}, out, indent=1)
+            os.replace(temporary, self.path)
+        finally:
+            Path(temporary).unlink(missing_ok=True)
 
     def cached(self, spec: MPOSpec, batch: int | None, key: Sequence[str]) -> ContractionPlan | None:
         """The remembered winner, without timing anything (``None`` if there is none)."""
@@ -178,10 +198,21 @@ class Autotuner:
                 self.path.unlink(missing_ok=True)
 
 
+def _path_of(entry: dict[str, Any]) -> list[tuple[int, ...]]:
+    """The entry's path as pairs of small non-negative ints; anything else (``1e400``, ``10**30``) is a ValueError."""
+    pairs = entry["path"]
+    if not isinstance(pairs, list) or not all(isinstance(pair, list) for pair in pairs):
+        raise TypeError(f"path must be a list of lists, got {pairs!r:.80}")
+    limit = 2 * MAX_INDEX
+    for index in (i for pair in pairs for i in pair):
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < limit:
+            raise ValueError(f"path index {index!r:.40} is not an int in [0, {limit})")
+    return [tuple(pair) for pair in pairs]
+
+
 def _plan_from_entry(spec: MPOSpec, batch: int | None, entry: dict[str, Any]) -> ContractionPlan | None:
     try:
-        path = [tuple(int(i) for i in pair) for pair in entry["path"]]
-        found = plan(spec, batch, path)
+        found = plan(spec, batch, _path_of(entry))
     except (KeyError, TypeError, ValueError) as err:
         warnings.warn(f"ignoring a malformed autotune cache entry for {spec} ({err!r}); tuning again", stacklevel=4)
         return None

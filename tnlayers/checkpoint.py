@@ -39,12 +39,17 @@ class MPOWeights(NamedTuple):
 
 
 def _to_numpy(value: Any, what: str) -> NDArray[Any]:
+    """``value`` as a contiguous NumPy float array; bfloat16 (torch, TF, JAX) is widened to float32, exactly."""
     if hasattr(value, "detach"):  # torch tensors: leave autograd and the device
         value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
     try:
         array = np.asarray(value)
     except Exception as err:
         raise TypeError(f"{what} must be array-like, got {type(value).__name__}: {err}") from None
+    if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16 (TF and JAX arrays): safetensors.numpy cannot write it
+        array = array.astype(np.float32)
     if not np.issubdtype(array.dtype, np.floating):
         raise TypeError(f"{what} must hold floating-point numbers, got dtype {array.dtype}")
     return np.ascontiguousarray(array)
@@ -123,6 +128,10 @@ def load_layers(path: str | os.PathLike[str]) -> dict[str, MPOWeights]:
             arrays = {key: np.array(handle.get_tensor(key)) for key in handle.keys()}  # noqa: SIM118
     except SafetensorError as err:
         raise _not_a_checkpoint(source, f"not a readable safetensors file ({err})") from None
+    except TypeError as err:  # a dtype NumPy lacks, e.g. BF16 written by safetensors.torch
+        raise _not_a_checkpoint(
+            source, f"it holds tensors NumPy cannot read ({err}); re-save them as float32 or float16"
+        ) from None
     if metadata.get("format") != FORMAT:
         raise _not_a_checkpoint(source, f"metadata format is {metadata.get('format')!r}, expected {FORMAT!r}")
     if metadata.get("format_version") != FORMAT_VERSION:
@@ -143,7 +152,7 @@ def load_layers(path: str | os.PathLike[str]) -> dict[str, MPOWeights]:
                 if not np.issubdtype(array.dtype, np.floating):
                     raise TypeError(f"layer {name!r} holds {array.dtype} tensors; MPO weights are floating point")
             layers[name] = MPOWeights(cores, bias)
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
+    except (KeyError, TypeError, ValueError, RecursionError) as err:  # RecursionError: deeply nested metadata
         raise _not_a_checkpoint(source, f"{type(err).__name__}: {err}") from None
     if arrays:
         raise _not_a_checkpoint(source, f"tensors not described by the metadata: {sorted(arrays)}")

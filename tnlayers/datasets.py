@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import shutil
 import tempfile
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -60,26 +62,45 @@ DATASETS: dict[str, dict[str, Any]] = {
 """Where each data set can be downloaded from, and the checksums its files must have."""
 
 
-def read_idx(path: str | os.PathLike[str]) -> NDArray[Any]:
-    """The array stored in one IDX file (``.gz`` files are decompressed). A malformed file is a ``ValueError``."""
+#: The largest IDX payload :func:`read_idx` inflates (MNIST's training images are 47 MB): a header
+#: declaring more, e.g. a gzip bomb's, is refused before anything is decompressed past it.
+MAX_IDX_BYTES = 1 << 30
+
+
+def read_idx(path: str | os.PathLike[str], max_bytes: int = MAX_IDX_BYTES) -> NDArray[Any]:
+    """The array stored in one IDX file (``.gz`` files are decompressed). A malformed file is a ``ValueError``.
+
+    The header is read first; at most the size it declares (and never more than ``max_bytes``) is
+    decompressed, so a corrupt or hostile file cannot exhaust memory.
+    """
     source = Path(path)
     if not source.is_file():
         raise FileNotFoundError(f"no IDX file at {source}")
     opener: Any = gzip.open if source.suffix == ".gz" else open
     try:
         with opener(source, "rb") as handle:
-            data = handle.read()
-    except (OSError, EOFError) as err:
+            magic = handle.read(4)
+            if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_TYPES:
+                raise ValueError(f"{source} is not an IDX file (bad magic number {magic!r})")
+            dtype, ndim = np.dtype(_IDX_TYPES[magic[2]]), magic[3]
+            dims = handle.read(4 * ndim)
+            shape = tuple(int.from_bytes(dims[4 * k : 4 * k + 4], "big") for k in range(len(dims) // 4))
+            expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+            if len(dims) != 4 * ndim:
+                raise ValueError(f"{source} is truncated: its header ends after {len(dims) // 4} of {ndim} dimensions")
+            if expected > max_bytes:
+                raise ValueError(
+                    f"{source} declares shape {shape} ({expected:,} bytes), more than max_bytes={max_bytes:,}"
+                )
+            data = handle.read(expected + 1)  # one byte more tells a file with trailing data
+    except (OSError, EOFError, zlib.error) as err:
         raise ValueError(f"{source} is not a readable IDX file: {err}") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
-        raise ValueError(f"{source} is not an IDX file (bad magic number {data[:4]!r})")
-    dtype, ndim = np.dtype(_IDX_TYPES[data[2]]), data[3]
-    header = 4 + 4 * ndim
-    shape = tuple(int.from_bytes(data[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
-    expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(data) != expected:
-        raise ValueError(f"{source} is truncated or corrupt: {len(data)} bytes, expected {expected} for shape {shape}")
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+        raise ValueError(
+            f"{source} is truncated or corrupt: {len(data):,} data bytes{'+' if len(data) > expected else ''}, "
+            f"expected {expected:,} for shape {shape}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def _find(folder: Path, stem: str) -> Path:
@@ -140,10 +161,16 @@ def load_mnist(
     if split not in _FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = resolve_folder(folder)
-    images = read_idx(_find(root, _FILES[split][0]))
-    labels = read_idx(_find(root, _FILES[split][1]))
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"{root}: images of shape {images.shape} do not match labels of shape {labels.shape}")
+    image_file, label_file = _find(root, _FILES[split][0]), _find(root, _FILES[split][1])
+    images, labels = read_idx(image_file), read_idx(label_file)
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise ValueError(f"{image_file}: expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}")
+    if labels.dtype != np.uint8 or labels.ndim != 1 or len(labels) != len(images):
+        raise ValueError(
+            f"{label_file}: expected {len(images)} uint8 labels (one per image), got {labels.dtype} {labels.shape}"
+        )
+    if len(labels) and int(labels.max()) > 9:
+        raise ValueError(f"{label_file}: labels must be digits 0-9, found {int(labels.max())}")
     return (images.reshape(len(images), -1) / np.float32(255)).astype(np.float32), labels.astype(np.int64)
 
 
@@ -158,7 +185,7 @@ def _sha256_of_gunzipped(path: Path) -> str:
 def _already_verified(path: Path, expected: str) -> bool:
     try:
         return _sha256_of_gunzipped(path) == expected
-    except (OSError, EOFError):
+    except (OSError, EOFError, zlib.error):
         return False  # a broken file from an interrupted copy: fetch it again
 
 
@@ -192,7 +219,7 @@ def download(
                 shutil.copyfileobj(response, out)
             try:
                 actual = _sha256_of_gunzipped(Path(temporary))
-            except (OSError, EOFError) as err:
+            except (OSError, EOFError, zlib.error) as err:
                 raise ValueError(f"{url} is not a gzip file: {err}") from None
             if actual != expected:
                 raise ValueError(f"{url}: checksum mismatch (SHA-256 {actual}, expected {expected}); not saved")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,13 +296,19 @@ def cores_of(source: Any) -> list[NDArray[Any]]:
         return [np.array(c) for c in source.numpy_weights()[0]]
     if hasattr(source, "cores"):  # NumPy and torch layers
         source = source.cores
+    if isinstance(source, (str, bytes)) or not isinstance(source, Iterable) or hasattr(source, "shape"):
+        raise TypeError(
+            f"expected an MPO layer or a list of cores (4-D arrays (r, in, out, r')), "
+            f"got {type(source).__name__} {source!r:.60}"
+        )
     return [np.array(_host_array(core)) for core in source]
 
 
 def _host_array(array: Any) -> Any:
     """A NumPy-convertible view of a framework's array (a torch tensor may require grad)."""
     if hasattr(array, "detach"):
-        return array.detach().cpu().numpy()
+        array = array.detach().cpu()
+        return (array.float() if str(array.dtype) == "torch.bfloat16" else array).numpy()  # NumPy has no bf16
     if not isinstance(array, np.ndarray) and callable(getattr(array, "numpy", None)):  # TF tensors, Keras variables
         return array.numpy()
     return array

@@ -62,6 +62,10 @@ def init_cores(
     if not np.issubdtype(out_dtype, np.floating):
         raise TypeError(f"dtype must be a floating-point type, got {out_dtype}")
     variance = target_variance(init, spec.in_features, spec.out_features, std)
+    if not (seed is None or isinstance(seed, np.random.Generator)) and (
+        isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0
+    ):
+        raise ValueError(f"seed must be a non-negative int, a numpy Generator or None, got {seed!r}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     n = spec.n_cores
     core_std = variance ** (1 / (2 * n)) * math.prod(spec.ranks) ** (-1 / (2 * n))
