@@ -36,7 +36,7 @@ def test_plan_command() -> None:
     ("args", "message"),
     [
         (["plan", "4x7", "4x4x4", "--rank", "2"], "same length"),
-        (["plan", "4xseven", "4x4"], "modes must look like 4x7x7x4"),
+        (["plan", "4xseven", "4x4"], "modes must be positive ints joined by x, like 4x7x7x4"),
         (["plan", "4x7", "4x4", "--strategy", "fastest"], "unknown strategy 'fastest'"),
     ],
 )

@@ -7,6 +7,7 @@ ranks. Loading never runs code (no pickle), and the file is checked against its 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -111,6 +112,17 @@ def save(path: str | os.PathLike[str], cores: Sequence[Any], bias: Any = None, *
     save_layers(path, {name: (cores, bias)})
 
 
+def _register_bfloat16() -> None:
+    """Let NumPy read BF16 tensors (as TensorFlow and JAX do, through ``ml_dtypes``) where it is installed."""
+    with contextlib.suppress(ImportError):
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
+
+
+def _widened(array: NDArray[Any]) -> NDArray[Any]:
+    """A copy of a stored tensor; bfloat16 comes back as float32 (exact), the dtype every framework reads."""
+    return array.astype(np.float32) if array.dtype.name == "bfloat16" else np.array(array)
+
+
 def _not_a_checkpoint(path: Path, why: str) -> ValueError:
     return ValueError(f"{path} is not a valid tnlayers checkpoint: {why}")
 
@@ -122,15 +134,16 @@ def load_layers(path: str | os.PathLike[str]) -> dict[str, MPOWeights]:
     source = Path(path)
     if not source.is_file():
         raise FileNotFoundError(f"no checkpoint file at {source}")
+    _register_bfloat16()
     try:
         with safe_open(str(source), framework="np") as handle:
             metadata = handle.metadata() or {}
-            arrays = {key: np.array(handle.get_tensor(key)) for key in handle.keys()}  # noqa: SIM118
+            arrays = {key: _widened(handle.get_tensor(key)) for key in handle.keys()}  # noqa: SIM118
     except SafetensorError as err:
         raise _not_a_checkpoint(source, f"not a readable safetensors file ({err})") from None
-    except TypeError as err:  # a dtype NumPy lacks, e.g. BF16 written by safetensors.torch
+    except TypeError as err:  # a dtype NumPy lacks: BF16 (written by safetensors.torch) without ml_dtypes
         raise _not_a_checkpoint(
-            source, f"it holds tensors NumPy cannot read ({err}); re-save them as float32 or float16"
+            source, f"it holds tensors NumPy cannot read ({err}); install ml_dtypes, or re-save them as float32"
         ) from None
     if metadata.get("format") != FORMAT:
         raise _not_a_checkpoint(source, f"metadata format is {metadata.get('format')!r}, expected {FORMAT!r}")
