@@ -18,7 +18,16 @@ from numpy.typing import DTypeLike, NDArray
 
 import tnlayers
 from tnlayers import layer as kit
-from tnlayers.contract import Tape, backprop, execute, get_ops
+from tnlayers.contract import (
+    Tape,
+    backprop,
+    backward_reads,
+    execute,
+    get_ops,
+    keep_within,
+    replay,
+    run_keeping,
+)
 from tnlayers.decompose import DecompositionReport, spec_from_cores
 from tnlayers.plan import ContractionPlan
 
@@ -26,6 +35,11 @@ __all__ = ["SGD", "Adam", "MPOLinear"]
 
 _OPS = get_ops("numpy")
 Array = NDArray[Any]
+
+
+def _operands(plan: ContractionPlan, x: Array, cores: Sequence[Array]) -> list[Array]:
+    """``x`` and the cores shaped as the plan's steps read them."""
+    return [x.reshape(-1, *plan.spec.in_modes), *(c.reshape(s) for c, s in zip(cores, plan.operand_shapes[1:]))]
 
 
 class MPOLinear(kit.MPOLayerMixin):
@@ -47,10 +61,23 @@ class MPOLinear(kit.MPOLayerMixin):
         seed: int | np.random.Generator | None = None,
         strategy: Any = "auto",
         dtype: DTypeLike = np.float32,
+        *,
+        saved_budget: float | None = kit.DEFAULT_SAVED_BUDGET,
     ) -> None:
         spec = tnlayers.MPOSpec(in_modes, out_modes, rank)
         cores = tnlayers.init_cores(spec, kit.check_init(init), seed, dtype)
         self._setup(cores, np.zeros(spec.out_features, dtype=cores[0].dtype) if bias else None, strategy)
+        self.saved_budget = saved_budget
+
+    @property
+    def saved_budget(self) -> float | None:
+        """At most this many times the input's bytes are kept from ``forward`` for ``backward`` (a dense
+        layer keeps the input: 1.0); the other intermediates are recomputed in ``backward``. ``None``: keep all."""
+        return self._saved_budget
+
+    @saved_budget.setter
+    def saved_budget(self, value: float | None) -> None:
+        self._saved_budget = kit.check_saved_budget(value)
 
     def _setup(self, cores: Sequence[Array], bias: Array | None, strategy: Any) -> None:
         self.spec = spec_from_cores(cores)
@@ -72,7 +99,8 @@ class MPOLinear(kit.MPOLayerMixin):
         self.frozen_cores: frozenset[int] = frozenset()
         self.bias_frozen = False
         self.bias_grad: Array | None = None
-        self._saved: tuple[ContractionPlan, Tape, tuple[int, ...]] | None = None
+        self._saved: tuple[ContractionPlan, Array, dict[int, Array], tuple[bool, ...]] | None = None
+        self.saved_budget = kit.DEFAULT_SAVED_BUDGET
 
     @classmethod
     def from_cores(cls, cores: Sequence[Any], bias: Any = None, strategy: Any = "auto") -> MPOLinear:
@@ -137,10 +165,17 @@ class MPOLinear(kit.MPOLayerMixin):
         key = kit.tune_key("numpy", "cpu", str(self.dtype), gradients) if self.planner.autotunes else ()
         timer = self._timer(x, gradients) if self.planner.autotunes else None
         plan = self.planner.plan(int(np.prod(x.shape[:-1])), gradients, key, timer)
-        tape: Tape | None = [] if self.training else None
-        y = execute(plan, x, self.cores, self.bias, _OPS, tape)
-        self._saved = (plan, tape, x.shape) if tape is not None else None
-        return y  # type: ignore[no-any-return]
+        if not self.training:
+            return execute(plan, x, self.cores, self.bias, _OPS)  # type: ignore[no-any-return]
+        rows = int(np.prod(x.shape[:-1]))
+        needs = (True, *(k not in self.frozen_cores for k in range(self.spec.n_cores)))  # x's gradient: always
+        keep = None if self.saved_budget is None else kit.kept_for_backward(plan, rows, needs, self.saved_budget)
+        if keep is None:  # everything the backward reads
+            keep = keep_within(plan, rows, needs, None)
+        y2d, kept = run_keeping(plan.steps, _operands(plan, x, self.cores), _OPS, keep)
+        self._saved = (plan, x, dict(zip(sorted(keep), kept)), needs)
+        y: Array = y2d.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
     __call__ = forward
 
@@ -167,15 +202,19 @@ class MPOLinear(kit.MPOLayerMixin):
         """Gradient for the last ``forward``'s input; stores the core and bias gradients."""
         if self._saved is None:
             raise RuntimeError("backward needs a forward call in training mode first (see train())")
-        plan, tape, x_shape = self._saved
+        plan, x, kept, needs = self._saved
+        x_shape = x.shape
         expected = (*x_shape[:-1], self.out_features)
         if not isinstance(grad_out, np.ndarray) or grad_out.shape != expected:
             raise ValueError(
                 f"grad_out must be an array of shape {expected}, got {getattr(grad_out, 'shape', grad_out)}"
             )
         grad = np.asarray(grad_out, dtype=self.dtype).reshape(-1, *self.spec.out_modes)
-        grads = backprop(plan.steps, tape, grad, _OPS, self.spec.n_cores + 1)
-        self.core_grads = [g.reshape(c.shape) for g, c in zip(grads[1:], self.cores)]
+        n_operands = self.spec.n_cores + 1
+        reads = backward_reads(plan.steps, n_operands, needs)
+        tape = replay(plan.steps, _operands(plan, x, self.cores), _OPS, kept, reads)  # rebuilds what was not kept
+        grads = backprop(plan.steps, tape, grad, _OPS, n_operands, needs)
+        self.core_grads = [None if g is None else g.reshape(c.shape) for g, c in zip(grads[1:], self.cores)]
         if self.bias is not None:
             self.bias_grad = grad_out.reshape(-1, self.out_features).sum(axis=0)
         self._saved = None

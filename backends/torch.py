@@ -25,7 +25,16 @@ from torch import nn
 
 import tnlayers
 from tnlayers import layer as kit
-from tnlayers.contract import dense_weight, execute, get_ops
+from tnlayers.contract import (
+    backprop,
+    backward_reads,
+    dense_weight,
+    dense_weight_backward,
+    execute,
+    get_ops,
+    replay,
+    run_keeping,
+)
 from tnlayers.plan import ContractionPlan, batch_bucket
 from tnlayers.reports import CompressionReport
 
@@ -49,7 +58,9 @@ def _gradients(x: torch.Tensor, cores: Iterable[torch.Tensor]) -> str:
     return kit.gradients_needed(torch.is_grad_enabled(), any(c.requires_grad for c in cores), x.requires_grad)
 
 
-def _timer(rows: torch.Tensor, cores: Sequence[torch.Tensor], gradients: str) -> Callable[[ContractionPlan], Any]:
+def _timer(
+    rows: torch.Tensor, cores: Sequence[torch.Tensor], gradients: str, saved_budget: float | None
+) -> Callable[[ContractionPlan], Any]:
     """Plan -> a call running it on these rows (forward, and backward when training), for autotune.
 
     Nothing is copied until a candidate is timed: after the first call, a tuned layer only looks up."""
@@ -60,9 +71,9 @@ def _timer(rows: torch.Tensor, cores: Sequence[torch.Tensor], gradients: str) ->
 
         def run() -> object:
             with torch.set_grad_enabled(gradients != "none"):
-                y = execute(candidate, data, trial, None, _OPS)
+                y = run_plan(candidate, data, trial, None, saved_budget)
                 if gradients != "none":
-                    y.backward(torch.ones_like(y))
+                    y.backward(torch.ones_like(y))  # type: ignore[no-untyped-call]
             if data.is_cuda:
                 torch.cuda.synchronize(data.device)
             return y
@@ -70,6 +81,97 @@ def _timer(rows: torch.Tensor, cores: Sequence[torch.Tensor], gradients: str) ->
         return run
 
     return make_run
+
+
+class _PlannedContraction(torch.autograd.Function):
+    """``x @ W`` by a plan's steps, with the plan's own backward (:func:`tnlayers.contract.backprop`).
+
+    The forward keeps only the intermediates in ``keep`` (returned as extra, non-differentiable
+    outputs so that ``torch.func`` sees them); the backward recomputes the others it reads from ``x``
+    and the cores, and makes only the products that lead to a requested gradient. Under
+    ``create_graph`` (double backward) everything is recomputed from the saved inputs, so the
+    gradients' own graph reaches ``x`` and the cores. The backward is plain torch ops: it vmaps,
+    compiles and differentiates again.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, plan: ContractionPlan, keep: frozenset[int], *cores: torch.Tensor) -> Any:
+        if plan.builds_weight and not keep:  # W, then one product; the backward builds W again
+            return (execute(plan, x, cores, None, _OPS),)
+        y, kept = run_keeping(plan.steps, _step_operands(plan, x, cores), _OPS, keep)
+        return (y.reshape(x.shape[0], plan.spec.out_features), *kept)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+        x, plan, keep, *cores = inputs
+        ctx.plan, ctx.keep = plan, sorted(keep)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(x, *cores, *output[1:])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        plan: ContractionPlan = ctx.plan
+        x, *rest = ctx.saved_tensors
+        n = plan.spec.n_cores
+        nothing: tuple[None, ...] = (None,) * (n + 3)
+        if grad is None:
+            return nothing
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
+        cores = rest[:n]
+        if plan.builds_weight and not ctx.keep:
+            return _weight_backward(x, cores, grad, needs)
+        kept = {} if torch.is_grad_enabled() else dict(zip(ctx.keep, rest[n:]))  # double backward: recompute
+        operands = _step_operands(plan, x, cores)
+        reads = backward_reads(plan.steps, n + 1, needs)
+        tape = replay(plan.steps, operands, _OPS, kept, reads)
+        grads = backprop(plan.steps, tape, grad.reshape(-1, *plan.spec.out_modes), _OPS, n + 1, needs)
+        shaped = [None if g is None else g.reshape(t.shape) for g, t in zip(grads, (x, *cores))]
+        return (shaped[0], None, None, *shaped[1:])
+
+
+def _weight_backward(
+    x: torch.Tensor, cores: Sequence[torch.Tensor], grad: torch.Tensor, needs: Sequence[bool]
+) -> tuple[torch.Tensor | None, ...]:
+    """The backward of ``y = x @ W`` with ``W`` built again from the cores (the forward kept only ``x``):
+    ``dx = g Wᵀ``, ``dW = xᵀ g``, then the cores' gradients by :func:`dense_weight_backward`."""
+    weight = dense_weight(cores, _OPS)
+    g = grad.reshape(-1, weight.shape[1])
+    grad_x = g @ weight.T if needs[0] else None
+    grad_cores: list[torch.Tensor | None] = [None] * len(cores)
+    if any(needs[1:]):
+        found = dense_weight_backward(cores, x.reshape(-1, weight.shape[0]).T @ g, _OPS)
+        grad_cores = [g_core if need else None for g_core, need in zip(found, needs[1:])]
+    return (grad_x, None, None, *grad_cores)
+
+
+def _step_operands(plan: ContractionPlan, x: torch.Tensor, cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [x.reshape(-1, *plan.spec.in_modes)] + [c.reshape(s) for c, s in zip(cores, plan.operand_shapes[1:])]
+
+
+def run_plan(
+    plan: ContractionPlan,
+    x: torch.Tensor,
+    cores: Sequence[torch.Tensor],
+    bias: torch.Tensor | None,
+    saved_budget: float | None = kit.DEFAULT_SAVED_BUDGET,
+) -> torch.Tensor:
+    """``x @ W + bias`` by ``plan``. In training, what is kept for the backward stays within
+    ``saved_budget`` times the bytes of ``x`` (what ``nn.Linear`` keeps; ``None``: no limit): where
+    autograd would keep more, the planned backward (:class:`_PlannedContraction`) keeps the smallest
+    intermediates that fit and recomputes the others."""
+    needs = (x.requires_grad, *(c.requires_grad for c in cores))
+    if saved_budget is None or not torch.is_grad_enabled() or not any(needs):
+        return execute(plan, x, cores, bias, _OPS)  # type: ignore[no-any-return]
+    rows = x.numel() // plan.spec.in_features
+    keep = kit.kept_for_backward(plan, rows, needs, saved_budget)
+    if keep is None:  # all the backward reads fits: autograd's own backward, the fastest
+        return execute(plan, x, cores, bias, _OPS)  # type: ignore[no-any-return]
+    y, *_ = _PlannedContraction.apply(x.reshape(rows, plan.spec.in_features), plan, keep, *cores)  # type: ignore[no-untyped-call]
+    y = cast(torch.Tensor, y).reshape(*x.shape[:-1], plan.spec.out_features)
+    return y if bias is None else y + bias
 
 
 def _check_tensor(x: Any, dtype: torch.dtype, device: torch.device, what: str) -> torch.dtype | None:
@@ -94,7 +196,15 @@ class _MPOModule(kit.MPOLayerMixin, nn.Module):
     decomposition: tnlayers.decompose.DecompositionReport | None
 
     def _setup(
-        self, spec: tnlayers.MPOSpec, bias: bool, init: str, strategy: Any, device: Any, dtype: Any, seed: int | None
+        self,
+        spec: tnlayers.MPOSpec,
+        bias: bool,
+        init: str,
+        strategy: Any,
+        device: Any,
+        dtype: Any,
+        seed: int | None,
+        saved_budget: float | None = kit.DEFAULT_SAVED_BUDGET,
     ) -> None:
         self.init = kit.check_init(init)
         self.spec = spec
@@ -110,7 +220,18 @@ class _MPOModule(kit.MPOLayerMixin, nn.Module):
         else:
             self.register_parameter("bias", None)
         self._cached_weight: tuple[tuple[Any, ...], list[torch.Tensor], torch.Tensor] | None = None
+        self.saved_budget = saved_budget
         self.reset_parameters(seed)
+
+    @property
+    def saved_budget(self) -> float | None:
+        """At most this many times the input's bytes are kept for the backward in training (the dense layer
+        keeps the input: 1.0); the planned backward recomputes the other intermediates. ``None``: keep all."""
+        return self._saved_budget
+
+    @saved_budget.setter
+    def saved_budget(self, value: float | None) -> None:
+        self._saved_budget = kit.check_saved_budget(value)
 
     @property
     def strategy(self) -> Any:
@@ -190,7 +311,7 @@ class _MPOModule(kit.MPOLayerMixin, nn.Module):
         key = kit.tune_key("torch", str(x.device), dtype, gradients) if self.planner.autotunes else ()
         if torch.compiler.is_compiling() or not self.planner.autotunes:
             return _compiled_plan(self.planner, bucket, gradients, key)  # type: ignore[no-any-return]
-        timer = _timer(x.reshape(-1, self.spec.in_features), cores, gradients)
+        timer = _timer(x.reshape(-1, self.spec.in_features), cores, gradients, self.saved_budget)
         return self.planner.plan(bucket, gradients, key, timer)
 
     def save(self, path: str | os.PathLike[str], name: str = "mpo") -> None:
@@ -218,9 +339,12 @@ class MPOLinear(_MPOModule):
         device: Any = None,
         dtype: torch.dtype | None = None,
         seed: int | None = None,
+        *,
+        saved_budget: float | None = kit.DEFAULT_SAVED_BUDGET,
     ) -> None:
         super().__init__()
-        self._setup(tnlayers.MPOSpec(in_modes, out_modes, rank), bias, init, strategy, device, dtype, seed)
+        spec = tnlayers.MPOSpec(in_modes, out_modes, rank)
+        self._setup(spec, bias, init, strategy, device, dtype, seed, saved_budget)
 
     @property
     def in_features(self) -> int:
@@ -285,7 +409,7 @@ class MPOLinear(_MPOModule):
         plan = self._plan(x, math.prod(x.shape[:-1]))
         if plan.builds_weight and self._serve_cached():
             return F.linear(x, self._inference_weight().T.to(x.dtype), bias)
-        return execute(plan, x, cores, bias, _OPS)  # type: ignore[no-any-return]
+        return run_plan(plan, x, cores, bias, self.saved_budget)
 
     def extra_repr(self) -> str:
         described = kit.describe(self.spec, self.bias is not None)
@@ -319,6 +443,8 @@ class MPOConv2d(_MPOModule):
         dtype: torch.dtype | None = None,
         seed: int | None = None,
         n_cores: int = 4,
+        *,
+        saved_budget: float | None = kit.DEFAULT_SAVED_BUDGET,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
@@ -331,7 +457,7 @@ class MPOConv2d(_MPOModule):
         rows = in_channels * self.geometry.rows_per_channel
         what = f"in_channels*kh*kw = {in_channels}*{self.kernel_size[0]}*{self.kernel_size[1]}"
         spec = kit.layer_spec(rows, out_channels, in_modes, out_modes, rank, n_cores, what, "out_channels")
-        self._setup(spec, bias, init, strategy, device, dtype, seed)
+        self._setup(spec, bias, init, strategy, device, dtype, seed, saved_budget)
 
     kernel_size = property(lambda self: self.geometry.kernel_size)
     stride = property(lambda self: self.geometry.stride)
@@ -418,8 +544,8 @@ class MPOConv2d(_MPOModule):
             kernel = kernel.T.to(x.dtype).reshape(self.out_channels, self.in_channels, *self.kernel_size)
             return F.conv2d(x, kernel, bias, self.stride, padding, self.dilation)
         patches = F.unfold(x, self.kernel_size, self.dilation, padding, self.stride).transpose(1, 2)
-        y = execute(plan, patches, cores, bias, _OPS)  # (batch, positions, out_channels)
-        return y.transpose(1, 2).reshape(x.shape[0], self.out_channels, height, width)  # type: ignore[no-any-return]
+        y = run_plan(plan, patches, cores, bias, self.saved_budget)  # (batch, positions, out_channels)
+        return y.transpose(1, 2).reshape(x.shape[0], self.out_channels, height, width)
 
     def extra_repr(self) -> str:
         return (

@@ -7,7 +7,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -15,7 +15,24 @@ from .decompose import spec_from_cores
 from .plan import ContractionPlan, Pairwise, PlanStep, _pairwise, plan, weight_split
 from .spec import MPOSpec
 
-__all__ = ["ArrayOps", "Tape", "backprop", "contract", "dense_weight", "execute", "get_ops", "run_steps"]
+__all__ = [
+    "ArrayOps",
+    "Tape",
+    "backprop",
+    "backward_reads",
+    "contract",
+    "dense_weight",
+    "dense_weight_backward",
+    "execute",
+    "get_ops",
+    "intermediate_sizes",
+    "keep_within",
+    "replay",
+    "run_keeping",
+    "run_steps",
+    "step_ids",
+    "weight_chain_elements",
+]
 
 
 @dataclass(frozen=True)
@@ -144,18 +161,187 @@ def run_steps(steps: Sequence[PlanStep], operands: Sequence[Any], ops: ArrayOps,
     return arrays[0]
 
 
-def backprop(steps: Sequence[PlanStep], tape: Tape, grad: Any, ops: ArrayOps, n_operands: int) -> list[Any]:
+def backprop(
+    steps: Sequence[PlanStep],
+    tape: Tape,
+    grad: Any,
+    ops: ArrayOps,
+    n_operands: int,
+    needs: Sequence[bool] | None = None,
+) -> list[Any]:
     """Reverse-mode through the recorded steps: gradients of every operand from ``grad`` of the result.
 
     The gradient of one operand is the network contracted without it; walking the steps backwards
-    shares the partial contractions (the environments) between operands.
+    shares the partial contractions (the environments) between operands. With ``needs`` (per operand),
+    only the products that lead to a needed gradient are made; the others come back as ``None``.
     """
+    wanted = _wanted(steps, n_operands, needs)
     grads = {tape[-1][1]: grad}
     for step, ((id_a, id_b), id_out, a, b) in zip(reversed(steps), reversed(tape)):
-        g = grads.pop(id_out)
-        grads[id_a] = ops.pairwise(step.grads[0], g, b)
-        grads[id_b] = ops.pairwise(step.grads[1], a, g)
-    return [grads[k] for k in range(n_operands)]
+        g = grads.pop(id_out, None)
+        if g is None:
+            continue
+        grad_a, grad_b = _step_backward(step.forward, a, b, g, ops, wanted[id_a], wanted[id_b])
+        if grad_a is not None:
+            grads[id_a] = grad_a
+        if grad_b is not None:
+            grads[id_b] = grad_b
+    return [grads.get(k) for k in range(n_operands)]
+
+
+def _inverse(order: Sequence[int]) -> tuple[int, ...]:
+    inverse = [0] * len(order)
+    for position, axis in enumerate(order):
+        inverse[axis] = position
+    return tuple(inverse)
+
+
+def _step_backward(
+    step: Pairwise, a: Any, b: Any, grad: Any, ops: ArrayOps, need_a: bool, need_b: bool
+) -> tuple[Any, Any]:
+    """The gradients of one step's inputs as the two matrix products of its forward ``(M, K) @ (K, N)``.
+
+    The forward read ``a`` as ``(M, K)`` and ``b`` as ``(K, N)``; the backward reads them the same way
+    (``dA = G Bᵀ``, ``dB = Aᵀ G``, transposes as strides, not copies) and hands each gradient back in
+    its input's index order as a view. A big input laid out for the forward product (see the plans'
+    layout search) is so never copied again in the backward.
+    """
+    axes_a, axes_b = step.axes
+    free_a = [d for d in range(len(a.shape)) if d not in axes_a]
+    free_b = [d for d in range(len(b.shape)) if d not in axes_b]
+    m = math.prod([a.shape[d] for d in free_a])
+    k = math.prod([a.shape[d] for d in axes_a])
+    n = math.prod([b.shape[d] for d in free_b])
+    g = ops.reshape(ops.transpose(grad, _inverse(step.perm)), (m, n))
+    grad_a = grad_b = None
+    if need_a:
+        order = (*axes_b, *free_b)
+        b_matrix = ops.reshape(ops.transpose(b, order), (k, n))
+        product = ops.pairwise(_MATMUL_BT, g, b_matrix)  # (M, K)
+        shape = tuple(a.shape[d] for d in (*free_a, *axes_a))
+        grad_a = ops.transpose(ops.reshape(product, shape), _inverse((*free_a, *axes_a)))
+    if need_b:
+        a_matrix = ops.reshape(ops.transpose(a, (*free_a, *axes_a)), (m, k))
+        product = ops.pairwise(_MATMUL_AT, a_matrix, g)  # (K, N)
+        shape = tuple(b.shape[d] for d in (*axes_b, *free_b))
+        grad_b = ops.transpose(ops.reshape(product, shape), _inverse((*axes_b, *free_b)))
+    return grad_a, grad_b
+
+
+def step_ids(steps: Sequence[PlanStep], n_operands: int) -> list[tuple[int, int, int]]:
+    """Per step, the ids ``(a, b, out)`` of its inputs and output: operands are ``0 .. n_operands-1``
+    (0 is ``x``), step ``k``'s output is ``n_operands + k`` (as :func:`run_steps` numbers them)."""
+    ids, result = list(range(n_operands)), []
+    for k, step in enumerate(steps):
+        i, j = step.positions
+        id_a = ids.pop(i)
+        id_b = ids.pop(j)
+        ids.append(n_operands + k)
+        result.append((id_a, id_b, n_operands + k))
+    return result
+
+
+def _wanted(steps: Sequence[PlanStep], n_operands: int, needs: Sequence[bool] | None) -> list[bool]:
+    """Per id, whether its gradient leads to a needed operand gradient (all, without ``needs``)."""
+    wanted = [True if needs is None else bool(needs[k]) for k in range(n_operands)]
+    for id_a, id_b, _ in step_ids(steps, n_operands):
+        wanted.append(wanted[id_a] or wanted[id_b])
+    return wanted
+
+
+def backward_reads(steps: Sequence[PlanStep], n_operands: int, needs: Sequence[bool]) -> frozenset[int]:
+    """The ids of the arrays :func:`backprop` reads for the gradients ``needs`` asks for: a step's input
+    ``a`` when ``b`` leads to a needed gradient, and ``b`` when ``a`` does."""
+    wanted = _wanted(steps, n_operands, needs)
+    reads = set()
+    for id_a, id_b, _ in step_ids(steps, n_operands):
+        if wanted[id_b]:
+            reads.add(id_a)
+        if wanted[id_a]:
+            reads.add(id_b)
+    return frozenset(reads)
+
+
+def _pairwise_shape(step: Pairwise, a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    kept = [d for k, d in enumerate(a) if k not in step.axes[0]] + [d for k, d in enumerate(b) if k not in step.axes[1]]
+    return tuple(kept[k] for k in step.perm)
+
+
+def intermediate_sizes(plan_: ContractionPlan, rows: int) -> dict[int, int]:
+    """Elements of every step's output (by id, see :func:`step_ids`) when ``x`` has ``rows`` rows."""
+    shapes = [(rows, *plan_.spec.in_modes), *plan_.operand_shapes[1:]]
+    sizes = {}
+    for step, (id_a, id_b, id_out) in zip(plan_.steps, step_ids(plan_.steps, len(shapes))):
+        shapes.append(_pairwise_shape(step.forward, shapes[id_a], shapes[id_b]))
+        sizes[id_out] = math.prod(shapes[-1])
+    return sizes
+
+
+def keep_within(plan_: ContractionPlan, rows: int, needs: Sequence[bool], budget: int | None) -> frozenset[int]:
+    """The intermediates a planned backward keeps from the forward: of those the backward reads, the
+    smallest first while their elements total at most ``budget`` (all of them for ``None``). The others
+    are recomputed in the backward from ``x``, the cores and the kept ones."""
+    n_operands = len(plan_.operand_shapes)
+    sizes = intermediate_sizes(plan_, rows)
+    read = sorted((sizes[k], k) for k in backward_reads(plan_.steps, n_operands, needs) if k >= n_operands)
+    if budget is None:
+        return frozenset(k for _, k in read)
+    kept, total = set(), 0
+    for size, k in read:
+        if total + size > budget:
+            break
+        kept.add(k)
+        total += size
+    return frozenset(kept)
+
+
+def run_keeping(
+    steps: Sequence[PlanStep], operands: Sequence[Any], ops: ArrayOps, keep: frozenset[int]
+) -> tuple[Any, list[Any]]:
+    """Run the steps; return the result and the intermediates whose ids are in ``keep`` (in id order)."""
+    arrays, ids, kept = list(operands), list(range(len(operands))), {}
+    for k, step in enumerate(steps):
+        i, j = step.positions
+        a, b = arrays.pop(i), arrays.pop(j)
+        ids.pop(i)
+        ids.pop(j)
+        arrays.append(ops.pairwise(step.forward, a, b))
+        ids.append(len(operands) + k)
+        if ids[-1] in keep:
+            kept[ids[-1]] = arrays[-1]
+    return arrays[0], [kept[k] for k in sorted(kept)]
+
+
+class Absent(NamedTuple):
+    """A step input the backward does not read: only its shape is recorded."""
+
+    shape: tuple[int, ...]
+
+
+def replay(
+    steps: Sequence[PlanStep], operands: Sequence[Any], ops: ArrayOps, kept: dict[int, Any], reads: frozenset[int]
+) -> Tape:
+    """The tape of the steps' inputs for :func:`backprop`, recomputing the intermediates in ``reads`` that
+    were not kept (and what they depend on); an input nobody reads is recorded as its :class:`Absent` shape."""
+    n_operands = len(operands)
+    graph = step_ids(steps, n_operands)
+    needed = set(reads)  # what must exist: the reads, and the inputs of every step that makes one not kept
+    for id_a, id_b, id_out in reversed(graph):
+        if id_out in needed and id_out not in kept:
+            needed.update((id_a, id_b))
+    arrays: dict[int, Any] = dict(enumerate(operands))
+    shapes = {k: tuple(array.shape) for k, array in arrays.items()}
+    tape: Tape = []
+    for step, (id_a, id_b, id_out) in zip(steps, graph):
+        shapes[id_out] = _pairwise_shape(step.forward, shapes[id_a], shapes[id_b])
+        if id_out in kept:
+            arrays[id_out] = kept[id_out]
+        elif id_out in needed:
+            arrays[id_out] = ops.pairwise(step.forward, arrays[id_a], arrays[id_b])
+        a = arrays[id_a] if id_a in reads else Absent(shapes[id_a])
+        b = arrays[id_b] if id_b in reads else Absent(shapes[id_b])
+        tape.append(((id_a, id_b), id_out, a, b))
+    return tape
 
 
 def execute(
@@ -181,6 +367,9 @@ def execute(
 _ABSORB_CORE = _pairwise(("Pa", "aijc"), "Pijc")
 #: ``(P, K) x (K, N) -> (P, N)``: a plain matrix product (the halves of W, and a materialising plan's product).
 _MATMUL = _pairwise(("PK", "KN"), "PN")
+#: ``(M, N) x (K, N) -> (M, K)`` and ``(M, K) x (M, N) -> (K, N)``: the backward's products.
+_MATMUL_BT = _pairwise(("MN", "KN"), "MK")
+_MATMUL_AT = _pairwise(("MK", "MN"), "KN")
 
 
 def _chain(cores: Sequence[Any], shapes: Sequence[tuple[int, ...]], ops: ArrayOps) -> Any:
@@ -222,6 +411,74 @@ def dense_weight(cores: Sequence[Any], ops: ArrayOps) -> Any:
     in_right, out_right = rows // in_left, cols // out_left
     product = ops.reshape(ops.pairwise(_MATMUL, left, right), (in_left, out_left, in_right, out_right))
     return ops.reshape(ops.transpose(product, (0, 2, 1, 3)), (rows, cols))
+
+
+def _chain_backward(cores: Sequence[Any], shapes: Sequence[tuple[int, ...]], grad: Any, ops: ArrayOps) -> list[Any]:
+    """The cores' gradients from ``grad`` of :func:`_chain`'s result (its products rebuilt: they are small)."""
+    prefixes = [ops.reshape(cores[0], (-1, shapes[0][3]))]
+    for core, shape in zip(cores[1:-1], shapes[1:-1]):
+        prefixes.append(ops.reshape(ops.pairwise(_ABSORB_CORE, prefixes[-1], core), (-1, shape[3])))
+    grads = []
+    for core, shape, prefix in zip(reversed(cores[1:]), reversed(shapes[1:]), reversed(prefixes)):
+        g = ops.reshape(grad, (-1, shape[1] * shape[2] * shape[3]))  # (P, i*j*c): the product's matrix form
+        core_matrix = ops.reshape(core, (shape[0], -1))
+        grads.append(ops.reshape(ops.pairwise(_MATMUL_AT, prefix, g), shape))  # prefixᵀ @ g
+        grad = ops.pairwise(_MATMUL_BT, g, core_matrix)  # g @ coreᵀ: (P, r)
+    grads.append(ops.reshape(grad, shapes[0]))
+    return grads[::-1]
+
+
+def _ungrouped(grad: Any, shapes: Sequence[tuple[int, ...]], ops: ArrayOps, bond_first: bool) -> Any:
+    """The inverse of :func:`_grouped`, for gradients: ``(r, I*J)`` or ``(I*J, r)`` back to the chain's layout."""
+    k = len(shapes)
+    ins, outs = [s[1] for s in shapes], [s[2] for s in shapes]
+    if bond_first:
+        order = (0, *range(1, 2 * k + 1, 2), *range(2, 2 * k + 1, 2))
+        grouped = ops.reshape(grad, (shapes[0][0], *ins, *outs))
+        return ops.reshape(ops.transpose(grouped, _inverse(order)), (-1, shapes[-1][3]))
+    order = (*range(0, 2 * k, 2), *range(1, 2 * k, 2), 2 * k)
+    grouped = ops.reshape(grad, (*ins, *outs, shapes[-1][3]))
+    return ops.reshape(ops.transpose(grouped, _inverse(order)), (-1, shapes[-1][3]))
+
+
+def dense_weight_backward(cores: Sequence[Any], grad: Any, ops: ArrayOps) -> list[Any]:
+    """The cores' gradients from ``grad`` (shape ``(in_features, out_features)``) of :func:`dense_weight`.
+
+    Plain array products (no autograd), so a framework's custom backward can use it and still be
+    differentiated again: the two halves are rebuilt, ``dL = dP Rᵀ`` and ``dR = Lᵀ dP``, then each
+    half's chain is walked back.
+    """
+    shapes = [tuple(core.shape) for core in cores]
+    if len(shapes) == 1:
+        return [ops.reshape(grad, shapes[0])]
+    rows, cols = math.prod([shape[1] for shape in shapes]), math.prod([shape[2] for shape in shapes])
+    k = weight_split(shapes)
+    left = _grouped(_chain(cores[:k], shapes[:k], ops), shapes[:k], ops, bond_first=False)
+    right = _grouped(_chain(cores[k:], shapes[k:], ops), shapes[k:], ops, bond_first=True)
+    in_left, out_left = math.prod([s[1] for s in shapes[:k]]), math.prod([s[2] for s in shapes[:k]])
+    in_right, out_right = rows // in_left, cols // out_left
+    grad_product = ops.transpose(ops.reshape(grad, (in_left, in_right, out_left, out_right)), (0, 2, 1, 3))
+    grad_product = ops.reshape(grad_product, (in_left * out_left, in_right * out_right))
+    grad_left = _ungrouped(ops.pairwise(_MATMUL_BT, grad_product, right), shapes[:k], ops, bond_first=False)
+    grad_right = _ungrouped(ops.pairwise(_MATMUL_AT, left, grad_product), shapes[k:], ops, bond_first=True)
+    return _chain_backward(cores[:k], shapes[:k], grad_left, ops) + _chain_backward(
+        cores[k:], shapes[k:], grad_right, ops
+    )
+
+
+def weight_chain_elements(shapes: Sequence[tuple[int, ...]]) -> int:
+    """Elements :func:`dense_weight` keeps for its backward under autograd, bounded from above: each half's
+    chain of products twice (a product and the reshaped copy of it the next one reads), ``W`` excluded."""
+    if len(shapes) == 1:
+        return 0
+    k = weight_split(shapes)
+    total = 0
+    for half in (shapes[:k], shapes[k:][::-1]):
+        modes = 1
+        for shape in half:
+            modes *= shape[1] * shape[2]
+            total += modes * max(shape[0], shape[3])
+    return 2 * total
 
 
 def _leading_size(x: Any) -> int | None:

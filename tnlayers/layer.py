@@ -27,6 +27,7 @@ from typing import Any
 
 from .autotune import Autotuner, default_tuner
 from .checkpoint import load
+from .contract import backward_reads, keep_within, weight_chain_elements
 from .cost import CostModel, cost_model_for
 from .decompose import DecompositionReport
 from .init import INITIALIZERS
@@ -97,6 +98,40 @@ def check_init(init: Any, name: str = "init") -> str:
     if init not in INITIALIZERS:
         raise ValueError(f"unknown {name} {init!r}; expected one of {', '.join(INITIALIZERS)}")
     return str(init)
+
+
+#: What a layer in training keeps for its backward, at most, as a multiple of what the dense layer it
+#: replaces keeps (its input): the planned backward recomputes intermediates beyond it (issue 19).
+DEFAULT_SAVED_BUDGET = 1.5
+
+
+def check_saved_budget(saved_budget: Any) -> float | None:
+    """``saved_budget`` checked: ``None`` (keep all the backward reads) or a number >= 1."""
+    if saved_budget is None:
+        return None
+    if isinstance(saved_budget, bool) or not isinstance(saved_budget, (int, float)) or not saved_budget >= 1:
+        raise ValueError(f"saved_budget must be None or a number >= 1 (times the input's bytes), got {saved_budget!r}")
+    return float(saved_budget)
+
+
+@functools.lru_cache(maxsize=1024)
+def kept_for_backward(
+    plan: ContractionPlan, rows: int, needs: tuple[bool, ...], saved_budget: float
+) -> frozenset[int] | None:
+    """What a planned backward keeps within ``saved_budget`` times the input's bytes (see
+    :func:`tnlayers.contract.keep_within`), or ``None`` when everything the backward reads fits, so
+    autograd's own backward keeps no more than the budget. A plan that builds ``W`` keeps nothing when
+    ``W`` does not fit (its other intermediates are small and quick to rebuild)."""
+    size = rows * plan.spec.in_features
+    if plan.builds_weight:  # autograd keeps x (for the cores), W (for x) and dense_weight's small chain
+        kept = (size if any(needs[1:]) else 0) + (plan.spec.dense_params if needs[0] else 0)
+        kept += weight_chain_elements(plan.spec.core_shapes) if any(needs[1:]) else 0
+        return None if kept <= saved_budget * size else frozenset()
+    n_operands = len(plan.operand_shapes)
+    reads = backward_reads(plan.steps, n_operands, needs)
+    budget = max(int(saved_budget * size) - (size if 0 in reads else 0), 0)
+    keep = keep_within(plan, rows, needs, budget)
+    return None if keep == {k for k in reads if k >= n_operands} else keep
 
 
 def check_input(shape: Sequence[Any], in_features: int, what: str) -> None:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 import benchmarks.orderings as package
 from tnlayers.autotune import Autotuner
+from tnlayers.layer import DEFAULT_SAVED_BUDGET, check_saved_budget
 
 from .analysis import dense_ratios, fit_cost_model, planner_figures, ratio_table
 from .cases import BATCHES, CASES, MAX_DENSE_FLOPS, ORDERINGS, PLANNERS, QUICK_BATCHES, QUICK_CASES, Case
@@ -20,6 +21,14 @@ from .measure import environment, measure_case
 from .profiling import overhead, profile
 from .report import markdown_summary, overhead_lines, plot
 from .runners import RUNNERS, available_backends
+
+
+def _budget(text: str) -> float | None:
+    """``--saved-budget``: a number >= 1, or ``none``."""
+    try:
+        return None if text.lower() == "none" else check_saved_budget(float(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch / TF intra-op threads")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda (untested here)")
+    parser.add_argument(
+        "--saved-budget",
+        type=_budget,
+        default=DEFAULT_SAVED_BUDGET,
+        help=f"torch training keeps at most this many input sizes for the backward (default {DEFAULT_SAVED_BUDGET}; "
+        "'none': no bound)",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/orderings"))
     parser.add_argument("--quick", action="store_true", help="2 cases at batch 1 and 64, 2 repeats (< 60 s)")
     parser.add_argument("--fit", action="store_true", help="fit each backend's CostModel weights to these times")
@@ -117,6 +133,7 @@ def _measure(
     with (args.out / "records.jsonl").open("w") as handle:
         for backend, case, batch in tqdm(jobs, desc="cases"):
             runner = RUNNERS[backend](case.spec, batch, args.dtype, args.device if backend == "torch" else "cpu")
+            runner.saved_budget = args.saved_budget
             measured = measure_case(runner, args.orderings, repeats, args.modes, case, tuner)
             records += measured
             handle.writelines(json.dumps({**record, **env}) + "\n" for record in measured)

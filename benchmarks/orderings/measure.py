@@ -23,7 +23,7 @@ from tnlayers.plan import auto_candidates
 from tnlayers.timing import calls_per_sample, round_robin
 
 from .cases import Case
-from .runners import Runner
+from .runners import Runner, TorchRunner
 
 SLOW_CALL_S = 0.3
 """A contender whose one call takes longer is timed alone with SLOW_REPEATS calls (zipper at large batch)."""
@@ -108,6 +108,10 @@ def measure_case(
         if mode == "forward+backward":
             for record in records[-len(times) :]:
                 record["memory_bytes"] = runner.memory(runs[record["ordering"]])
+                record["saved_budget"] = runner.saved_budget
+                plan = train_plans.get(record["ordering"])
+                if plan is not None and isinstance(runner, TorchRunner):  # the same plan, nothing recomputed
+                    record["memory_bytes_unbounded"] = runner.memory(runner.train_step(plan, saved_budget=None))
     return records
 
 

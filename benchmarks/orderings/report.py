@@ -54,6 +54,38 @@ def dense_lines(records: Sequence[dict[str, Any]], gemm_gflops: dict[str, float]
     return [*lines, ""]
 
 
+def memory_lines(records: Sequence[dict[str, Any]], backend: str) -> list[str]:
+    """Saved-for-backward bytes of ``auto`` as x the dense layer's, with the bound and without it."""
+    train = [r for r in records if r["backend"] == backend and r["mode"] == "forward+backward"]
+    dense = {(r["case"], r["batch"]): r.get("memory_bytes") for r in train if r["ordering"] == "dense"}
+    rows = [
+        (r, dense[(r["case"], r["batch"])])
+        for r in train
+        if r["ordering"] == "auto" and r.get("memory_bytes_unbounded") and dense.get((r["case"], r["batch"]))
+    ]
+    if not rows:
+        return []
+    budget = rows[0][0].get("saved_budget")
+    over = [(r["memory_bytes"] / d, r["memory_bytes_unbounded"] / d) for r, d in rows if r["batch"] >= 32]
+    lines = [
+        f"Saved for the backward by `auto` (x the dense layer's, which keeps its input), with the bound "
+        f"`saved_budget={budget}` and without it (`None`, what autograd alone keeps):",
+        "",
+        f"- from batch 32 up, above 1.5x dense: {sum(b > 1.5 for b, _ in over)} of {len(over)} cases with the "
+        f"bound, {sum(u > 1.5 for _, u in over)} without it; worst {max(b for b, _ in over):.2f}x and "
+        f"{max(u for _, u in over):.2f}x",
+        "",
+        "| case | batch | auto chose | saved x dense (bound) | saved x dense (no bound) |",
+        "|---|---|---|---|---|",
+    ]
+    for r, d in rows:
+        lines.append(
+            f"| {r['case']} | {r['batch']} | {r['method']} | {r['memory_bytes'] / d:.2f} | "
+            f"{r['memory_bytes_unbounded'] / d:.2f} |"
+        )
+    return [*lines, ""]
+
+
 def markdown_summary(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> str:
     lines = [f"# Contraction orderings on {env['cpu']} ({env['cores']} cores, {env['device']})", ""]
     lines.append("Time / the fastest ordering of that case (forward+backward, median of round-robin repeats).")
@@ -86,6 +118,7 @@ def markdown_summary(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> 
                 )
         lines.append("")
         lines += dense_lines(records, env.get("gemm_gflops", {}), backend)
+        lines += memory_lines(records, backend)
         columns = [c for c in (*ORDERINGS, *BASELINES) if any(c in r for r in subset)]
         lines.append("| case | batch | fastest | ms | auto chose | " + " | ".join(columns) + " |")
         lines.append("|---|---|---|---|---|" + "---|" * len(columns))

@@ -12,6 +12,7 @@ import numpy as np
 
 import tnlayers
 from tnlayers.contract import backprop, execute, get_ops
+from tnlayers.layer import DEFAULT_SAVED_BUDGET
 from tnlayers.timing import round_robin
 
 from .peers import tltorch_blocktt, tn_keras_dense_mpo
@@ -21,6 +22,8 @@ class Runner:
     """One backend's arrays for one case and batch: forward and forward+backward of any plan, and the peers."""
 
     backend = "numpy"
+    saved_budget: float | None = DEFAULT_SAVED_BUDGET
+    """What training keeps for the backward, at most, in input sizes (torch: the planned backward's bound)."""
 
     def __init__(self, spec: tnlayers.MPOSpec, batch: int, dtype: str, device: str, seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
@@ -111,8 +114,12 @@ class TorchRunner(Runner):
     def forward(self, plan: tnlayers.ContractionPlan) -> Callable[[], Any]:
         return self._inference(lambda: execute(plan, self.x, self.cores, None, self.ops))
 
-    def train_step(self, plan: tnlayers.ContractionPlan) -> Callable[[], Any]:
-        return lambda: self._backward(execute(plan, self.x, self.cores, None, self.ops))
+    def train_step(self, plan: tnlayers.ContractionPlan, saved_budget: Any = "runner") -> Callable[[], Any]:
+        """Forward and backward as the layer runs them: within ``saved_budget`` (the runner's by default)."""
+        from tnlayers.backends.torch import run_plan
+
+        budget = self.saved_budget if saved_budget == "runner" else saved_budget
+        return lambda: self._backward(run_plan(plan, self.x, self.cores, None, budget))
 
     def dense(self) -> tuple[Callable[[], Any], Callable[[], Any]]:
         return self._inference(lambda: self.x @ self.weight), (lambda: self._backward(self.x @ self.weight))
@@ -127,16 +134,20 @@ class TorchRunner(Runner):
         return np.asarray(value.detach().cpu().numpy())
 
     def memory(self, run: Callable[[], Any]) -> int | None:
-        """Bytes autograd keeps for the backward pass (measured with saved-tensor hooks)."""
-        saved = [0]
+        """Bytes autograd keeps for the backward pass: the distinct storages saved-tensor hooks see, the
+        parameters' own (cores, dense weight) excluded, as in the training-memory issue."""
+        owned = {t.untyped_storage().data_ptr() for t in (*self.cores, self.weight)}
+        storages: dict[int, int] = {}
 
         def pack(tensor: Any) -> Any:
-            saved[0] += tensor.numel() * tensor.element_size()
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in owned:
+                storages[storage.data_ptr()] = storage.nbytes()
             return tensor
 
         with self.torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             run()
-        return saved[0]
+        return sum(storages.values())
 
     def matmul(self, size: int) -> Callable[[], Any]:
         a = self.torch.ones(size, size, device=self.device)

@@ -1,0 +1,272 @@
+"""Training memory: what a layer keeps for its backward, and the planned backward that keeps it bounded.
+
+References: gradients from dense matrices built by plain NumPy (``conftest``), and the bytes ``nn.Linear``
+keeps for the same input (its input), counted with ``torch.autograd.graph.saved_tensors_hooks``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import dense_reference, reference_core_gradients
+
+import tnlayers
+from tnlayers.contract import (
+    backprop,
+    backward_reads,
+    dense_weight_backward,
+    get_ops,
+    intermediate_sizes,
+    keep_within,
+    replay,
+    run_keeping,
+)
+
+NUMPY = get_ops("numpy")
+SMALL_SPECS = [
+    tnlayers.MPOSpec((2, 3, 2), (3, 2, 2), (1, 3, 2, 1)),
+    tnlayers.MPOSpec((3, 2), (2, 4), 2),
+    tnlayers.MPOSpec((4,), (3,), 1),
+]
+STRATEGIES = ["zipper", "reverse-zipper", "materialize", "greedy", "dp"]
+NEEDS = {"all": None, "cores only": "cores", "input only": "input", "first core only": "first"}
+
+
+def _needs(kind: str | None, n_cores: int) -> tuple[bool, ...]:
+    if kind is None:
+        return (True,) * (n_cores + 1)
+    if kind == "cores":
+        return (False, *(True,) * n_cores)
+    if kind == "input":
+        return (True, *(False,) * n_cores)
+    return (False, True, *(False,) * (n_cores - 1))
+
+
+def _operands(plan: tnlayers.ContractionPlan, x: np.ndarray, cores: list[np.ndarray]) -> list[np.ndarray]:
+    return [x.reshape(-1, *plan.spec.in_modes), *(c.reshape(s) for c, s in zip(cores, plan.operand_shapes[1:]))]
+
+
+@pytest.mark.parametrize("spec", SMALL_SPECS, ids=str)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("needs_kind", NEEDS.values(), ids=NEEDS.keys())
+@pytest.mark.parametrize("budget", [0, 40, None], ids=["keep nothing", "keep some", "keep all"])
+def test_the_planned_backward_matches_dense_gradients_whatever_it_kept(
+    spec: tnlayers.MPOSpec, strategy: str, needs_kind: str | None, budget: int | None
+) -> None:
+    rng = np.random.default_rng(0)
+    cores = [rng.normal(size=shape) for shape in spec.core_shapes]
+    x = rng.normal(size=(5, spec.in_features))
+    grad_out = rng.normal(size=(5, spec.out_features))
+    plan = tnlayers.plan(spec, 5, strategy)
+    needs = _needs(needs_kind, spec.n_cores)
+    keep = keep_within(plan, 5, needs, budget)
+    y, kept = run_keeping(plan.steps, _operands(plan, x, cores), NUMPY, keep)
+    np.testing.assert_allclose(y.reshape(5, -1), x @ dense_reference(cores), rtol=1e-10, atol=1e-12)
+    reads = backward_reads(plan.steps, spec.n_cores + 1, needs)
+    tape = replay(plan.steps, _operands(plan, x, cores), NUMPY, dict(zip(sorted(keep), kept)), reads)
+    grads = backprop(plan.steps, tape, grad_out.reshape(5, *spec.out_modes), NUMPY, spec.n_cores + 1, needs)
+    expected = [grad_out @ dense_reference(cores).T, *reference_core_gradients(cores, x, grad_out)]
+    for need, got, want in zip(needs, grads, expected):
+        if need:
+            np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-9, atol=1e-11)
+        else:
+            assert got is None  # nobody asked: never computed
+
+
+def test_keep_within_keeps_the_smallest_reads_that_fit_the_budget() -> None:
+    spec = tnlayers.MPOSpec((4, 4, 4), (4, 4, 4), 3)
+    plan = tnlayers.plan(spec, 8, "zipper")  # x, then one core at a time: every intermediate holds the batch
+    needs = (True, True, True, True)
+    sizes = intermediate_sizes(plan, 8)
+    reads = sorted(k for k in backward_reads(plan.steps, 4, needs) if k >= 4)
+    assert sorted(keep_within(plan, 8, needs, None)) == reads
+    assert keep_within(plan, 8, needs, 0) == frozenset()
+    smallest = min(reads, key=lambda k: sizes[k])
+    assert keep_within(plan, 8, needs, sizes[smallest]) == {smallest}
+    # the shapes the plan's steps really produce, counted by running them
+    x = np.zeros((8, spec.in_features))
+    _, kept = run_keeping(plan.steps, _operands(plan, x, tnlayers.init_cores(spec, seed=0)), NUMPY, frozenset(reads))
+    assert [array.size for array in kept] == [sizes[k] for k in reads]
+
+
+@pytest.mark.parametrize("spec", [*SMALL_SPECS, tnlayers.MPOSpec((2,) * 6, (2,) * 6, 3)], ids=str)
+def test_dense_weight_backward_matches_the_dense_gradient(spec: tnlayers.MPOSpec) -> None:
+    """The gradient of ``sum(G * W)`` per core: ``x = I`` in the dense reference makes ``x @ W = W``."""
+    rng = np.random.default_rng(1)
+    cores = [rng.normal(size=shape) for shape in spec.core_shapes]
+    grad_w = rng.normal(size=(spec.in_features, spec.out_features))
+    got = dense_weight_backward(cores, grad_w, NUMPY)
+    expected = reference_core_gradients(cores, np.eye(spec.in_features), grad_w)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
+# --- torch ------------------------------------------------------------------------------------------------
+
+#: The issue's table (layers 784->256, 4096^2 as 8^4 and 16^3, 1296^2 as 6^4, 1024^2 as 2^10) and a conv-sized
+#: case, each at a batch >= 32.
+MEMORY_CASES = [
+    ((4, 7, 7, 4), (4, 4, 4, 4), 16, 1024),
+    ((8, 8, 8, 8), (8, 8, 8, 8), 8, 256),
+    ((16, 16, 16), (16, 16, 16), 8, 256),
+    ((6, 6, 6, 6), (6, 6, 6, 6), 12, 256),
+    ((2,) * 10, (2,) * 10, 16, 128),
+    ((4, 4, 4), (4, 4, 4), 4, 32),
+]
+
+
+def _saved_bytes(torch: Any, run: Any, parameters: list[Any]) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward, the parameters' own excluded."""
+    owned = {p.untyped_storage().data_ptr() for p in parameters}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: Any) -> Any:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in owned:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("input_grad", [False, True], ids=["first layer", "hidden layer"])
+@pytest.mark.parametrize(("in_modes", "out_modes", "rank", "batch"), MEMORY_CASES, ids=lambda v: str(v))
+def test_a_torch_layer_keeps_at_most_one_and_a_half_times_what_nn_linear_keeps(
+    in_modes: Any, out_modes: Any, rank: int, batch: int, input_grad: bool
+) -> None:
+    torch = pytest.importorskip("torch")
+    from tnlayers.backends.torch import MPOLinear
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tnlayers.RankClippedWarning)
+        layer = MPOLinear(in_modes, out_modes, rank)
+    dense = layer.to_linear()
+    x = torch.randn(batch, layer.in_features, requires_grad=input_grad)
+    dense_bytes = _saved_bytes(torch, lambda: dense(x), list(dense.parameters()))
+    assert dense_bytes == x.nbytes  # what nn.Linear keeps: its input
+    outputs = {}
+
+    def run() -> None:
+        outputs["y"] = layer(x)
+
+    assert _saved_bytes(torch, run, list(layer.parameters())) <= 1.5 * dense_bytes
+    y = outputs["y"]
+    grad_out = torch.randn_like(y)
+    wanted = [x, *layer.cores] if input_grad else list(layer.cores)
+    got = torch.autograd.grad(y, wanted, grad_out)
+    reference = dense(x)
+    expected = torch.autograd.grad(reference, [x, dense.weight] if input_grad else [dense.weight], grad_out)
+    torch.testing.assert_close(y, reference, rtol=1e-4, atol=1e-4)
+    if input_grad:
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-4)
+    # the cores' gradients against dL/dW of nn.Linear: W is linear in each core, so on a direction d,
+    # <dL/dcores, d> = sum_k <dL/dW, W(cores with core k replaced by d_k)> exactly
+    grad_w = expected[-1].double().numpy().T
+    cores = [c.detach().double().numpy() for c in layer.cores]
+    direction = [np.random.default_rng(k).normal(size=c.shape) for k, c in enumerate(cores)]
+    exact = sum(
+        float(np.sum(grad_w * dense_reference([*cores[:k], d, *cores[k + 1 :]]))) for k, d in enumerate(direction)
+    )
+    core_grads = got[-layer.spec.n_cores :]
+    measured = sum(float(np.sum(g.double().numpy() * d)) for g, d in zip(core_grads, direction))
+    assert measured == pytest.approx(exact, rel=1e-3, abs=1e-3)
+
+
+def test_saved_budget_none_keeps_what_autograd_keeps_and_the_default_recomputes() -> None:
+    torch = pytest.importorskip("torch")
+    from tnlayers.backends.torch import MPOLinear
+
+    layer = MPOLinear((8, 8, 8, 8), (8, 8, 8, 8), 8)
+    x = torch.randn(256, 4096)
+    bounded = _saved_bytes(torch, lambda: layer(x), list(layer.parameters()))
+    layer.saved_budget = None
+    unbounded = _saved_bytes(torch, lambda: layer(x), list(layer.parameters()))
+    assert bounded <= 1.5 * x.nbytes < 8 * x.nbytes <= unbounded  # every intermediate is 8x the input
+
+
+@pytest.mark.parametrize("strategy", ["zipper", "greedy", "materialize"])
+@pytest.mark.parametrize("budget", [1.0, 1.5, None])
+def test_the_planned_backward_passes_gradcheck_and_gradgradcheck(strategy: str, budget: float | None) -> None:
+    torch = pytest.importorskip("torch")
+    from tnlayers.backends.torch import run_plan
+
+    spec = tnlayers.MPOSpec((3, 4, 2), (2, 3, 4), 3)
+    plan = tnlayers.plan(spec, 4, strategy)
+    cores = [torch.from_numpy(c).requires_grad_() for c in tnlayers.init_cores(spec, seed=0, dtype=np.float64)]
+    x = torch.randn(4, spec.in_features, dtype=torch.float64, requires_grad=True)
+
+    def f(x: Any, *cores: Any) -> Any:
+        return run_plan(plan, x, cores, None, budget)
+
+    assert torch.autograd.gradcheck(f, (x, *cores))
+    assert torch.autograd.gradgradcheck(f, (x, *cores))
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "materialize"])
+def test_the_planned_backward_works_under_torch_func_and_compile(strategy: str) -> None:
+    torch = pytest.importorskip("torch")
+    from tnlayers.backends.torch import MPOLinear
+    from torch.func import functional_call, grad, vmap
+
+    layer = MPOLinear((8, 8, 8), (8, 8, 8), 4, strategy=strategy, dtype=torch.float64, saved_budget=1.0)
+    x = torch.randn(64, 512, dtype=torch.float64)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    loss = lambda p, x: functional_call(layer, p, (x,)).pow(2).sum()  # noqa: E731
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x[:3, None])
+    weight = dense_reference([c.detach().numpy() for c in layer.cores])
+    for k in range(3):  # d/dbias of sum(y^2) = 2 y, one sample at a time
+        y = x[k].numpy() @ weight + layer.bias.detach().numpy()
+        np.testing.assert_allclose(per_sample["bias"][k].numpy(), 2 * y, rtol=1e-9, atol=1e-9)
+    step = torch.compile(lambda x: layer(x).pow(2).mean(), fullgraph=True, backend="aot_eager")
+    grads_compiled = torch.autograd.grad(step(x), list(layer.parameters()))
+    grads_eager = torch.autograd.grad(layer(x).pow(2).mean(), list(layer.parameters()))
+    for a, b in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_the_planned_backward_follows_autocast_as_nn_linear_does() -> None:
+    torch = pytest.importorskip("torch")
+    from tnlayers.backends.torch import MPOLinear
+
+    layer = MPOLinear((8, 8, 8), (8, 8, 8), 4, saved_budget=1.0)
+    dense = layer.to_linear()
+    x = torch.randn(64, 512)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, reference = layer(x), dense(x)
+    assert y.dtype == reference.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference.float(), rtol=0.05, atol=0.05)
+    y.float().sum().backward()
+    assert all(c.grad is not None and c.grad.dtype == torch.float32 for c in layer.cores)
+
+
+@pytest.mark.parametrize("value", [0.5, 0, -1, "1.5", True, float("nan")])
+def test_saved_budget_must_be_none_or_at_least_one(value: Any) -> None:
+    from tnlayers.backends.numpy import MPOLinear
+
+    with pytest.raises(ValueError, match=r"saved_budget must be None or a number >= 1.*got"):
+        MPOLinear((2, 3), (3, 2), 2, saved_budget=value)
+
+
+# --- NumPy ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("in_modes", "out_modes", "rank", "batch"), MEMORY_CASES[1:3] + MEMORY_CASES[5:], ids=str)
+def test_the_numpy_layer_keeps_at_most_one_and_a_half_times_its_input(
+    in_modes: Any, out_modes: Any, rank: int, batch: int
+) -> None:
+    from tnlayers.backends.numpy import MPOLinear
+
+    layer = MPOLinear(in_modes, out_modes, rank, seed=0, dtype=np.float64)
+    x = np.random.default_rng(0).normal(size=(batch, layer.in_features))
+    y = layer(x)
+    _, saved_x, kept, _ = layer._saved  # what forward left for backward besides the cores
+    assert saved_x is x and sum(a.nbytes for a in kept.values()) <= 0.5 * x.nbytes
+    grad_out = np.random.default_rng(1).normal(size=y.shape)
+    weight = dense_reference(layer.cores)
+    np.testing.assert_allclose(y, x @ weight + layer.bias, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(layer.backward(grad_out), grad_out @ weight.T, rtol=1e-9, atol=1e-9)
