@@ -65,7 +65,9 @@ _OPS = ArrayOps(
 
 def _static_rows(shape: Sequence[int | None]) -> int | None:
     """The product of the given dimensions, or ``None`` when one is unknown (a traced batch)."""
-    return None if any(d is None for d in shape) else math.prod(shape)  # type: ignore[arg-type]
+    if any(not isinstance(d, (int, np.integer)) or isinstance(d, bool) for d in shape):
+        return None  # unknown or symbolic (jax.export shape polymorphism): the default bucket
+    return math.prod(shape)  # type: ignore[arg-type]
 
 
 @functools.cache
@@ -275,13 +277,14 @@ def _constant(value: np.ndarray) -> Any:
 class MPODense(_MPOLayer):
     """``keras.layers.Dense`` with its ``(in, units)`` kernel stored as MPO cores: ``y = activation(x @ W + b)``.
 
-    Give ``out_modes`` or ``units`` (or both); missing modes are balanced factorisations over
-    ``n_cores`` cores (4 by default, or as many as the modes given). Inputs have any leading shape.
+    Give ``units`` (first, as for ``Dense``: ``MPODense(256, activation="relu")``) or ``out_modes``,
+    or both; missing modes are balanced factorisations over ``n_cores`` cores (4 by default, or as many
+    as the modes given). Inputs have any leading shape.
     """
 
     def __init__(
         self,
-        in_modes: Sequence[int] | None = None,
+        in_modes: int | Sequence[int] | None = None,
         out_modes: Sequence[int] | None = None,
         rank: int | Sequence[int] = 8,
         units: int | None = None,
@@ -293,9 +296,12 @@ class MPODense(_MPOLayer):
         seed: int | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            in_modes, out_modes, rank, n_cores, use_bias, activation, kernel_init, strategy, seed, **kwargs
-        )
+        if isinstance(in_modes, int) and not isinstance(in_modes, bool):  # MPODense(256): Dense's units first
+            if units is not None and units != in_modes:
+                raise ValueError(f"MPODense got units twice: {in_modes} (first argument) and units={units}")
+            units, in_modes = in_modes, None
+        modes = cast(Sequence[int] | None, in_modes)
+        super().__init__(modes, out_modes, rank, n_cores, use_bias, activation, kernel_init, strategy, seed, **kwargs)
         if units is None and self.out_modes is None:
             raise ValueError("MPODense needs units or out_modes, got neither")
         if units is not None and (not isinstance(units, int) or isinstance(units, bool) or units < 1):
@@ -414,6 +420,27 @@ class MPOConv2D(_MPOLayer):
         extent = self.geometry.extent
         rows, cols = self.geometry.output_size(height or extent[0], width or extent[1])
         return (input_shape[0], None if height is None else rows, None if width is None else cols, self.filters)
+
+    @classmethod
+    def from_cores(
+        cls, cores: Sequence[Any], bias: Any = None, *, kernel_size: int | Sequence[int], **kwargs: Any
+    ) -> MPOConv2D:
+        """A built conv holding the given cores (of the ``(channels*kh*kw, filters)`` matrix, any framework's
+        arrays, e.g. from a PyTorch ``MPOConv2d``) and bias; ``kernel_size`` is needed, ``strides``,
+        ``padding`` and the rest may follow. ``MPOConv2D.load(path, kernel_size=3)`` reads a checkpoint."""
+        arrays = [np.asarray(c) for c in cores]
+        spec = spec_from_cores(arrays)
+        kh, kw = kit.pair(kernel_size, "kernel_size")
+        if spec.in_features % (kh * kw):
+            raise ValueError(
+                f"the cores map {spec.in_features} inputs, not a multiple of the kernel's {kh}*{kw} positions"
+            )
+        layer = cls(
+            spec.out_features, (kh, kw), spec.in_modes, spec.out_modes, spec.ranks, use_bias=bias is not None, **kwargs
+        )
+        layer.build((None, None, None, spec.in_features // (kh * kw)))
+        layer.set_numpy_weights(arrays, None if bias is None else np.asarray(bias))
+        return layer
 
     def kernel(self) -> Any:
         """The ``(kh, kw, channels, filters)`` kernel ``Conv2D.kernel`` would hold (differentiable)."""

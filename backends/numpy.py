@@ -45,6 +45,8 @@ def _operands(plan: ContractionPlan, x: Array, cores: Sequence[Array]) -> list[A
 class MPOLinear(kit.MPOLayerMixin):
     """``y = x @ W + b`` with ``W`` (shape ``(in_features, out_features)``) stored as MPO cores.
 
+    The first two arguments are feature counts (``MPOLinear(784, 256, rank=8)``, modes balanced over
+    ``n_cores``) or mode lists (``MPOLinear((4, 7, 7, 4), (4, 4, 4, 4), 8)``).
     ``forward`` (or calling the layer) takes ``x`` of shape ``(..., in_features)``; in training mode
     it keeps what ``backward`` needs. ``backward(grad_out)`` returns the gradient for ``x`` and
     stores the gradients of every core and of the bias (read them with :meth:`grads`; each call
@@ -53,18 +55,19 @@ class MPOLinear(kit.MPOLayerMixin):
 
     def __init__(
         self,
-        in_modes: Sequence[int],
-        out_modes: Sequence[int],
-        rank: int | Sequence[int],
+        in_modes: int | Sequence[int],
+        out_modes: int | Sequence[int],
+        rank: int | Sequence[int] = 8,
         bias: bool = True,
         init: str = "glorot",
         seed: int | np.random.Generator | None = None,
         strategy: Any = "auto",
         dtype: DTypeLike = np.float32,
         *,
+        n_cores: int | None = None,
         saved_budget: float | None = kit.DEFAULT_SAVED_BUDGET,
     ) -> None:
-        spec = tnlayers.MPOSpec(in_modes, out_modes, rank)
+        spec = kit.spec_of_arguments(in_modes, out_modes, rank, n_cores)
         cores = tnlayers.init_cores(spec, kit.check_init(init), seed, dtype)
         self._setup(cores, np.zeros(spec.out_features, dtype=cores[0].dtype) if bias else None, strategy)
         self.saved_budget = saved_budget

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -38,7 +38,7 @@ from tnlayers.contract import (
 from tnlayers.plan import ContractionPlan, batch_bucket
 from tnlayers.reports import CompressionReport
 
-__all__ = ["MPOConv2d", "MPOLinear", "compress", "freeze_cores"]
+__all__ = ["MPOConv2d", "MPOLinear", "compress", "freeze_cores", "restructure"]
 
 _OPS = get_ops("torch")
 
@@ -52,6 +52,14 @@ def _compiled_plan(planner: kit.LayerPlanner, bucket: int, gradients: str, key: 
 @torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
 def _compiled_conv_route(planner: kit.LayerPlanner, bucket: int) -> tuple[ContractionPlan, bool]:
     return planner.conv_route(bucket)
+
+
+def _bucket(rows: Any) -> int:
+    """The batch bucket of ``rows``; while ``torch.export`` traces a symbolic batch, the default bucket for
+    every size (one plan, no guards narrowing the batch's range). ``torch.compile`` keeps per-bucket guards."""
+    if not isinstance(rows, int) and torch.compiler.is_exporting():
+        return batch_bucket(None)
+    return batch_bucket(rows)
 
 
 def _gradients(x: torch.Tensor, cores: Iterable[torch.Tensor]) -> str:
@@ -163,9 +171,9 @@ def run_plan(
     autograd would keep more, the planned backward (:class:`_PlannedContraction`) keeps the smallest
     intermediates that fit and recomputes the others."""
     needs = (x.requires_grad, *(c.requires_grad for c in cores))
-    if saved_budget is None or not torch.is_grad_enabled() or not any(needs):
-        return execute(plan, x, cores, bias, _OPS)  # type: ignore[no-any-return]
     rows = x.numel() // plan.spec.in_features
+    if saved_budget is None or not torch.is_grad_enabled() or not any(needs) or not isinstance(rows, int):
+        return execute(plan, x, cores, bias, _OPS)  # type: ignore[no-any-return]  # (a symbolic batch: as traced)
     keep = kit.kept_for_backward(plan, rows, needs, saved_budget)
     if keep is None:  # all the backward reads fits: autograd's own backward, the fastest
         return execute(plan, x, cores, bias, _OPS)  # type: ignore[no-any-return]
@@ -306,7 +314,7 @@ class _MPOModule(kit.MPOLayerMixin, nn.Module):
         """The plan for this call (see :class:`tnlayers.layer.LayerPlanner` for the autotune policy)."""
         cores = list(self.cores)
         gradients = _gradients(x, cores)
-        bucket = batch_bucket(rows)
+        bucket = _bucket(rows)
         dtype = str(x.dtype).removeprefix("torch.")
         key = kit.tune_key("torch", str(x.device), dtype, gradients) if self.planner.autotunes else ()
         if torch.compiler.is_compiling() or not self.planner.autotunes:
@@ -322,6 +330,8 @@ class _MPOModule(kit.MPOLayerMixin, nn.Module):
 class MPOLinear(_MPOModule):
     """``nn.Linear`` with its weight stored as MPO cores: ``y = x @ W + b`` for ``x`` of shape ``(..., in)``.
 
+    The first two arguments are feature counts, as for ``nn.Linear`` (``MPOLinear(784, 256, rank=8)``:
+    modes balanced over ``n_cores``), or mode lists (``MPOLinear((4, 7, 7, 4), (4, 4, 4, 4), 8)``).
     ``to_dense()`` returns the ``(out_features, in_features)`` matrix ``nn.Linear.weight`` would hold.
     In ``eval()`` under ``torch.no_grad()``, when the plan for the batch builds ``W`` before
     touching the input (it found materialising cheaper), ``W`` is built once and reused until a
@@ -330,9 +340,9 @@ class MPOLinear(_MPOModule):
 
     def __init__(
         self,
-        in_modes: Sequence[int],
-        out_modes: Sequence[int],
-        rank: int | Sequence[int],
+        in_modes: int | Sequence[int],
+        out_modes: int | Sequence[int],
+        rank: int | Sequence[int] = 8,
         bias: bool = True,
         init: str = "glorot",
         strategy: Any = "auto",
@@ -340,10 +350,11 @@ class MPOLinear(_MPOModule):
         dtype: torch.dtype | None = None,
         seed: int | None = None,
         *,
+        n_cores: int | None = None,
         saved_budget: float | None = kit.DEFAULT_SAVED_BUDGET,
     ) -> None:
         super().__init__()
-        spec = tnlayers.MPOSpec(in_modes, out_modes, rank)
+        spec = kit.spec_of_arguments(in_modes, out_modes, rank, n_cores)
         self._setup(spec, bias, init, strategy, device, dtype, seed, saved_budget)
 
     @property
@@ -501,6 +512,29 @@ class MPOConv2d(_MPOModule):
         layer.decomposition = report
         return layer
 
+    @classmethod
+    def from_cores(
+        cls, cores: Sequence[Any], bias: Any = None, *, kernel_size: int | Sequence[int], **kwargs: Any
+    ) -> MPOConv2d:
+        """A conv holding copies of the given cores (of the ``(in_channels*kh*kw, out_channels)`` matrix, any
+        framework's arrays, e.g. from a Keras ``MPOConv2D``) and bias. ``kernel_size`` is needed; ``stride``,
+        ``padding``, ``dilation``, ``strategy`` and ``device`` may follow. ``MPOConv2d.load(path,
+        kernel_size=3, padding=1)`` reads a checkpoint."""
+        arrays = [np.asarray(c.detach().cpu() if isinstance(c, torch.Tensor) else c) for c in cores]
+        spec = tnlayers.decompose.spec_from_cores(arrays)
+        kh, kw = kit.pair(kernel_size, "kernel_size")
+        if spec.in_features % (kh * kw):
+            raise ValueError(
+                f"the cores map {spec.in_features} inputs, not a multiple of the kernel's {kh}*{kw} positions"
+            )
+        dtype = getattr(torch, str(arrays[0].dtype))
+        layer = cls(
+            spec.in_features // (kh * kw), spec.out_features, (kh, kw), spec.in_modes, spec.out_modes, spec.ranks,
+            bias=bias is not None, dtype=dtype, seed=0, **kwargs,
+        )  # fmt: skip
+        layer._load_cores(arrays, None if bias is None else np.asarray(torch.as_tensor(bias).detach().cpu()))
+        return layer
+
     def kernel(self) -> torch.Tensor:
         """The ``(out_channels, in_channels, kh, kw)`` kernel ``nn.Conv2d.weight`` would hold (differentiable)."""
         return self.weight_matrix().T.reshape(self.out_channels, self.in_channels, *self.kernel_size)
@@ -534,7 +568,7 @@ class MPOConv2d(_MPOModule):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         x, cores, bias = self._operands(x, autocast)
         height, width = self.geometry.output_size(x.shape[2], x.shape[3])
-        plan, build_kernel = _compiled_conv_route(self.planner, batch_bucket(x.shape[0] * height * width))
+        plan, build_kernel = _compiled_conv_route(self.planner, _bucket(x.shape[0] * height * width))
         top, bottom, left, right = self.geometry.pads(x.shape[2], x.shape[3])
         padding: tuple[int, int] = (top, left)
         if (top, left) != (bottom, right):
@@ -630,6 +664,73 @@ def compress(
         rows.append(kit.layer_report(name, type(module).__name__, report))
     params_after = sum(p.numel() for p in model.parameters())
     return CompressionReport(tuple(rows), params_before, params_after, tuple(skipped))
+
+
+def restructure(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Give ``model`` the MPO layers a ``state_dict`` holds, at its ranks, so ``load_state_dict`` fits.
+
+    A model compressed with ``tol=`` has ranks that depend on the weights; to load its checkpoint, build
+    the original (dense or otherwise compressed) architecture, call ``restructure(model, state_dict)``,
+    then ``model.load_state_dict(state_dict)``. Every ``{name}.cores.0 ...`` group in ``state_dict``
+    turns the module at ``name`` (an ``nn.Linear``, ``nn.Conv2d`` or MPO layer of the same shape) into
+    an MPO layer of the stored modes and ranks, on the module's device and dtype (a conv keeps its
+    kernel size, stride, padding and dilation). Returns the names replaced.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"restructure expects an nn.Module, got {type(model).__name__}")
+    prefixes = sorted({key[: -len("cores.0")] for key in state_dict if key.endswith("cores.0")})
+    aliases: dict[int, list[str]] = {}
+    for alias, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(alias)
+    replaced = []
+    for prefix in prefixes:
+        name = prefix.rstrip(".")
+        cores, k = [], 0
+        while f"{prefix}cores.{k}" in state_dict:
+            cores.append(state_dict[f"{prefix}cores.{k}"])
+            k += 1
+        spec = tnlayers.decompose.spec_from_cores(cores)
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the state_dict has MPO cores for {name!r}, which the model does not have") from None
+        replacement = _mpo_like(module, name, spec, f"{prefix}bias" in state_dict)
+        if replacement is None:
+            continue
+        for alias in aliases[id(module)]:
+            _replace(model, alias, replacement)
+        replaced.append(name)
+    return replaced
+
+
+def _mpo_like(module: nn.Module, name: str, spec: tnlayers.MPOSpec, bias: bool) -> _MPOModule | None:
+    """An MPO layer of ``spec`` in ``module``'s place (``None`` when ``module`` already is one)."""
+    if isinstance(module, _MPOModule) and module.spec == spec and (module.bias is not None) == bias:
+        return None
+    weight = module.cores[0] if isinstance(module, _MPOModule) else getattr(module, "weight", None)
+    device, dtype = (weight.device, weight.dtype) if isinstance(weight, torch.Tensor) else (None, None)
+    modes, ranks = (spec.in_modes, spec.out_modes), spec.ranks
+    if isinstance(module, (nn.Linear, MPOLinear)) and (module.in_features, module.out_features) == (
+        spec.in_features,
+        spec.out_features,
+    ):
+        return MPOLinear(*modes, ranks, bias, device=device, dtype=dtype)
+    if isinstance(module, (nn.Conv2d, MPOConv2d)) and spec.out_features == module.out_channels:
+        kernel = (int(module.kernel_size[0]), int(module.kernel_size[1]))
+        if spec.in_features == module.in_channels * kernel[0] * kernel[1]:
+            conv = MPOConv2d(
+                module.in_channels, module.out_channels, kernel, *modes, ranks, bias=bias, device=device, dtype=dtype
+            )
+            conv.geometry = (
+                module.geometry
+                if isinstance(module, MPOConv2d)
+                else kit.ConvGeometry.make(kernel, module.stride, module.padding, module.dilation)
+            )
+            return conv
+    raise ValueError(
+        f"the state_dict holds an MPO of {spec.in_features} -> {spec.out_features} features for {name!r}, "
+        f"but the model has a {type(module).__name__} there that it cannot replace"
+    )
 
 
 def freeze_cores(model: nn.Module, cores: str | Iterable[int] = "central", bias: bool = False) -> tuple[int, int]:

@@ -228,3 +228,48 @@ def test_keras_plans_for_training_when_keras_trains() -> None:
     assert layer._plan(x, 64, training=None).gradients == "none"
     layer.freeze("all")
     assert layer._plan(x, 64, training=True).gradients == "none"
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="Keras exports SavedModels from the TensorFlow and JAX backends")
+def test_model_export_serves_every_batch_size_like_eager(tmp_path: Path) -> None:
+    """``model.export`` (a SavedModel with a symbolic batch: jax shape polymorphism or tf.function) on the
+    TensorFlow and JAX backends, checked against the eager model at several batch sizes."""
+    tf = pytest.importorskip("tensorflow")
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 2)),
+            MPOConv2D(4, 3, in_modes=(2, 3, 3), out_modes=(1, 2, 2), rank=3, padding="same", seed=0),
+            keras.layers.Flatten(),
+            MPODense(out_modes=(2, 2, 2), rank=3, seed=1),
+        ]
+    )
+    model.export(str(tmp_path / "served"), format="tf_saved_model", verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "served"))
+    for batch in (1, 3, 64, 300):
+        x = np.random.default_rng(batch).normal(size=(batch, 8, 8, 2)).astype("float32")
+        np.testing.assert_allclose(served.serve(x).numpy(), _np(model(x)), rtol=1e-5, atol=1e-5)
+
+
+@tensorflow_only
+def test_a_tflite_conversion_of_the_exported_model_matches_eager(tmp_path: Path) -> None:
+    tf = pytest.importorskip("tensorflow")
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 2)),
+            MPOConv2D(4, 3, rank=3, padding="same", seed=0),
+            keras.layers.Flatten(),
+            MPODense(units=8, rank=3, seed=1),
+        ]
+    )
+    model.export(str(tmp_path / "served"), format="tf_saved_model", verbose=False)
+    interpreter = tf.lite.Interpreter(
+        model_content=tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "served")).convert()
+    )
+    given, produced = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    for batch in (1, 5):
+        x = np.random.default_rng(batch).normal(size=(batch, 8, 8, 2)).astype("float32")
+        interpreter.resize_tensor_input(given["index"], x.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(given["index"], x)
+        interpreter.invoke()
+        np.testing.assert_allclose(interpreter.get_tensor(produced["index"]), _np(model(x)), rtol=1e-5, atol=1e-5)

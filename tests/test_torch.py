@@ -283,6 +283,46 @@ def test_torch_compile_fullgraph_matches_eager() -> None:
         np.testing.assert_allclose(grad_fast.numpy(), grad_eager.numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_torch_export_with_a_dynamic_batch_serves_batches_1_to_4096() -> None:
+    """One exported program for every batch size (no guards narrowing the range), equal to eager."""
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        MPOConv2d(2, 4, 3, (2, 3, 3), (1, 2, 2), 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        MPOLinear((4, 8, 8), (2, 2, 2), 3),
+    ).eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model, (torch.randn(9, 2, 8, 8),), dynamic_shapes=({0: batch},))
+    exported = program.module()
+    for size in (1, 7, 300, 4096):
+        x = torch.randn(size, 2, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_export_through_dynamo_with_a_dynamic_batch_runs_in_onnxruntime(tmp_path: Path) -> None:
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(6)
+    model = nn.Sequential(
+        MPOConv2d(2, 4, 3, (2, 3, 3), (1, 2, 2), 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        MPOLinear((4, 8, 8), (2, 2, 2), 3),
+    ).eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (torch.randn(9, 2, 8, 8),), str(path), dynamo=True, dynamic_shapes=({0: batch},))
+    session = onnxruntime.InferenceSession(str(path))
+    name = session.get_inputs()[0].name
+    for size in (1, 7, 300):
+        x = torch.randn(size, 2, 8, 8)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        np.testing.assert_allclose(session.run(None, {name: x.numpy()})[0], expected, rtol=1e-5, atol=1e-5)
+
+
 def _ddp_model() -> Any:
     torch.manual_seed(11)
     return nn.Sequential(
@@ -420,3 +460,61 @@ def test_autocast_convolution_matches_nn_conv2d() -> None:
         scale = float(theirs.float().abs().max())
         np.testing.assert_allclose(ours.float().detach().numpy(), theirs.float().detach().numpy(), atol=3e-2 * scale)
         assert all(c.dtype == torch.float32 for c in strategy_layer.parameters())
+
+
+def _conv_net() -> nn.Module:
+    """Convs and linears whose weights are rank-3 MPOs plus a little noise: compressible, as trained ones are."""
+    model = nn.Sequential(
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, stride=2, dilation=1, padding="valid"),
+        nn.Flatten(),
+        nn.Linear(32 * 3 * 3, 256),
+        nn.ReLU(),
+        nn.Linear(256, 300),
+    )
+    with torch.no_grad():
+        for module in model:
+            if isinstance(module, nn.Conv2d):
+                low_rank = MPOConv2d(module.in_channels, module.out_channels, module.kernel_size, rank=3).kernel()
+            elif isinstance(module, nn.Linear):
+                low_rank = MPOLinear.auto(module.in_features, module.out_features, rank=3).to_dense()
+            else:
+                continue
+            module.weight.copy_(low_rank + 1e-3 * torch.randn_like(low_rank) * low_rank.std())
+    return model
+
+
+@pytest.mark.parametrize("how", [{"rank": 6}, {"tol": 0.3}], ids=["rank", "tol"])
+def test_restructure_rebuilds_a_compressed_model_from_its_state_dict(tmp_path: Path, how: dict[str, Any]) -> None:
+    """Rebuild the dense architecture, ``restructure`` it from the checkpoint, ``load_state_dict``: the outputs
+    are the compressed model's, bit for bit, with ranks that depend on the weights (``tol``) too."""
+    from safetensors.torch import load_file, save_file
+    from tnlayers.backends.torch import restructure
+
+    torch.manual_seed(0)
+    compressed = _conv_net()
+    report = compress(compressed, min_features=64, **how)
+    assert {row.name for row in report.layers} == {"0", "2", "4", "6"}
+    save_file(compressed.state_dict(), str(tmp_path / "model.safetensors"))
+    state = load_file(str(tmp_path / "model.safetensors"))
+    fresh = _conv_net()  # dense again, with other random weights
+    with pytest.raises(RuntimeError, match=r"size mismatch|Missing key|Unexpected key"):
+        fresh.load_state_dict(state)
+    assert restructure(fresh, state) == ["0", "2", "4", "6"]
+    fresh.load_state_dict(state)
+    x = torch.randn(2, 16, 8, 8)
+    assert torch.equal(fresh(x), compressed(x))
+    assert [type(m).__name__ for m in fresh] == [type(m).__name__ for m in compressed]
+    assert restructure(fresh, state) == []  # already in shape: nothing to replace
+
+
+def test_restructure_names_what_it_cannot_match() -> None:
+    from tnlayers.backends.torch import restructure
+
+    layer = MPOLinear((4, 4), (4, 4), 2)
+    state = {f"head.{k}": v for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"MPO cores for 'head', which the model does not have"):
+        restructure(nn.Sequential(nn.Linear(16, 16)), state)
+    with pytest.raises(ValueError, match=r"16 -> 16 features for 'head', but the model has a Linear there"):
+        restructure(nn.ModuleDict({"head": nn.Linear(16, 8)}), state)

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import math
+import numbers
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +36,7 @@ from .decompose import DecompositionReport
 from .init import INITIALIZERS
 from .plan import GRADIENTS, ContractionPlan, batch_bucket, dense_cost, plan, plan_by_key, strategy_key
 from .reports import LayerReport
-from .spec import MPOSpec, _as_positive_int, factorize_balanced
+from .spec import MPOSpec, RankClippedWarning, _as_positive_int, factorize_balanced
 
 __all__ = [
     "SEED_LIMIT",
@@ -94,6 +97,24 @@ def modes_or_none(value: Any, name: str) -> tuple[int, ...] | None:
     return tuple(value)
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def spec_of_arguments(in_arg: Any, out_arg: Any, rank: int | Sequence[int], n_cores: int | None = None) -> MPOSpec:
+    """The spec of a dense layer's first two arguments, each a feature count (``784``, as ``nn.Linear``
+    takes it; modes then balanced over ``n_cores``, 4 by default) or a mode list (``(4, 7, 7, 4)``)."""
+    if not _is_count(in_arg) and not _is_count(out_arg):
+        if n_cores is not None:
+            raise ValueError(f"n_cores applies to feature counts; the modes {in_arg} and {out_arg} fix {len(in_arg)}")
+        return MPOSpec(in_arg, out_arg, rank)
+    in_modes = None if _is_count(in_arg) else modes_or_none(in_arg, "in_modes")
+    out_modes = None if _is_count(out_arg) else modes_or_none(out_arg, "out_modes")
+    in_features = int(in_arg) if in_modes is None else math.prod(in_modes)
+    out_features = int(out_arg) if out_modes is None else math.prod(out_modes)
+    return layer_spec(in_features, out_features, in_modes, out_modes, rank, n_cores)
+
+
 def check_init(init: Any, name: str = "init") -> str:
     if init not in INITIALIZERS:
         raise ValueError(f"unknown {name} {init!r}; expected one of {', '.join(INITIALIZERS)}")
@@ -150,14 +171,20 @@ def layer_spec(
     what: str = "in_features",
     out_what: str = "out_features",
 ) -> MPOSpec:
-    """The spec of a layer: modes given, or balanced over ``n_cores`` (4, or as many as the modes given)."""
+    """The spec of a layer: modes given, or balanced over ``n_cores`` (4, or as many as the modes given).
+
+    Bonds above what the modes allow are clipped; the :class:`RankClippedWarning` is given only when the
+    user chose both mode lists (with modes the library picked, ``rank`` is a cap it applies itself)."""
     given = next((len(m) for m in (in_modes, out_modes) if m is not None), None)
     n = given or (4 if n_cores is None else _as_positive_int(n_cores, "n_cores"))
-    spec = MPOSpec(
-        factorize_balanced(in_features, n) if in_modes is None else in_modes,
-        factorize_balanced(out_features, n) if out_modes is None else out_modes,
-        rank,
-    )
+    with warnings.catch_warnings():
+        if in_modes is None or out_modes is None:
+            warnings.simplefilter("ignore", RankClippedWarning)
+        spec = MPOSpec(
+            factorize_balanced(in_features, n) if in_modes is None else in_modes,
+            factorize_balanced(out_features, n) if out_modes is None else out_modes,
+            rank,
+        )
     if spec.in_features != in_features:
         raise ValueError(f"in_modes {spec.in_modes} multiply to {spec.in_features}, but {what} = {in_features}")
     if spec.out_features != out_features:
@@ -425,7 +452,7 @@ class MPOLayerMixin:
     @classmethod
     def auto(cls, in_features: int, out_features: int, n_cores: int = 4, rank: int = 8, **kwargs: Any) -> Any:
         """A layer with balanced modes for the given feature counts (see :meth:`tnlayers.MPOSpec.auto`)."""
-        spec = MPOSpec.auto(in_features, out_features, n_cores, rank)
+        spec = layer_spec(in_features, out_features, None, None, rank, n_cores)
         return cls(spec.in_modes, spec.out_modes, spec.ranks, **kwargs)  # type: ignore[call-arg]
 
     def freeze(self, cores: str | Iterable[int] = "central", bias: bool = False) -> Any:
