@@ -139,25 +139,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     demo_parser.add_argument(
         "--data", help="MNIST folder (default: TNLAYERS_DATA, ../shared/data/mnist, else synthetic)"
     )
-    demo_parser.add_argument("--epochs", type=_positive, default=3)
+    demo_parser.add_argument("--epochs", type=_positive, default=3, help="training epochs per network (default 3)")
     demo_parser.add_argument("--bonds", type=_positive, nargs=2, default=[4, 16], help="two bond dimensions of MPO-FC2")
-    demo_parser.add_argument("--batches", type=_positive, nargs="+", default=[1, 32, 1024])
-    demo_parser.add_argument("--repeats", type=_positive, default=7)
+    demo_parser.add_argument(
+        "--batches", type=_positive, nargs="+", default=[1, 32, 1024], help="batch sizes the orderings are timed at"
+    )
+    demo_parser.add_argument("--repeats", type=_positive, default=7, help="timed repeats per ordering (median)")
     demo_parser.add_argument("--out", default="results", help="folder for the plot, JSON and checkpoint")
     demo_parser.add_argument("--quick", action="store_true", help="3,000 training images and 1 epoch (a smoke run)")
     basics_parser = commands.add_parser(
         "basics", help="NumPy only: decompose dense matrices and compare contraction orderings"
     )
-    basics_parser.add_argument("--ranks", type=_positive, nargs="+", default=[1, 2, 4, 8, 16, 32])
-    basics_parser.add_argument("--batches", type=_positive, nargs="+", default=[1, 32, 1024])
-    basics_parser.add_argument("--seed", type=_non_negative, default=0)
-    basics_parser.add_argument("--repeats", type=_positive, default=7)
+    basics_parser.add_argument(
+        "--ranks", type=_positive, nargs="+", default=[1, 2, 4, 8, 16, 32], help="bond caps of the decompositions"
+    )
+    basics_parser.add_argument(
+        "--batches", type=_positive, nargs="+", default=[1, 32, 1024], help="batch sizes the orderings are timed at"
+    )
+    basics_parser.add_argument("--seed", type=_non_negative, default=0, help="seed of the random inputs")
+    basics_parser.add_argument("--repeats", type=_positive, default=7, help="timed repeats per ordering (median)")
     plan_parser = commands.add_parser("plan", help="print the plan of one MPO layer")
     plan_parser.add_argument("in_modes", type=_modes, help="e.g. 4x7x7x4")
     plan_parser.add_argument("out_modes", type=_modes, help="e.g. 4x4x4x4")
-    plan_parser.add_argument("--rank", type=_positive, default=8)
-    plan_parser.add_argument("--batch", type=_positive, default=32)
-    plan_parser.add_argument("--strategy", default="auto")
+    plan_parser.add_argument("--rank", type=_positive, default=8, help="bond dimension cap (default 8)")
+    plan_parser.add_argument("--batch", type=_positive, default=32, help="batch size planned for (default 32)")
+    plan_parser.add_argument(
+        "--strategy",
+        default="auto",
+        help="auto, autotune, zipper, reverse-zipper, materialize, greedy, dp, optimal, ...",
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         epochs = 1 if args.quick else args.epochs

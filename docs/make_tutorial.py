@@ -168,26 +168,27 @@ entanglement entropy `S = -Σ p log p` with `p = s² / Σ s²` condenses them in
 canonical form and takes one small SVD per bond, never forming `W`.
 
 We train the paper's MPO-FC2 (784 -> 256 -> 10, the first layer an MPO with D = 16) in PyTorch for
-one epoch on MNIST (the data folder of this project, or `TNLAYERS_DATA`; without it, a synthetic
-set of the same shape).""",
+one epoch on MNIST: `TNLAYERS_DATA`, else the copy beside this project (`tnlayers.datasets.find_folder`).
+Without either, it trains on synthetic digits drawn from a font (`tnlayers.datasets.synthetic_digits`,
+*not* MNIST), and the cell says so; the accuracies below are then those of that easier stand-in.""",
     ),
     (
         "code",
         """import torch
 from torch import nn
 from tnlayers.backends.torch import MPOLinear
-from tnlayers.datasets import load_mnist
+from tnlayers.datasets import find_folder, load_mnist, synthetic_digits
 
-data = Path(os.environ.get("TNLAYERS_DATA", "../../shared/data/mnist"))
-if (data / "train-images-idx3-ubyte.gz").exists():
+data = find_folder("mnist")
+if data is not None:
+    print(f"data: MNIST from {data}")
     images, labels = load_mnist(data, "train")
     test_images, test_labels = load_mnist(data, "test")
     images, labels = images[:20000], labels[:20000]
-else:  # synthetic stand-in: labels from a fixed random linear teacher
-    rng = np.random.default_rng(0)
-    images = rng.random((12000, 784), dtype=np.float32)
-    labels = (images @ rng.normal(size=(784, 10))).argmax(1)
-    images, test_images, labels, test_labels = images[:10000], images[10000:], labels[:10000], labels[10000:]
+else:
+    print("data: no MNIST found (set TNLAYERS_DATA); synthetic font digits instead, NOT MNIST")
+    images, labels = synthetic_digits(20000, seed=0)
+    test_images, test_labels = synthetic_digits(5000, seed=1)
 
 torch.manual_seed(0)
 mpo = MPOLinear((4, 7, 7, 4), (4, 4, 4, 4), rank=16, init="he")
@@ -215,12 +216,14 @@ print(report)
 fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
 left.bar(range(1, 4), report.entropies, label="entropy S")
 left.plot(range(1, 4), report.max_entropies, "k_", markersize=30, label="bound log D")
-left.set(xticks=range(1, 4), xlabel="bond", title="entanglement per bond")
-left.legend()
+left.set(xticks=range(1, 4), xlabel="bond", ylabel="nats", title="entanglement per bond")
+left.set_ylim(0, 1.35 * max(report.max_entropies))  # room above the bars for the legend
+left.legend(loc="upper left", ncols=2, fontsize=8)
 for k, s in enumerate(report.singular_values, start=1):
-    right.semilogy(s / s[0], "o-", label=f"bond {k}")
-right.set(xlabel="index", ylabel="s / s_max", title="Schmidt spectra")
-right.legend()
+    right.semilogy(range(1, len(s) + 1), s / s[0], "o-", label=f"bond {k}")
+right.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # Schmidt indices are whole numbers
+right.set(xlabel="Schmidt index", ylabel="s / s_max", title="Schmidt spectra")
+right.legend(loc="lower left", fontsize=8)
 plt.show()""",
     ),
     (

@@ -48,7 +48,7 @@ def test_keras_dense_takes_units_first_like_dense() -> None:
     cores, bias = layer.numpy_weights()
     np.testing.assert_allclose(y, np.maximum(x @ dense_reference(cores) + bias, 0), rtol=1e-4, atol=1e-4)
     assert layer.units == 256 and layer.get_config()["units"] == 256
-    with pytest.raises(ValueError, match="units twice: 256 .* units=128"):
+    with pytest.raises(ValueError, match=r"units twice: 256 .* units=128"):
         MPODense(256, units=128)
 
 
@@ -73,7 +73,6 @@ def test_a_conv_checkpoint_is_shared_between_torch_and_keras(tmp_path: Path) -> 
     torch = pytest.importorskip("torch")
     pytest.importorskip("keras")
     from conftest import reference_patches
-
     from tnlayers.backends.keras import MPOConv2D
     from tnlayers.backends.torch import MPOConv2d
 
@@ -94,3 +93,19 @@ def test_a_conv_checkpoint_is_shared_between_torch_and_keras(tmp_path: Path) -> 
     np.testing.assert_allclose(np.transpose(from_keras, (0, 3, 1, 2)), expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="not a multiple of the kernel's 2\\*2 positions"):
         MPOConv2d.load(tmp_path / "conv.safetensors", kernel_size=2)
+
+
+def test_sizes_that_do_not_factorise_are_reported_not_silently_kept() -> None:
+    torch = pytest.importorskip("torch")
+    from tnlayers.backends.torch import compress
+
+    matrix = np.random.default_rng(0).normal(size=(97, 64))
+    with pytest.warns(UserWarning, match=r"97 in features do not factorise into 4 modes \(modes \(1, 1, 97, 1\)\)"):
+        tnlayers.from_dense(matrix)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # modes the user gives are the user's choice: no warning
+        tnlayers.from_dense(matrix, (97, 1), (8, 8))
+    net = torch.nn.Sequential(torch.nn.Linear(97, 89))
+    with pytest.warns(UserWarning, match="do not factorise"):
+        report = compress(net, rank=64)
+    assert report.layers == () and "97 in features do not factorise" in report.skipped[0][1]

@@ -101,7 +101,9 @@ def test_freeze_flags() -> None:
     ("name", "shape", "include", "exclude", "chosen"),
     [
         ("encoder.fc1", (784, 256), None, None, True),
-        ("head", (256, 10), None, None, True),
+        ("head", (256, 10), None, None, False),  # 10 outputs: a head stays dense
+        ("conv", (16 * 9, 32), None, None, True),  # Conv2d(16, 32, 3): 144 -> 32
+        ("narrow", (4096, 31), None, None, False),
         ("small", (100, 10), None, None, False),
         ("encoder.fc1", (784, 256), "decoder.*", None, False),
         ("encoder.fc1", (784, 256), ["decoder.*", "encoder.*"], "*.fc1", False),

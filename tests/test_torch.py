@@ -117,7 +117,7 @@ def test_compress_with_truncation_stays_within_the_reported_error() -> None:
     torch.manual_seed(1)
     net = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 16, 64))
     originals = {name: module for name, module in net.named_children() if name in ("0", "3")}
-    report = compress(net, rank=6, min_features=64)
+    report = compress(net, rank=6, min_features=32)
     assert {row.name for row in report.layers} == {"0", "3"}
     x = torch.randn(4, 8, 4, 4)
     inputs = {"0": x, "3": torch.relu(originals["0"](x)).flatten(1)}
@@ -494,7 +494,7 @@ def test_restructure_rebuilds_a_compressed_model_from_its_state_dict(tmp_path: P
 
     torch.manual_seed(0)
     compressed = _conv_net()
-    report = compress(compressed, min_features=64, **how)
+    report = compress(compressed, min_features=16, **how)
     assert {row.name for row in report.layers} == {"0", "2", "4", "6"}
     save_file(compressed.state_dict(), str(tmp_path / "model.safetensors"))
     state = load_file(str(tmp_path / "model.safetensors"))

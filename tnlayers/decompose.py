@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -164,6 +165,18 @@ def _truncated_svd(
     return u[:, :keep], s[:keep, None] * vh[:keep], s, float(np.sum(s[keep:] ** 2))
 
 
+def trivial_modes(in_modes: Sequence[int], out_modes: Sequence[int]) -> str | None:
+    """Why these modes cannot compress: one side's features sit in a single mode (a prime count, say),
+    so the cores hold the dense matrix; ``None`` otherwise."""
+    for side, modes in (("in", tuple(in_modes)), ("out", tuple(out_modes))):
+        if len(modes) > 1 and sum(m > 1 for m in modes) <= 1 and math.prod(modes) > 1:
+            return (
+                f"{math.prod(modes)} {side} features do not factorise into {len(modes)} modes (modes {modes}), "
+                f"so the MPO cannot be smaller than the matrix; give modes of a padded size or another split"
+            )
+    return None
+
+
 def from_dense(
     matrix: Any,
     in_modes: Sequence[int] | None = None,
@@ -190,11 +203,15 @@ def from_dense(
         raise ValueError(f"matrix must be 2-D (in_features, out_features), got shape {dense.shape}")
     if not (np.issubdtype(dense.dtype, np.number) and not np.issubdtype(dense.dtype, np.bool_)):
         raise TypeError(f"matrix must hold numbers, got dtype {dense.dtype}")
+    chosen_here = in_modes is None or out_modes is None
     if in_modes is None:
         in_modes = factorize_balanced(dense.shape[0], n_cores if out_modes is None else len(out_modes))
     if out_modes is None:
         out_modes = factorize_balanced(dense.shape[1], len(in_modes))
     ins, outs = _as_modes(in_modes, "in_modes"), _as_modes(out_modes, "out_modes")
+    trivial = trivial_modes(ins, outs) if chosen_here else None
+    if trivial is not None:  # e.g. a prime size: the "MPO" would be the dense matrix, uncompressed
+        warnings.warn(f"from_dense: {trivial}", UserWarning, stacklevel=2)
     if len(ins) != len(outs):
         raise ValueError(f"in_modes {ins} and out_modes {outs} must have the same length")
     if (math.prod(ins), math.prod(outs)) != dense.shape:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .decompose import cores_of, spec_from_cores
-from .plan import ContractionPlan
+from .plan import ContractionPlan, contraction_steps, step_lines
 from .spec import MPOSpec
 
 __all__ = ["contraction_steps", "draw", "draw_ascii"]
@@ -27,29 +27,6 @@ def _spec_of(source: Any) -> MPOSpec:
     if isinstance(spec, MPOSpec):
         return spec
     return spec_from_cores(cores_of(source))
-
-
-def contraction_steps(plan: ContractionPlan) -> list[tuple[frozenset[int], frozenset[int], list[str]]]:
-    """Per step of ``plan``: the operands merged on each side (0 is ``x``, ``k`` is core ``k``)
-    and the edges contracted between them (``"i3"`` is the input leg of core 3, ``"b2"`` the bond
-    between cores 2 and 3)."""
-    n = plan.spec.n_cores
-    groups: list[frozenset[int]] = [frozenset({k}) for k in range(n + 1)]
-    steps = []
-    for step in plan.steps:
-        i, j = step.positions
-        a = groups.pop(i)
-        b = groups.pop(j)
-        edges = [f"i{k}" for k in range(1, n + 1) if (0 in a and k in b) or (0 in b and k in a)]
-        edges += [f"b{k}" for k in range(1, n) if (k in a and k + 1 in b) or (k in b and k + 1 in a)]
-        steps.append((a, b, edges))
-        groups.append(a | b)
-    return steps
-
-
-def _group_name(group: frozenset[int]) -> str:
-    names = ["x" if k == 0 else f"G{k}" for k in sorted(group)]
-    return names[0] if len(names) == 1 else "(" + " ".join(names) + ")"
 
 
 def draw_ascii(source: Any, plan: ContractionPlan | None = None) -> str:
@@ -77,12 +54,7 @@ def draw_ascii(source: Any, plan: ContractionPlan | None = None) -> str:
     if plan is not None:
         lines.append("")
         lines.append(f"{plan.strategy} -> {plan.method} at batch {plan.batch_size}: {plan.flops:,} flops")
-        for number, ((a, b, edges), sizes) in enumerate(zip(contraction_steps(plan), plan.step_sizes), start=1):
-            m, n_, k, _ = sizes
-            over = ", ".join(edges) if edges else "nothing (outer product)"
-            lines.append(
-                f"  {number}. {_group_name(a)} * {_group_name(b)} over {over}: ({m} x {k}) @ ({k} x {n_}) product"
-            )
+        lines += [f"  {line}" for line in step_lines(plan)]
     return "\n".join(lines)
 
 
@@ -143,7 +115,8 @@ def draw(source: Any, plan: ContractionPlan | None = None, ax: Any = None, title
                     bbox={"boxstyle": "circle,pad=0.25", "fc": "#cc0000", "ec": "none"},
                 )
         if title is None:
-            title = f"{plan.method} at batch {plan.batch_size}: {plan.flops:,} flops (red: step numbers)"
+            chosen = plan.method if plan.strategy == plan.method else f"{plan.strategy} -> {plan.method}"
+            title = f"{chosen} at batch {plan.batch_size}: {plan.flops:,} flops (red: step numbers)"
     ax.set_title(title if title is not None else str(spec), fontsize=10)
     ax.set_xlim(xs[0] - 1.0, xs[-1] + 1.0)
     ax.set_ylim(-box_h / 2 - leg - 0.6, (x_level + 0.4) if plan is not None else box_h / 2 + leg + 0.3)

@@ -32,7 +32,7 @@ from .autotune import Autotuner, default_tuner
 from .checkpoint import load
 from .contract import backward_reads, keep_within, weight_chain_elements
 from .cost import CostModel, cost_model_for
-from .decompose import DecompositionReport
+from .decompose import DecompositionReport, trivial_modes
 from .init import INITIALIZERS
 from .plan import GRADIENTS, ContractionPlan, batch_bucket, dense_cost, plan, plan_by_key, strategy_key
 from .reports import LayerReport
@@ -62,8 +62,8 @@ __all__ = [
 #: Seeds drawn for a layer lie in ``[0, SEED_LIMIT)``: a signed 32-bit int, which every framework's
 #: generator (and ``keras.utils.set_random_seed``) accepts.
 SEED_LIMIT = 2**31 - 1
-#: ``compress`` leaves layers whose larger side has fewer features dense by default.
-DEFAULT_MIN_FEATURES = 256
+#: ``compress`` leaves layers whose smaller side has fewer features dense by default (heads, tiny convs).
+DEFAULT_MIN_FEATURES = 32
 
 
 # --- arguments ---------------------------------------------------------------------------------
@@ -392,17 +392,20 @@ def compress_choice(
     exclude: str | Iterable[str] | None = None,
     min_features: int = DEFAULT_MIN_FEATURES,
 ) -> bool:
-    """Whether ``compress`` tries the layer ``name``: its larger side has at least ``min_features``,
-    its name matches one of the ``include`` glob patterns (all names if ``None``) and none of ``exclude``."""
+    """Whether ``compress`` tries the layer ``name``: its smaller side has at least ``min_features`` (a
+    classifier head of 10 outputs is left alone: an MPO of it saves little and costs accuracy), its name
+    matches one of the ``include`` glob patterns (all names if ``None``) and none of ``exclude``."""
     if (include is not None and not _matches(name, include)) or _matches(name, exclude):
         return False
-    return max(in_features, out_features) >= min_features
+    return min(in_features, out_features) >= min_features
 
 
 def no_saving(report: DecompositionReport) -> str | None:
     """Why a decomposed layer is kept dense (its MPO would not be smaller), or ``None``."""
     if report.num_params >= report.dense_params:
-        return f"no saving at ranks {report.ranks}: {report.num_params} >= {report.dense_params}"
+        reason = f"no saving at ranks {report.ranks}: {report.num_params} >= {report.dense_params}"
+        trivial = trivial_modes(report.spec.in_modes, report.spec.out_modes)
+        return reason if trivial is None else f"{reason}; {trivial}"
     return None
 
 

@@ -124,15 +124,52 @@ class ContractionPlan:
         return sum(moved for *_, moved in self.step_sizes)
 
     def describe(self) -> str:
-        """A readable table of the steps (for teaching and debugging)."""
+        """The steps in words, one per line (for teaching and debugging), then opt_einsum's equation::
+
+        auto -> dp for MPOSpec(4x7x7x4 -> ...) at batch 32: 1.02e+07 flops, largest intermediate ...
+          1. G2 * G1 over b1: (224 x 8) @ (8 x 16) product
+        """
         lines = [
             f"{self.strategy} -> {self.method} for {self.spec} at batch {self.batch_size}: "
             f"{self.flops:.3g} flops, largest intermediate {self.largest_intermediate:,} elements",
-            f"  equation {self.equation}",
+            *(f"  {line}" for line in step_lines(self)),
+            f"  (as one einsum: {self.equation}, path {list(self.path)})",
         ]
-        for k, step in enumerate(self.steps):
-            lines.append(f"  step {k}: operands {step.positions} : {step.forward.equation}")
         return "\n".join(lines)
+
+
+def contraction_steps(plan: ContractionPlan) -> list[tuple[frozenset[int], frozenset[int], list[str]]]:
+    """Per step of ``plan``: the operands merged on each side (0 is ``x``, ``k`` is core ``k``)
+    and the edges contracted between them (``"i3"`` is the input leg of core 3, ``"b2"`` the bond
+    between cores 2 and 3)."""
+    n = plan.spec.n_cores
+    groups: list[frozenset[int]] = [frozenset({k}) for k in range(n + 1)]
+    steps = []
+    for step in plan.steps:
+        i, j = step.positions
+        a = groups.pop(i)
+        b = groups.pop(j)
+        edges = [f"i{k}" for k in range(1, n + 1) if (0 in a and k in b) or (0 in b and k in a)]
+        edges += [f"b{k}" for k in range(1, n) if (k in a and k + 1 in b) or (k in b and k + 1 in a)]
+        steps.append((a, b, edges))
+        groups.append(a | b)
+    return steps
+
+
+def _group_name(group: frozenset[int]) -> str:
+    names = ["x" if k == 0 else f"G{k}" for k in sorted(group)]
+    return names[0] if len(names) == 1 else "(" + " ".join(names) + ")"
+
+
+def step_lines(plan: ContractionPlan) -> list[str]:
+    """``"1. G2 * G1 over b1: (224 x 8) @ (8 x 16) product"``: each step, what it joins, over which legs,
+    and the matrix product it amounts to."""
+    lines = []
+    for number, ((a, b, edges), sizes) in enumerate(zip(contraction_steps(plan), plan.step_sizes), start=1):
+        m, n, k, _ = sizes
+        over = ", ".join(edges) if edges else "nothing (outer product)"
+        lines.append(f"{number}. {_group_name(a)} * {_group_name(b)} over {over}: ({m} x {k}) @ ({k} x {n}) product")
+    return lines
 
 
 #: The largest bucket: from here on every candidate's cost grows linearly in the rows, so the ranking
