@@ -30,7 +30,7 @@ from tnlayers.contract import ArrayOps, dense_weight, execute
 from tnlayers.decompose import DecompositionReport, spec_from_cores
 from tnlayers.plan import ContractionPlan, Pairwise
 
-__all__ = ["MPOConv2D", "MPODense"]
+__all__ = ["MPOConv2D", "MPODense", "compress"]
 
 _BACKEND = keras.backend.backend()
 
@@ -478,3 +478,79 @@ class MPOConv2D(_MPOLayer):
             "padding": self.padding,
             "dilation_rate": list(self.dilation_rate),
         }
+
+
+def _conv_from_keras(
+    conv: Any, max_rank: int | Sequence[int] | None, tol: float | None, n_cores: int
+) -> tuple[MPOConv2D, DecompositionReport]:
+    """TT-SVD of a built ``keras.layers.Conv2D`` kernel (rows ordered channel, kernel row, kernel column)."""
+    kernel = np.asarray(ops.convert_to_numpy(conv.kernel), dtype=np.float64)  # (kh, kw, channels, filters)
+    kh, kw, channels, filters = kernel.shape
+    matrix = kernel.transpose(2, 0, 1, 3).reshape(channels * kh * kw, filters)
+    cores, report = tnlayers.from_dense(matrix, None, None, max_rank, tol, n_cores=n_cores)
+    bias = ops.convert_to_numpy(conv.bias) if conv.use_bias else None
+    layer = MPOConv2D.from_cores(
+        cores, bias, kernel_size=(kh, kw), strides=conv.strides, padding=conv.padding,
+        dilation_rate=conv.dilation_rate, activation=conv.activation, dtype=conv.dtype_policy,
+    )  # fmt: skip
+    layer.decomposition = report
+    return layer, report
+
+
+def compress(
+    model: Any,
+    rank: int | Sequence[int] | None = None,
+    tol: float | None = None,
+    min_features: int = kit.DEFAULT_MIN_FEATURES,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    n_cores: int = 4,
+) -> tuple[Any, tnlayers.reports.CompressionReport]:
+    """A copy of a built Keras model (Sequential or functional) whose ``Dense`` and ``Conv2D`` layers are MPOs.
+
+    The rules and the report are those of the PyTorch ``compress`` (:func:`tnlayers.layer.compress_choice`:
+    the smaller side has at least ``min_features``, names matched by the ``include``/``exclude`` globs;
+    TT-SVD with bond cap ``rank`` and/or relative error ``tol``; a layer that would not shrink stays dense
+    and is listed in ``skipped``). Keras models cannot swap layers in place, so a new model comes back,
+    built with ``keras.models.clone_model``: the layers left alone are shared with ``model``.
+    Returns ``(compressed_model, report)``.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"compress expects a keras.Model, got {type(model).__name__}")
+    if not model.built:
+        raise ValueError(f"compress needs a built model (call it on an input first); {model.name!r} is not built")
+    if rank is None and tol is None:
+        raise ValueError("compress needs a bond cap (rank=...) or an error tolerance (tol=...), got neither")
+    rows: list[Any] = []
+    skipped: list[tuple[str, str]] = []
+
+    def replace(layer: Any) -> Any:
+        if isinstance(layer, keras.layers.Dense) and not isinstance(layer, _MPOLayer):
+            shape = tuple(int(d) for d in layer.kernel.shape)
+        elif isinstance(layer, keras.layers.Conv2D) and type(layer) is keras.layers.Conv2D:
+            kh, kw, channels, filters = (int(d) for d in layer.kernel.shape)
+            shape = (channels * kh * kw, filters)
+            if layer.data_format != "channels_last" or layer.groups != 1:
+                skipped.append((layer.name, f"data_format={layer.data_format!r}, groups={layer.groups} not supported"))
+                return layer
+        else:
+            return layer
+        if not kit.compress_choice(layer.name, shape[0], shape[1], include, exclude, min_features):
+            return layer
+        if isinstance(layer, keras.layers.Dense):
+            mpo: Any = MPODense.from_dense(layer, max_rank=rank, tol=tol, n_cores=n_cores)
+            report = mpo.decomposition
+        else:
+            mpo, report = _conv_from_keras(layer, rank, tol, n_cores)
+        reason = kit.no_saving(report)
+        if reason is not None:
+            skipped.append((layer.name, reason))
+            return layer
+        rows.append(kit.layer_report(layer.name, type(layer).__name__, report))
+        return mpo
+
+    compressed = keras.models.clone_model(model, clone_function=replace)
+    report = tnlayers.reports.CompressionReport(
+        tuple(rows), model.count_params(), compressed.count_params(), tuple(skipped)
+    )
+    return compressed, report

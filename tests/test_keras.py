@@ -273,3 +273,38 @@ def test_a_tflite_conversion_of_the_exported_model_matches_eager(tmp_path: Path)
         interpreter.set_tensor(given["index"], x)
         interpreter.invoke()
         np.testing.assert_allclose(interpreter.get_tensor(produced["index"]), _np(model(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_compress_a_keras_model_with_low_rank_weights_keeps_its_outputs() -> None:
+    """Dense and Conv2D kernels set to exact rank-3 MPOs: ``compress(rank=3)`` reproduces the model, shares the
+    layers it leaves alone, keeps the 10-way head dense, and reports what it did."""
+    from tnlayers.backends.keras import compress
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 16)),
+            keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="conv"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(64, activation="relu", name="fc"),
+            keras.layers.Dense(10, name="head"),
+        ]
+    )
+    conv, fc = model.get_layer("conv"), model.get_layer("fc")
+    conv_cores = tnlayers.init_cores(tnlayers.MPOSpec.auto(16 * 9, 32, 4, 3), seed=1)
+    kernel = dense_reference(conv_cores).reshape(16, 3, 3, 32).transpose(1, 2, 0, 3)  # rows (channel, kh, kw)
+    fc_cores = tnlayers.init_cores(tnlayers.MPOSpec.auto(6 * 6 * 32, 64, 4, 3), seed=2)
+    conv.kernel.assign(kernel.astype("float32"))
+    fc.kernel.assign(dense_reference(fc_cores).astype("float32"))
+    x = np.random.default_rng(3).normal(size=(4, 6, 6, 16)).astype("float32")
+    compressed, report = compress(model, rank=3)
+    assert [row.name for row in report.layers] == ["conv", "fc"] and report.skipped == ()
+    assert max(row.relative_error for row in report.layers) < 1e-5
+    assert [type(layer).__name__ for layer in compressed.layers] == ["MPOConv2D", "Flatten", "MPODense", "Dense"]
+    assert compressed.layers[-1] is model.get_layer("head")  # shared, not copied
+    assert report.network_params_after == compressed.count_params() < model.count_params()
+    np.testing.assert_allclose(_np(compressed(x)), _np(model(x)), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"rank=.*tol=.*got neither"):
+        compress(model)
+    with pytest.raises(TypeError, match=r"keras\.Model, got Dense"):
+        compress(keras.layers.Dense(4), rank=2)
