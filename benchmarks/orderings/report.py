@@ -170,6 +170,9 @@ def plot(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
             if r["backend"] == backend and r["mode"] == "forward" and r["model_cost"]
         ]
         ax = axes[0][column]
+        if not points:  # a run without the forward mode has no forward costs to compare
+            ax.set_axis_off()
+            continue
         ax.scatter(*zip(*points), s=6, alpha=0.6)
         ax.set(
             xscale="log", yscale="log", title=f"{backend}: forward", xlabel="cost model (units)", ylabel="measured s"
