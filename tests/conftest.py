@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import string
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,18 @@ from tnlayers.contract import Tape, backprop, execute, get_ops
 settings.register_profile("deterministic", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test starts from the same random state: Python's, NumPy's global one, and torch's and Keras's
+    when the test session has imported them (a test's result never depends on the tests run before it)."""
+    random.seed(0)
+    np.random.seed(0)  # noqa: NPY002  (the legacy global generator some libraries still draw from)
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(0)
+    if "keras" in sys.modules:
+        sys.modules["keras"].utils.set_random_seed(0)
+
 
 MNIST_DIR = Path(os.environ.get("TNLAYERS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
 

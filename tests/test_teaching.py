@@ -153,12 +153,12 @@ def test_matplotlib_diagram(tmp_path: Path) -> None:
     assert "G3" in [t.get_text() for t in tnlayers.draw(tnlayers.init_cores(spec, seed=0)).texts]
 
 
-def test_the_tutorial_runs_top_to_bottom() -> None:
+def test_the_tutorial_runs_top_to_bottom(monkeypatch: pytest.MonkeyPatch) -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
     notebook = nbformat.read(DOCS / "tutorial.ipynb", as_version=4)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))  # undone after the test
     client = nbclient.NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(DOCS)}}
     )
