@@ -27,6 +27,7 @@ settings.register_profile("deterministic", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
+
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     """Every test starts from the same random state: Python's, NumPy's global one, and torch's and Keras's

@@ -261,14 +261,19 @@ def test_state_dict_and_checkpoint_roundtrips_are_bit_exact(tmp_path: Path) -> N
     assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), again.state_dict().values()))
 
 
-def test_torch_compile_fullgraph_matches_eager() -> None:
-    torch.manual_seed(3)
-    model = nn.Sequential(
+def _small_convnet(seed: int) -> nn.Module:
+    """An MPO convolution and an MPO linear layer, for the compiler and export tests (input (B, 2, 8, 8))."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
         MPOConv2d(2, 4, 3, (2, 3, 3), (1, 2, 2), 3, padding=1),
         nn.ReLU(),
         nn.Flatten(),
         MPOLinear((4, 8, 8), (2, 2, 2), 3),
     )
+
+
+def test_torch_compile_fullgraph_matches_eager() -> None:
+    model = _small_convnet(seed=3)
     x = torch.randn(3, 2, 8, 8)
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
@@ -285,13 +290,7 @@ def test_torch_compile_fullgraph_matches_eager() -> None:
 
 def test_torch_export_with_a_dynamic_batch_serves_batches_1_to_4096() -> None:
     """One exported program for every batch size (no guards narrowing the range), equal to eager."""
-    torch.manual_seed(5)
-    model = nn.Sequential(
-        MPOConv2d(2, 4, 3, (2, 3, 3), (1, 2, 2), 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        MPOLinear((4, 8, 8), (2, 2, 2), 3),
-    ).eval()
+    model = _small_convnet(seed=5).eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(model, (torch.randn(9, 2, 8, 8),), dynamic_shapes=({0: batch},))
     exported = program.module()
@@ -304,13 +303,7 @@ def test_torch_export_with_a_dynamic_batch_serves_batches_1_to_4096() -> None:
 def test_onnx_export_through_dynamo_with_a_dynamic_batch_runs_in_onnxruntime(tmp_path: Path) -> None:
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    torch.manual_seed(6)
-    model = nn.Sequential(
-        MPOConv2d(2, 4, 3, (2, 3, 3), (1, 2, 2), 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        MPOLinear((4, 8, 8), (2, 2, 2), 3),
-    ).eval()
+    model = _small_convnet(seed=6).eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     path = tmp_path / "model.onnx"
     torch.onnx.export(model, (torch.randn(9, 2, 8, 8),), str(path), dynamo=True, dynamic_shapes=({0: batch},))
