@@ -45,3 +45,18 @@ def test_plan_command() -> None:
 def test_plan_command_errors(args: list[str], message: str) -> None:
     result = _run(*args)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_command_line_option_has_help_text(capsys: pytest.CaptureFixture[str]) -> None:
+    from tnlayers.apps.cli import main
+
+    for command in ("demo", "basics", "plan"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        options = [line.split()[0] for line in text.splitlines() if line.startswith("  -") and "--help" not in line]
+        assert options, command
+        for line in text.splitlines():
+            if line.startswith("  --") and len(line.split()) <= 2:  # an option alone on its line: no help after it
+                continuation = text.splitlines()[text.splitlines().index(line) + 1]
+                assert continuation.startswith(" " * 10), f"{command}: {line.strip()} has no help text"

@@ -151,6 +151,9 @@ def test_matplotlib_diagram(tmp_path: Path) -> None:
     ax.figure.savefig(tmp_path / "plan.png")
     assert (tmp_path / "plan.png").stat().st_size > 1000
     assert "G3" in [t.get_text() for t in tnlayers.draw(tnlayers.init_cores(spec, seed=0)).texts]
+    chosen = tnlayers.plan(spec, 32)  # "auto": the title says what it chose
+    assert tnlayers.draw(spec, chosen).get_title().startswith(f"auto -> {chosen.method} at batch 32")
+    assert tnlayers.draw(spec, tnlayers.plan(spec, 32, "zipper")).get_title().startswith("zipper at batch 32")
 
 
 def test_the_tutorial_runs_top_to_bottom(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -166,6 +169,7 @@ def test_the_tutorial_runs_top_to_bottom(monkeypatch: pytest.MonkeyPatch) -> Non
     outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
     assert "tensornetwork's contraction equals W: True" in outputs
     assert "test accuracy after one epoch" in outputs
+    assert "data: MNIST from " in outputs or "data: no MNIST found" in outputs  # it says which data it trained on
 
 
 def test_the_rendered_tutorial_shows_the_notebook_code() -> None:
