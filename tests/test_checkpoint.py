@@ -76,7 +76,7 @@ def test_an_existing_checkpoint_survives_a_failed_save(tmp_path: Path) -> None:
     cores = tnlayers.init_cores(SPEC, seed=0)
     tnlayers.save(path, cores)
     before = path.read_bytes()
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"core 2 of layer 'mpo' must hold floating-point numbers, got dtype int32"):
         tnlayers.save(path, [*cores[:-1], np.zeros(cores[-1].shape, dtype=np.int32)])
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.safetensors"]
