@@ -177,6 +177,15 @@ def test_a_torch_layer_keeps_at_most_one_and_a_half_times_what_nn_linear_keeps(
     assert measured == pytest.approx(exact, rel=1e-3, abs=1e-3)
 
 
+def test_the_bound_starts_at_32_rows_where_small_batches_keep_little() -> None:
+    from tnlayers import layer as kit
+
+    plan = tnlayers.plan(tnlayers.MPOSpec((8, 8, 8, 8), (8, 8, 8, 8), 8), 16, "zipper")
+    needs = (False, True, True, True, True)
+    assert kit.kept_for_backward(plan, 31, needs, 1.5) is None  # autograd's backward, no recomputation
+    assert kit.kept_for_backward(plan, 32, needs, 1.5) == frozenset()  # every intermediate is 8x the input
+
+
 def test_saved_budget_none_keeps_what_autograd_keeps_and_the_default_recomputes() -> None:
     torch = pytest.importorskip("torch")
     from tnlayers.backends.torch import MPOLinear
@@ -189,9 +198,19 @@ def test_saved_budget_none_keeps_what_autograd_keeps_and_the_default_recomputes(
     assert bounded <= 1.5 * x.nbytes < 8 * x.nbytes <= unbounded  # every intermediate is 8x the input
 
 
+@pytest.fixture
+def bound_every_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apply the bound from one row up (by default it starts at 32), so small checks reach the planned backward."""
+    from tnlayers import layer as kit
+
+    monkeypatch.setattr(kit, "MIN_BOUNDED_ROWS", 1)
+
+
 @pytest.mark.parametrize("strategy", ["zipper", "greedy", "materialize"])
 @pytest.mark.parametrize("budget", [1.0, 1.5, None])
-def test_the_planned_backward_passes_gradcheck_and_gradgradcheck(strategy: str, budget: float | None) -> None:
+def test_the_planned_backward_passes_gradcheck_and_gradgradcheck(
+    strategy: str, budget: float | None, bound_every_batch: None
+) -> None:
     torch = pytest.importorskip("torch")
     from tnlayers.backends.torch import run_plan
 
@@ -208,7 +227,7 @@ def test_the_planned_backward_passes_gradcheck_and_gradgradcheck(strategy: str, 
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "materialize"])
-def test_the_planned_backward_works_under_torch_func_and_compile(strategy: str) -> None:
+def test_the_planned_backward_works_under_torch_func_and_compile(strategy: str, bound_every_batch: None) -> None:
     torch = pytest.importorskip("torch")
     from tnlayers.backends.torch import MPOLinear
     from torch.func import functional_call, grad, vmap

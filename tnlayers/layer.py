@@ -124,6 +124,9 @@ def check_init(init: Any, name: str = "init") -> str:
 #: What a layer in training keeps for its backward, at most, as a multiple of what the dense layer it
 #: replaces keeps (its input): the planned backward recomputes intermediates beyond it (issue 19).
 DEFAULT_SAVED_BUDGET = 1.5
+#: Below this many rows the bound is not applied: what a step keeps there is small in bytes (about the
+#: size of the cores), while recomputing it would double the per-call cost that dominates small batches.
+MIN_BOUNDED_ROWS = 32
 
 
 def check_saved_budget(saved_budget: Any) -> float | None:
@@ -135,14 +138,21 @@ def check_saved_budget(saved_budget: Any) -> float | None:
     return float(saved_budget)
 
 
-@functools.lru_cache(maxsize=1024)
 def kept_for_backward(
     plan: ContractionPlan, rows: int, needs: tuple[bool, ...], saved_budget: float
 ) -> frozenset[int] | None:
     """What a planned backward keeps within ``saved_budget`` times the input's bytes (see
     :func:`tnlayers.contract.keep_within`), or ``None`` when everything the backward reads fits, so
-    autograd's own backward keeps no more than the budget. A plan that builds ``W`` keeps nothing when
-    ``W`` does not fit (its other intermediates are small and quick to rebuild)."""
+    autograd's own backward keeps no more than the budget, and below :data:`MIN_BOUNDED_ROWS` rows.
+    A plan that builds ``W`` keeps nothing when ``W`` does not fit (its other intermediates are small
+    and quick to rebuild)."""
+    return None if rows < MIN_BOUNDED_ROWS else _kept_for_backward(plan, rows, needs, saved_budget)
+
+
+@functools.lru_cache(maxsize=1024)
+def _kept_for_backward(
+    plan: ContractionPlan, rows: int, needs: tuple[bool, ...], saved_budget: float
+) -> frozenset[int] | None:
     size = rows * plan.spec.in_features
     if plan.builds_weight:  # autograd keeps x (for the cores), W (for x) and dense_weight's small chain
         kept = (size if any(needs[1:]) else 0) + (plan.spec.dense_params if needs[0] else 0)
