@@ -430,15 +430,11 @@ class MPOConv2D(_MPOLayer):
         ``padding`` and the rest may follow. ``MPOConv2D.load(path, kernel_size=3)`` reads a checkpoint."""
         arrays = [np.asarray(c) for c in cores]
         spec = spec_from_cores(arrays)
-        kh, kw = kit.pair(kernel_size, "kernel_size")
-        if spec.in_features % (kh * kw):
-            raise ValueError(
-                f"the cores map {spec.in_features} inputs, not a multiple of the kernel's {kh}*{kw} positions"
-            )
+        kernel, channels = kit.conv_channels(spec, kernel_size)
         layer = cls(
-            spec.out_features, (kh, kw), spec.in_modes, spec.out_modes, spec.ranks, use_bias=bias is not None, **kwargs
+            spec.out_features, kernel, spec.in_modes, spec.out_modes, spec.ranks, use_bias=bias is not None, **kwargs
         )
-        layer.build((None, None, None, spec.in_features // (kh * kw)))
+        layer.build((None, None, None, channels))
         layer.set_numpy_weights(arrays, None if bias is None else np.asarray(bias))
         return layer
 
@@ -519,8 +515,7 @@ def compress(
         raise TypeError(f"compress expects a keras.Model, got {type(model).__name__}")
     if not model.built:
         raise ValueError(f"compress needs a built model (call it on an input first); {model.name!r} is not built")
-    if rank is None and tol is None:
-        raise ValueError("compress needs a bond cap (rank=...) or an error tolerance (tol=...), got neither")
+    kit.check_compress_budget(rank, tol)
     rows: list[Any] = []
     skipped: list[tuple[str, str]] = []
 

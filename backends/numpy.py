@@ -24,7 +24,7 @@ from tnlayers.contract import (
     backward_reads,
     execute,
     get_ops,
-    keep_within,
+    plan_operands,
     replay,
     run_keeping,
 )
@@ -35,11 +35,6 @@ __all__ = ["SGD", "Adam", "MPOLinear"]
 
 _OPS = get_ops("numpy")
 Array = NDArray[Any]
-
-
-def _operands(plan: ContractionPlan, x: Array, cores: Sequence[Array]) -> list[Array]:
-    """``x`` and the cores shaped as the plan's steps read them."""
-    return [x.reshape(-1, *plan.spec.in_modes), *(c.reshape(s) for c, s in zip(cores, plan.operand_shapes[1:]))]
 
 
 class MPOLinear(kit.MPOLayerMixin):
@@ -167,15 +162,15 @@ class MPOLinear(kit.MPOLayerMixin):
         gradients = "all" if self.training else "none"  # backward returns the input's gradient too
         key = kit.tune_key("numpy", "cpu", str(self.dtype), gradients) if self.planner.autotunes else ()
         timer = self._timer(x, gradients) if self.planner.autotunes else None
-        plan = self.planner.plan(int(np.prod(x.shape[:-1])), gradients, key, timer)
+        rows = int(np.prod(x.shape[:-1]))
+        plan = self.planner.plan(rows, gradients, key, timer)
         if not self.training:
             return execute(plan, x, self.cores, self.bias, _OPS)  # type: ignore[no-any-return]
-        rows = int(np.prod(x.shape[:-1]))
         needs = (True, *(k not in self.frozen_cores for k in range(self.spec.n_cores)))  # x's gradient: always
         keep = None if self.saved_budget is None else kit.kept_for_backward(plan, rows, needs, self.saved_budget)
         if keep is None:  # everything the backward reads
-            keep = keep_within(plan, rows, needs, None)
-        y2d, kept = run_keeping(plan.steps, _operands(plan, x, self.cores), _OPS, keep)
+            keep = kit.backward_intermediates(plan, needs)
+        y2d, kept = run_keeping(plan.steps, plan_operands(plan, x, self.cores, _OPS), _OPS, keep)
         self._saved = (plan, x, dict(zip(sorted(keep), kept)), needs)
         y: Array = y2d.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
@@ -215,7 +210,8 @@ class MPOLinear(kit.MPOLayerMixin):
         grad = np.asarray(grad_out, dtype=self.dtype).reshape(-1, *self.spec.out_modes)
         n_operands = self.spec.n_cores + 1
         reads = backward_reads(plan.steps, n_operands, needs)
-        tape = replay(plan.steps, _operands(plan, x, self.cores), _OPS, kept, reads)  # rebuilds what was not kept
+        operands = plan_operands(plan, x, self.cores, _OPS)
+        tape = replay(plan.steps, operands, _OPS, kept, reads)  # rebuilds what forward did not keep
         grads = backprop(plan.steps, tape, grad, _OPS, n_operands, needs)
         self.core_grads = [None if g is None else g.reshape(c.shape) for g, c in zip(grads[1:], self.cores)]
         if self.bias is not None:

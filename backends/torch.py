@@ -32,6 +32,7 @@ from tnlayers.contract import (
     dense_weight_backward,
     execute,
     get_ops,
+    plan_operands,
     replay,
     run_keeping,
 )
@@ -108,7 +109,7 @@ class _PlannedContraction(torch.autograd.Function):
     def forward(x: torch.Tensor, plan: ContractionPlan, keep: frozenset[int], *cores: torch.Tensor) -> Any:
         if plan.builds_weight and not keep:  # W, then one product; the backward builds W again
             return (execute(plan, x, cores, None, _OPS),)
-        y, kept = run_keeping(plan.steps, _step_operands(plan, x, cores), _OPS, keep)
+        y, kept = run_keeping(plan.steps, plan_operands(plan, x, cores, _OPS), _OPS, keep)
         return (y.reshape(x.shape[0], plan.spec.out_features), *kept)
 
     @staticmethod
@@ -132,7 +133,7 @@ class _PlannedContraction(torch.autograd.Function):
         if plan.builds_weight and not ctx.keep:
             return _weight_backward(x, cores, grad, needs)
         kept = {} if torch.is_grad_enabled() else dict(zip(ctx.keep, rest[n:]))  # double backward: recompute
-        operands = _step_operands(plan, x, cores)
+        operands = plan_operands(plan, x, cores, _OPS)
         reads = backward_reads(plan.steps, n + 1, needs)
         tape = replay(plan.steps, operands, _OPS, kept, reads)
         grads = backprop(plan.steps, tape, grad.reshape(-1, *plan.spec.out_modes), _OPS, n + 1, needs)
@@ -153,10 +154,6 @@ def _weight_backward(
         found = dense_weight_backward(cores, x.reshape(-1, weight.shape[0]).T @ g, _OPS)
         grad_cores = [g_core if need else None for g_core, need in zip(found, needs[1:])]
     return (grad_x, None, None, *grad_cores)
-
-
-def _step_operands(plan: ContractionPlan, x: torch.Tensor, cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return [x.reshape(-1, *plan.spec.in_modes)] + [c.reshape(s) for c, s in zip(cores, plan.operand_shapes[1:])]
 
 
 def run_plan(
@@ -522,14 +519,10 @@ class MPOConv2d(_MPOModule):
         kernel_size=3, padding=1)`` reads a checkpoint."""
         arrays = [np.asarray(c.detach().cpu() if isinstance(c, torch.Tensor) else c) for c in cores]
         spec = tnlayers.decompose.spec_from_cores(arrays)
-        kh, kw = kit.pair(kernel_size, "kernel_size")
-        if spec.in_features % (kh * kw):
-            raise ValueError(
-                f"the cores map {spec.in_features} inputs, not a multiple of the kernel's {kh}*{kw} positions"
-            )
+        kernel, channels = kit.conv_channels(spec, kernel_size)
         dtype = getattr(torch, str(arrays[0].dtype))
         layer = cls(
-            spec.in_features // (kh * kw), spec.out_features, (kh, kw), spec.in_modes, spec.out_modes, spec.ranks,
+            channels, spec.out_features, kernel, spec.in_modes, spec.out_modes, spec.ranks,
             bias=bias is not None, dtype=dtype, seed=0, **kwargs,
         )  # fmt: skip
         layer._load_cores(arrays, None if bias is None else np.asarray(torch.as_tensor(bias).detach().cpu()))
@@ -612,8 +605,7 @@ def compress(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
-    if rank is None and tol is None:
-        raise ValueError("compress needs a bond cap (rank=...) or an error tolerance (tol=...), got neither")
+    kit.check_compress_budget(rank, tol)
     params_before = sum(p.numel() for p in model.parameters())
     aliases: dict[int, list[str]] = {}  # a module reachable under several names is replaced at all of them
     weight_users: dict[int, set[int]] = {}  # a weight shared by several modules is tied: left alone

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
-from .decompose import spec_from_cores
+from .decompose import _host_array, spec_from_cores
 from .spec import MPOSpec
 
 __all__ = ["MPOWeights", "load", "load_layers", "save", "save_layers"]
@@ -41,12 +41,8 @@ class MPOWeights(NamedTuple):
 
 def _to_numpy(value: Any, what: str) -> NDArray[Any]:
     """``value`` as a contiguous NumPy float array; bfloat16 (torch, TF, JAX) is widened to float32, exactly."""
-    if hasattr(value, "detach"):  # torch tensors: leave autograd and the device
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":
-            value = value.float()
     try:
-        array = np.asarray(value)
+        array = np.asarray(_host_array(value))  # torch tensors leave autograd, the device and bfloat16
     except Exception as err:
         raise TypeError(f"{what} must be array-like, got {type(value).__name__}: {err}") from None
     if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16 (TF and JAX arrays): safetensors.numpy cannot write it

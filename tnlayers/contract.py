@@ -30,8 +30,8 @@ __all__ = [
     "replay",
     "run_keeping",
     "run_steps",
+    "plan_operands",
     "step_ids",
-    "weight_chain_elements",
 ]
 
 
@@ -146,19 +146,29 @@ Tape = list[tuple[tuple[int, int], int, Any, Any]]
 
 def run_steps(steps: Sequence[PlanStep], operands: Sequence[Any], ops: ArrayOps, tape: Tape | None = None) -> Any:
     """Run a plan's pairwise steps on ``operands``; record the inputs of each step on ``tape`` if given."""
-    arrays = list(operands)
-    ids = list(range(len(arrays)))
-    next_id = len(arrays)
-    for step in steps:
-        i, j = step.positions
-        a, id_a = arrays.pop(i), ids.pop(i)
-        b, id_b = arrays.pop(j), ids.pop(j)
-        arrays.append(ops.pairwise(step.forward, a, b))
-        ids.append(next_id)
+    return _run(steps, operands, ops, tape, frozenset())[0]
+
+
+def _run(
+    steps: Sequence[PlanStep], operands: Sequence[Any], ops: ArrayOps, tape: Tape | None, keep: frozenset[int]
+) -> tuple[Any, dict[int, Any]]:
+    """The one forward loop: the result, and the step outputs whose ids (see :func:`step_ids`) are in ``keep``."""
+    arrays, kept = dict(enumerate(operands)), {}
+    for step, (id_a, id_b, id_out) in zip(steps, step_ids(steps, len(operands))):
+        a, b = arrays.pop(id_a), arrays.pop(id_b)
+        arrays[id_out] = ops.pairwise(step.forward, a, b)
         if tape is not None:
-            tape.append(((id_a, id_b), next_id, a, b))
-        next_id += 1
-    return arrays[0]
+            tape.append(((id_a, id_b), id_out, a, b))
+        if id_out in keep:
+            kept[id_out] = arrays[id_out]
+    (result,) = arrays.values()
+    return result, kept
+
+
+def plan_operands(plan_: ContractionPlan, x: Any, cores: Sequence[Any], ops: ArrayOps) -> list[Any]:
+    """``x`` as ``(rows, *in_modes)`` and the cores with their outer bonds squeezed: what the steps read."""
+    operands = [ops.reshape(x, (-1, *plan_.spec.in_modes))]
+    return operands + [ops.reshape(core, shape) for core, shape in zip(cores, plan_.operand_shapes[1:])]
 
 
 def backprop(
@@ -299,17 +309,8 @@ def run_keeping(
     steps: Sequence[PlanStep], operands: Sequence[Any], ops: ArrayOps, keep: frozenset[int]
 ) -> tuple[Any, list[Any]]:
     """Run the steps; return the result and the intermediates whose ids are in ``keep`` (in id order)."""
-    arrays, ids, kept = list(operands), list(range(len(operands))), {}
-    for k, step in enumerate(steps):
-        i, j = step.positions
-        a, b = arrays.pop(i), arrays.pop(j)
-        ids.pop(i)
-        ids.pop(j)
-        arrays.append(ops.pairwise(step.forward, a, b))
-        ids.append(len(operands) + k)
-        if ids[-1] in keep:
-            kept[ids[-1]] = arrays[-1]
-    return arrays[0], [kept[k] for k in sorted(kept)]
+    result, kept = _run(steps, operands, ops, None, keep)
+    return result, [kept[k] for k in sorted(kept)]
 
 
 class Absent(NamedTuple):
@@ -356,8 +357,7 @@ def execute(
         y2d = ops.pairwise(_MATMUL, ops.reshape(x, (-1, spec.in_features)), dense_weight(cores, ops))
         y = ops.restore_leading(y2d, x, spec.out_features)
         return y if bias is None else y + bias
-    operands = [ops.reshape(x, (-1, *spec.in_modes))]
-    operands += [ops.reshape(core, shape) for core, shape in zip(cores, plan_.operand_shapes[1:])]
+    operands = plan_operands(plan_, x, cores, ops)
     y = ops.restore_leading(run_steps(plan_.steps, operands, ops, tape), x, spec.out_features)
     return y if bias is None else y + bias
 
@@ -464,21 +464,6 @@ def dense_weight_backward(cores: Sequence[Any], grad: Any, ops: ArrayOps) -> lis
     return _chain_backward(cores[:k], shapes[:k], grad_left, ops) + _chain_backward(
         cores[k:], shapes[k:], grad_right, ops
     )
-
-
-def weight_chain_elements(shapes: Sequence[tuple[int, ...]]) -> int:
-    """Elements :func:`dense_weight` keeps for its backward under autograd, bounded from above: each half's
-    chain of products twice (a product and the reshaped copy of it the next one reads), ``W`` excluded."""
-    if len(shapes) == 1:
-        return 0
-    k = weight_split(shapes)
-    total = 0
-    for half in (shapes[:k], shapes[k:][::-1]):
-        modes = 1
-        for shape in half:
-            modes *= shape[1] * shape[2]
-            total += modes * max(shape[0], shape[3])
-    return 2 * total
 
 
 def _leading_size(x: Any) -> int | None:

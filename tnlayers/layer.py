@@ -30,11 +30,20 @@ from typing import Any
 
 from .autotune import Autotuner, default_tuner
 from .checkpoint import load
-from .contract import backward_reads, keep_within, weight_chain_elements
+from .contract import backward_reads, keep_within
 from .cost import CostModel, cost_model_for
 from .decompose import DecompositionReport, trivial_modes
 from .init import INITIALIZERS
-from .plan import GRADIENTS, ContractionPlan, batch_bucket, dense_cost, plan, plan_by_key, strategy_key
+from .plan import (
+    GRADIENTS,
+    ContractionPlan,
+    batch_bucket,
+    dense_cost,
+    plan,
+    plan_by_key,
+    strategy_key,
+    weight_step_sizes,
+)
 from .reports import LayerReport
 from .spec import MPOSpec, RankClippedWarning, _as_positive_int, factorize_balanced
 
@@ -150,19 +159,24 @@ def kept_for_backward(
 
 
 @functools.lru_cache(maxsize=1024)
+def backward_intermediates(plan: ContractionPlan, needs: tuple[bool, ...]) -> frozenset[int]:
+    """The step outputs a backward asking for ``needs`` reads: what an unbounded forward keeps."""
+    n_operands = len(plan.operand_shapes)
+    return frozenset(k for k in backward_reads(plan.steps, n_operands, needs) if k >= n_operands)
+
+
+@functools.lru_cache(maxsize=1024)
 def _kept_for_backward(
     plan: ContractionPlan, rows: int, needs: tuple[bool, ...], saved_budget: float
 ) -> frozenset[int] | None:
     size = rows * plan.spec.in_features
-    if plan.builds_weight:  # autograd keeps x (for the cores), W (for x) and dense_weight's small chain
-        kept = (size if any(needs[1:]) else 0) + (plan.spec.dense_params if needs[0] else 0)
-        kept += weight_chain_elements(plan.spec.core_shapes) if any(needs[1:]) else 0
+    if plan.builds_weight:  # autograd keeps x (for the cores), W (for x), and the inputs of W's products
+        chain = sum(m * k + k * n for m, n, k, _ in weight_step_sizes(plan.spec))
+        kept = (size + chain if any(needs[1:]) else 0) + (plan.spec.dense_params if needs[0] else 0)
         return None if kept <= saved_budget * size else frozenset()
-    n_operands = len(plan.operand_shapes)
-    reads = backward_reads(plan.steps, n_operands, needs)
-    budget = max(int(saved_budget * size) - (size if 0 in reads else 0), 0)
-    keep = keep_within(plan, rows, needs, budget)
-    return None if keep == {k for k in reads if k >= n_operands} else keep
+    reads_x = 0 in backward_reads(plan.steps, len(plan.operand_shapes), needs)
+    keep = keep_within(plan, rows, needs, max(int(saved_budget * size) - (size if reads_x else 0), 0))
+    return None if keep == backward_intermediates(plan, needs) else keep
 
 
 def check_input(shape: Sequence[Any], in_features: int, what: str) -> None:
@@ -209,6 +223,14 @@ def describe(spec: MPOSpec, has_bias: bool) -> str:
         f"ranks={spec.ranks}, params={spec.num_params:,} of {spec.dense_params:,} "
         f"(compression {1 / spec.compression_ratio:.1f}x), bias={has_bias}"
     )
+
+
+def conv_channels(spec: MPOSpec, kernel_size: Any) -> tuple[tuple[int, int], int]:
+    """``((kh, kw), channels)`` of a convolution whose kernel matrix ``(channels*kh*kw, filters)`` is ``spec``."""
+    kh, kw = pair(kernel_size, "kernel_size")
+    if spec.in_features % (kh * kw):
+        raise ValueError(f"the cores map {spec.in_features} inputs, not a multiple of the kernel's {kh}*{kw} positions")
+    return (kh, kw), spec.in_features // (kh * kw)
 
 
 # --- planning ----------------------------------------------------------------------------------
@@ -392,6 +414,12 @@ def _matches(name: str, patterns: str | Iterable[str] | None) -> bool:
     if isinstance(patterns, str):
         patterns = [patterns]
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def check_compress_budget(rank: Any, tol: Any) -> None:
+    """``compress`` needs a bond cap or an error tolerance (each checked by :func:`tnlayers.from_dense`)."""
+    if rank is None and tol is None:
+        raise ValueError("compress needs a bond cap (rank=...) or an error tolerance (tol=...), got neither")
 
 
 def compress_choice(
