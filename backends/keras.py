@@ -14,7 +14,9 @@ TensorFlow) or ``keras.ops.einsum`` calls.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -26,9 +28,17 @@ from keras import ops
 
 import tnlayers
 from tnlayers import layer as kit
-from tnlayers.contract import ArrayOps, dense_weight, execute
+from tnlayers.contract import (
+    ArrayOps,
+    dense_weight,
+    execute,
+    plan_operands,
+    planned_backward,
+    run_keeping,
+    run_steps,
+)
 from tnlayers.decompose import DecompositionReport, spec_from_cores
-from tnlayers.plan import ContractionPlan, Pairwise
+from tnlayers.plan import DEFAULT_BATCH, ContractionPlan, Pairwise
 
 __all__ = ["MPOConv2D", "MPODense", "compress"]
 
@@ -140,6 +150,103 @@ def _gradients_of(loss: Callable[..., Any], x: Any, values: Sequence[Any]) -> li
     return [leaf.grad for leaf in leaves]
 
 
+def _tape_may_record() -> bool:
+    """Whether a TensorFlow tape may record the backward now (a gradient of a gradient); ``True`` if unknown."""
+    try:
+        from tensorflow.python.eager import record
+
+        return bool(record.could_possibly_record())
+    except (ImportError, AttributeError):  # the private module moved: recompute, right for any order
+        return True
+
+
+def _bounded_tensorflow(
+    plan: ContractionPlan,
+    x: Any,
+    cores: Sequence[Any],
+    bias: Any,
+    needs: tuple[bool, ...],
+    keep: frozenset[int] | None,
+) -> Any:
+    """``x @ W + bias`` (``x`` of shape ``(..., in_features)``) whose backward is the core's planned backward.
+
+    The forward runs on ``tf.stop_gradient`` copies of the inputs, so no tape holds its intermediates,
+    and keeps only ``keep`` (``None``: all the backward reads, ``W`` for a plan that builds it). The
+    backward recomputes the rest from ``x`` and the cores; under an outer tape (a second derivative) it
+    recomputes everything, so the gradients' own graph reaches ``x`` and the cores. The bias is added
+    inside: a tape keeps a custom gradient's output, which is so the layer's output, not one more array.
+    """
+    import tensorflow as tf
+
+    weight_only = plan.builds_weight and keep is not None and not keep
+    if keep is None:
+        keep = kit.backward_intermediates(plan, needs)
+
+    @tf.custom_gradient  # type: ignore[untyped-decorator]
+    def run(x: Any, *weights: Any) -> Any:
+        cores = weights[: plan.spec.n_cores]
+        x_held = ops.reshape(tf.stop_gradient(x), (-1, plan.spec.in_features))
+        cores_held = [tf.stop_gradient(core) for core in cores]
+        weight = None
+        if plan.builds_weight:
+            weight = dense_weight(cores_held, _OPS)
+            y, kept = ops.matmul(x_held, weight), {}
+            if weight_only:
+                weight = None  # not held by the backward's closure: built again there
+        else:
+            y, values = run_keeping(plan.steps, plan_operands(plan, x_held, cores_held, _OPS), _OPS, keep)
+            kept = dict(zip(sorted(keep), values))
+
+        def backward(grad: Any) -> list[Any]:
+            again = _tape_may_record()
+            held = None if again else weight
+            rows, grad = ops.reshape(x, (-1, plan.spec.in_features)), ops.reshape(grad, (-1, plan.spec.out_features))
+            kept_now = None if plan.builds_weight else {} if again else kept
+            grad_x, *grads = planned_backward(plan, rows, cores, grad, _OPS, needs, kept_now, held)
+            grad_x = tf.reshape(grad_x, tf.shape(x))  # the input's shape, so the tape holds no reshape
+            grad_bias = [] if bias is None else [ops.sum(grad, axis=0)]
+            return [grad_x, *(ops.zeros_like(c) if g is None else g for g, c in zip(grads, cores)), *grad_bias]
+
+        y = _restore_leading(y, x, plan.spec.out_features)
+        return (y if bias is None else y + tf.stop_gradient(weights[-1])), backward
+
+    weights = [tf.convert_to_tensor(w) for w in (*cores, *([] if bias is None else [bias]))]  # read here: no variables
+    return run(x, *weights)
+
+
+def _bounded_jax(
+    plan: ContractionPlan, x: Any, cores: Sequence[Any], needs: tuple[bool, ...], keep: frozenset[int] | None
+) -> Any:
+    """``x @ W`` (``x`` of shape ``(..., in_features)``) under ``jax.checkpoint``, whose policy saves only
+    ``keep`` (``None``: all the backward reads, ``W`` for a plan that builds it) besides the inputs."""
+    import jax
+    from jax.ad_checkpoint import checkpoint_name
+
+    n_operands = plan.spec.n_cores + 1
+    if plan.builds_weight:
+        saved = ["tnlayers_weight"] if keep is None else []
+
+        def forward(x: Any, *cores: Any) -> Any:
+            weight = checkpoint_name(dense_weight(cores, _OPS), "tnlayers_weight")  # type: ignore[no-untyped-call]
+            return ops.matmul(x, weight)
+
+    else:
+        saved = [f"tnlayers_{k}" for k in sorted(kit.backward_intermediates(plan, needs) if keep is None else keep)]
+
+        def forward(x: Any, *cores: Any) -> Any:
+            ids = itertools.count(n_operands)  # step k's output has id n_operands + k (contract.step_ids)
+
+            def named(step: Pairwise, a: Any, b: Any) -> Any:
+                return checkpoint_name(_OPS.pairwise(step, a, b), f"tnlayers_{next(ids)}")  # type: ignore[no-untyped-call]
+
+            steps_ops = dataclasses.replace(_OPS, pairwise=named)
+            y = run_steps(plan.steps, plan_operands(plan, x, cores, steps_ops), steps_ops)
+            return _restore_leading(y, x, plan.spec.out_features)
+
+    policy = jax.checkpoint_policies.save_only_these_names(*saved)
+    return jax.checkpoint(forward, policy=policy)(x, *cores)
+
+
 class _MPOLayer(kit.MPOLayerMixin, keras.layers.Layer):  # type: ignore[misc]
     """Shared by the dense and conv layers: weights, config, init, planning and the portable checkpoint."""
 
@@ -198,6 +305,26 @@ class _MPOLayer(kit.MPOLayerMixin, keras.layers.Layer):  # type: ignore[misc]
         timer = _timer(x, cores, gradients) if _concrete(x) else None
         return planner.plan(rows, gradients, key, timer)
 
+    def _contract(self, plan: ContractionPlan, x: Any, rows: int | None, training: bool | None) -> Any:
+        """``x @ W + bias`` by ``plan``. In training, what is kept for the backward stays within
+        ``saved_budget`` times the bytes of ``x``: the core's planned backward recomputes the rest (from
+        :data:`tnlayers.layer.MIN_BOUNDED_ROWS` rows; an unknown batch is bounded as the default bucket)."""
+        cores, bias, budget = list(self.cores), self.bias, self.saved_budget
+        bounded_rows = DEFAULT_BATCH if rows is None else rows
+        if not training or budget is None or bounded_rows < kit.MIN_BOUNDED_ROWS:
+            return execute(plan, x, cores, bias, _OPS)
+        values = [ops.convert_to_tensor(core) for core in cores]  # a Keras autocast scope casts them here
+        if _BACKEND == "torch":  # torch's own planned backward (autograd.Function)
+            from tnlayers.backends.torch import run_plan
+
+            return run_plan(plan, x, values, bias, budget)
+        needs = (True, *(self.trainable and bool(core.trainable) for core in cores))  # x's: not known here
+        keep = kit.kept_for_backward(plan, bounded_rows, needs, budget)
+        if _BACKEND == "tensorflow":
+            return _bounded_tensorflow(plan, x, values, bias, needs, keep)
+        y = _bounded_jax(plan, x, values, needs, keep)
+        return y if bias is None else y + bias
+
     def _finish(self, y: Any) -> Any:
         return y if self.activation is None else self.activation(y)
 
@@ -253,6 +380,7 @@ class _MPOLayer(kit.MPOLayerMixin, keras.layers.Layer):  # type: ignore[misc]
             kernel_init=self.kernel_init,
             strategy=self._strategy_config(),
             seed=self.seed,
+            saved_budget=self.saved_budget,
         )
         return config
 
@@ -294,6 +422,7 @@ class MPODense(_MPOLayer):
         kernel_init: str = "glorot",
         strategy: Any = "auto",
         seed: int | None = None,
+        saved_budget: float | None = kit.DEFAULT_SAVED_BUDGET,
         **kwargs: Any,
     ) -> None:
         if isinstance(in_modes, int) and not isinstance(in_modes, bool):  # MPODense(256): Dense's units first
@@ -302,6 +431,7 @@ class MPODense(_MPOLayer):
             units, in_modes = in_modes, None
         modes = cast(Sequence[int] | None, in_modes)
         super().__init__(modes, out_modes, rank, n_cores, use_bias, activation, kernel_init, strategy, seed, **kwargs)
+        self.saved_budget = saved_budget
         if units is None and self.out_modes is None:
             raise ValueError("MPODense needs units or out_modes, got neither")
         if units is not None and (not isinstance(units, int) or isinstance(units, bool) or units < 1):
@@ -317,8 +447,9 @@ class MPODense(_MPOLayer):
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         kit.check_input(tuple(inputs.shape), self.built_spec.in_features, "MPODense")
-        plan = self._plan(inputs, _static_rows(inputs.shape[:-1]), training)
-        return self._finish(execute(plan, inputs, list(self.cores), self.bias, _OPS))
+        rows = _static_rows(inputs.shape[:-1])
+        plan = self._plan(inputs, rows, training)
+        return self._finish(self._contract(plan, inputs, rows, training))
 
     def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
         return (*input_shape[:-1], self.units)
@@ -387,11 +518,13 @@ class MPOConv2D(_MPOLayer):
         kernel_init: str = "glorot",
         strategy: Any = "auto",
         seed: int | None = None,
+        saved_budget: float | None = kit.DEFAULT_SAVED_BUDGET,
         **kwargs: Any,
     ) -> None:
         super().__init__(
             in_modes, out_modes, rank, n_cores, use_bias, activation, kernel_init, strategy, seed, **kwargs
         )
+        self.saved_budget = saved_budget
         if not isinstance(filters, int) or isinstance(filters, bool) or filters < 1:
             raise ValueError(f"filters must be a positive int, got {filters!r}")
         self.filters = filters
@@ -451,7 +584,8 @@ class MPOConv2D(_MPOLayer):
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         _, height, width, _ = self.compute_output_shape(tuple(inputs.shape))
         spec = self.built_spec
-        plan, build_kernel = self._built_planner.conv_route(_static_rows((inputs.shape[0], height, width)))
+        rows = _static_rows((inputs.shape[0], height, width))
+        plan, build_kernel = self._built_planner.conv_route(rows)
         if build_kernel:
             y = ops.conv(inputs, self.kernel(), self.strides, self.padding, dilation_rate=self.dilation_rate)
             return self._finish(y if self.bias is None else y + self.bias)
@@ -463,7 +597,7 @@ class MPOConv2D(_MPOLayer):
         # patches come as (kh, kw, channels); the MPO's rows are (channels, kh, kw)
         patches = ops.reshape(patches, (*shape, kh, kw, self.channels))
         patches = ops.reshape(ops.transpose(patches, (0, 1, 2, 5, 3, 4)), (*shape, spec.in_features))
-        return self._finish(execute(plan, patches, list(self.cores), self.bias, _OPS))
+        return self._finish(self._contract(plan, patches, rows, training))
 
     def get_config(self) -> dict[str, Any]:
         return {

@@ -21,11 +21,10 @@ from tnlayers import layer as kit
 from tnlayers.contract import (
     Tape,
     backprop,
-    backward_reads,
     execute,
     get_ops,
     plan_operands,
-    replay,
+    planned_backward,
     run_keeping,
 )
 from tnlayers.decompose import DecompositionReport, spec_from_cores
@@ -66,16 +65,6 @@ class MPOLinear(kit.MPOLayerMixin):
         cores = tnlayers.init_cores(spec, kit.check_init(init), seed, dtype)
         self._setup(cores, np.zeros(spec.out_features, dtype=cores[0].dtype) if bias else None, strategy)
         self.saved_budget = saved_budget
-
-    @property
-    def saved_budget(self) -> float | None:
-        """At most this many times the input's bytes are kept from ``forward`` for ``backward`` (a dense
-        layer keeps the input: 1.0); the other intermediates are recomputed in ``backward``. ``None``: keep all."""
-        return self._saved_budget
-
-    @saved_budget.setter
-    def saved_budget(self, value: float | None) -> None:
-        self._saved_budget = kit.check_saved_budget(value)
 
     def _setup(self, cores: Sequence[Array], bias: Array | None, strategy: Any) -> None:
         self.spec = spec_from_cores(cores)
@@ -207,13 +196,10 @@ class MPOLinear(kit.MPOLayerMixin):
             raise ValueError(
                 f"grad_out must be an array of shape {expected}, got {getattr(grad_out, 'shape', grad_out)}"
             )
-        grad = np.asarray(grad_out, dtype=self.dtype).reshape(-1, *self.spec.out_modes)
-        n_operands = self.spec.n_cores + 1
-        reads = backward_reads(plan.steps, n_operands, needs)
-        operands = plan_operands(plan, x, self.cores, _OPS)
-        tape = replay(plan.steps, operands, _OPS, kept, reads)  # rebuilds what forward did not keep
-        grads = backprop(plan.steps, tape, grad, _OPS, n_operands, needs)
-        self.core_grads = [None if g is None else g.reshape(c.shape) for g, c in zip(grads[1:], self.cores)]
+        grad = np.asarray(grad_out, dtype=self.dtype).reshape(-1, self.out_features)
+        rows = x.reshape(-1, self.in_features)
+        grads = planned_backward(plan, rows, self.cores, grad, _OPS, needs, kept)  # recomputes what was not kept
+        self.core_grads = grads[1:]
         if self.bias is not None:
             self.bias_grad = grad_out.reshape(-1, self.out_features).sum(axis=0)
         self._saved = None

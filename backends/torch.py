@@ -26,14 +26,11 @@ from torch import nn
 import tnlayers
 from tnlayers import layer as kit
 from tnlayers.contract import (
-    backprop,
-    backward_reads,
     dense_weight,
-    dense_weight_backward,
     execute,
     get_ops,
     plan_operands,
-    replay,
+    planned_backward,
     run_keeping,
 )
 from tnlayers.plan import ContractionPlan, batch_bucket
@@ -130,30 +127,10 @@ class _PlannedContraction(torch.autograd.Function):
             return nothing
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
         cores = rest[:n]
-        if plan.builds_weight and not ctx.keep:
-            return _weight_backward(x, cores, grad, needs)
         kept = {} if torch.is_grad_enabled() else dict(zip(ctx.keep, rest[n:]))  # double backward: recompute
-        operands = plan_operands(plan, x, cores, _OPS)
-        reads = backward_reads(plan.steps, n + 1, needs)
-        tape = replay(plan.steps, operands, _OPS, kept, reads)
-        grads = backprop(plan.steps, tape, grad.reshape(-1, *plan.spec.out_modes), _OPS, n + 1, needs)
-        shaped = [None if g is None else g.reshape(t.shape) for g, t in zip(grads, (x, *cores))]
-        return (shaped[0], None, None, *shaped[1:])
-
-
-def _weight_backward(
-    x: torch.Tensor, cores: Sequence[torch.Tensor], grad: torch.Tensor, needs: Sequence[bool]
-) -> tuple[torch.Tensor | None, ...]:
-    """The backward of ``y = x @ W`` with ``W`` built again from the cores (the forward kept only ``x``):
-    ``dx = g Wᵀ``, ``dW = xᵀ g``, then the cores' gradients by :func:`dense_weight_backward`."""
-    weight = dense_weight(cores, _OPS)
-    g = grad.reshape(-1, weight.shape[1])
-    grad_x = g @ weight.T if needs[0] else None
-    grad_cores: list[torch.Tensor | None] = [None] * len(cores)
-    if any(needs[1:]):
-        found = dense_weight_backward(cores, x.reshape(-1, weight.shape[0]).T @ g, _OPS)
-        grad_cores = [g_core if need else None for g_core, need in zip(found, needs[1:])]
-    return (grad_x, None, None, *grad_cores)
+        weight_only = plan.builds_weight and not ctx.keep  # the forward kept nothing: W is built again
+        grads = planned_backward(plan, x, cores, grad, _OPS, needs, None if weight_only else kept)
+        return (grads[0], None, None, *grads[1:])
 
 
 def run_plan(
@@ -227,16 +204,6 @@ class _MPOModule(kit.MPOLayerMixin, nn.Module):
         self._cached_weight: tuple[tuple[Any, ...], list[torch.Tensor], torch.Tensor] | None = None
         self.saved_budget = saved_budget
         self.reset_parameters(seed)
-
-    @property
-    def saved_budget(self) -> float | None:
-        """At most this many times the input's bytes are kept for the backward in training (the dense layer
-        keeps the input: 1.0); the planned backward recomputes the other intermediates. ``None``: keep all."""
-        return self._saved_budget
-
-    @saved_budget.setter
-    def saved_budget(self, value: float | None) -> None:
-        self._saved_budget = kit.check_saved_budget(value)
 
     @property
     def strategy(self) -> Any:

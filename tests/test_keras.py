@@ -23,6 +23,8 @@ import tnlayers
 keras = pytest.importorskip("keras", reason="keras is not installed")
 from tnlayers.backends.keras import MPOConv2D, MPODense  # noqa: E402
 
+from benchmarks.training_memory import kept_bytes  # noqa: E402
+
 pytestmark = pytest.mark.filterwarnings("ignore::tnlayers.RankClippedWarning", "ignore::DeprecationWarning")
 ROOT = Path(__file__).resolve().parents[1]
 BACKEND = keras.backend.backend()
@@ -308,3 +310,95 @@ def test_compress_a_keras_model_with_low_rank_weights_keeps_its_outputs() -> Non
         compress(model)
     with pytest.raises(TypeError, match=r"keras\.Model, got Dense"):
         compress(keras.layers.Dense(4), rank=2)
+
+
+# Training memory (issue 19): what each Keras backend keeps for the backward, by that backend's own count
+# (benchmarks.training_memory.kept_bytes: TensorFlow's allocator, JAX's vjp residuals, torch's saved-tensor hooks).
+KERAS_MEMORY_CASES = [  # inputs of 2 MB and more: TensorFlow's allocator counts small tensors in 1 MB regions
+    ((4, 7, 7, 4), (4, 4, 4, 4), 16, 1024),
+    ((8, 8, 8, 8), (8, 8, 8, 8), 8, 256),
+    ((6, 6, 6, 6), (6, 6, 6, 6), 12, 512),
+    ((2,) * 10, (2,) * 10, 16, 512),
+]
+
+
+@pytest.mark.parametrize("strategy", ["dp", "materialize", "auto"])
+@pytest.mark.parametrize(("in_modes", "out_modes", "rank", "batch"), KERAS_MEMORY_CASES, ids=str)
+def test_training_keeps_at_most_one_and_a_half_times_what_dense_keeps(
+    in_modes: Any, out_modes: Any, rank: int, batch: int, strategy: str
+) -> None:
+    x = np.random.default_rng(0).normal(size=(batch, int(np.prod(in_modes)))).astype("float32")
+    dense = keras.layers.Dense(int(np.prod(out_modes)))
+    bounded = MPODense(in_modes, out_modes, rank, strategy=strategy)
+    unbounded = MPODense(in_modes, out_modes, rank, strategy=strategy, saved_budget=None)
+    for layer in (dense, bounded, unbounded):
+        layer(x[:2])
+        kept_bytes(layer, x)  # warm: plans and the allocator's first chunks
+    dense_bytes = kept_bytes(dense, x)
+    assert dense_bytes >= x.nbytes  # the dense layer keeps its input: the count sees what is kept
+    # TensorFlow's allocator counts the chunks it hands out, which round a tensor up (a few percent here);
+    # JAX's residuals and torch's saved tensors are counted in exact bytes
+    assert kept_bytes(bounded, x) <= (1.6 if BACKEND == "tensorflow" else 1.5) * dense_bytes
+    if in_modes != (4, 7, 7, 4) and strategy == "dp":  # where autodiff keeps many times more, the count shows it
+        assert kept_bytes(unbounded, x) > 3 * dense_bytes
+
+
+@pytest.mark.parametrize("strategy", ["zipper", "reverse-zipper", "materialize", "dp"])
+@pytest.mark.parametrize("budget", [1.0, 1.5, None])
+def test_training_gradients_match_the_dense_reference_whatever_is_recomputed(strategy: str, budget: Any) -> None:
+    """Batch 96 (from 32 rows the bound applies): the planned backward recomputes, and must still be exact."""
+    layer = MPODense((4, 4, 4), (4, 4, 4), 4, strategy=strategy, saved_budget=budget, dtype="float64")
+    layer.build((None, 64))
+    rng = np.random.default_rng(3)
+    cores, _ = layer.numpy_weights()
+    weight = dense_reference(cores)
+    x, g = rng.normal(size=(2, 48, 64)), rng.normal(size=(2, 48, 64))
+    from conftest import KerasLayerHarness, reference_core_gradients
+
+    grad_x, core_grads, bias_grad = KerasLayerHarness().grads(layer, x, g)
+    np.testing.assert_allclose(grad_x, g @ weight.T, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(bias_grad, g.reshape(-1, 64).sum(axis=0), rtol=1e-10, atol=1e-10)
+    for actual, expected in zip(core_grads, reference_core_gradients(cores, x, g)):
+        np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+def _penalty_gradients(layer: Any, x: np.ndarray) -> list[np.ndarray]:
+    """d/dcores of sum((dy/dx)²) for y = sum(sin(layer(x))): a gradient penalty, a second derivative."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        x_t = tf.constant(x)
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                inner.watch(x_t)
+                y = tf.reduce_sum(tf.sin(layer(x_t, training=True)))
+            penalty = tf.reduce_sum(inner.gradient(y, x_t) ** 2)
+        return [_np(g) for g in outer.gradient(penalty, layer.cores)]
+    import jax
+
+    def penalty(values: Any) -> Any:
+        def output(x: Any) -> Any:
+            return jax.numpy.sin(layer.stateless_call(values, [], x, training=True)[0]).sum()
+
+        return (jax.grad(output)(x) ** 2).sum()
+
+    grads = jax.grad(penalty)([v.value for v in layer.trainable_variables])
+    return [np.asarray(g) for g in grads[: len(layer.cores)]]
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="torch's own planned backward runs there (test_saved_memory)")
+@pytest.mark.parametrize("strategy", ["zipper", "materialize"])
+@pytest.mark.parametrize("budget", [1.5, 100.0], ids=["recomputing", "keeping all it reads"])
+def test_second_derivatives_through_the_planned_backward_match_the_backends_autodiff(
+    strategy: str, budget: float
+) -> None:
+    """The planned backward (bounded) against the backend's own autodiff of the same plan (no bound)."""
+    x = np.random.default_rng(4).normal(size=(64, 64))
+    results = []
+    for saved_budget in (budget, None):
+        layer = MPODense((4, 4, 4), (4, 4, 4), 4, strategy=strategy, saved_budget=saved_budget, dtype="float64", seed=1)
+        layer.build((None, 64))
+        results.append(_penalty_gradients(layer, x))
+    for bounded, unbounded in zip(*results):
+        assert np.abs(unbounded).max() > 1e-3  # the penalty depends on every core
+        np.testing.assert_allclose(bounded, unbounded, rtol=1e-9, atol=1e-12)

@@ -27,6 +27,7 @@ __all__ = [
     "get_ops",
     "intermediate_sizes",
     "keep_within",
+    "planned_backward",
     "replay",
     "run_keeping",
     "run_steps",
@@ -464,6 +465,39 @@ def dense_weight_backward(cores: Sequence[Any], grad: Any, ops: ArrayOps) -> lis
     return _chain_backward(cores[:k], shapes[:k], grad_left, ops) + _chain_backward(
         cores[k:], shapes[k:], grad_right, ops
     )
+
+
+def planned_backward(
+    plan_: ContractionPlan,
+    x: Any,
+    cores: Sequence[Any],
+    grad: Any,
+    ops: ArrayOps,
+    needs: Sequence[bool],
+    kept: dict[int, Any] | None,
+    weight: Any = None,
+) -> list[Any]:
+    """The gradients of ``x`` (``(rows, in_features)``) and of the cores from ``grad`` (``(rows, out_features)``)
+    of ``x @ W`` run by ``plan_``, in their shapes; ``None`` where ``needs`` (per operand) asks for none.
+
+    ``kept`` holds the intermediates the forward kept (by id, see :func:`step_ids`); the others the
+    backward reads are recomputed from ``x`` and the cores. ``None``: the plan builds ``W``, which is
+    ``weight`` if kept, else built again (``dx = g Wᵀ``, ``dW = xᵀ g``, then :func:`dense_weight_backward`).
+    Plain array products: a framework's custom backward made of them can be differentiated again.
+    """
+    n_operands = plan_.spec.n_cores + 1
+    if kept is None:
+        weight = dense_weight(cores, ops) if weight is None else weight
+        grad_x = ops.pairwise(_MATMUL_BT, grad, weight) if needs[0] else None
+        found: list[Any] = [None] * len(cores)
+        if any(needs[1:]):
+            found = dense_weight_backward(cores, ops.pairwise(_MATMUL_AT, x, grad), ops)
+        return [grad_x, *(g if need else None for g, need in zip(found, needs[1:]))]
+    reads = backward_reads(plan_.steps, n_operands, needs)
+    tape = replay(plan_.steps, plan_operands(plan_, x, cores, ops), ops, kept, reads)
+    grads = backprop(plan_.steps, tape, ops.reshape(grad, (-1, *plan_.spec.out_modes)), ops, n_operands, needs)
+    shapes = [tuple(x.shape), *(tuple(core.shape) for core in cores)]
+    return [None if g is None else ops.reshape(g, shape) for g, shape in zip(grads, shapes)]
 
 
 def _leading_size(x: Any) -> int | None:

@@ -468,11 +468,13 @@ def layer_report(name: str, kind: str, report: DecompositionReport) -> LayerRepo
 
 
 class MPOLayerMixin:
-    """``load``, ``auto``, ``freeze`` and ``unfreeze`` for a framework's layer class.
+    """``load``, ``auto``, ``freeze``, ``unfreeze`` and ``saved_budget`` for a framework's layer class.
 
     The class provides ``from_cores(cores, bias, **kwargs)``, a constructor ``cls(in_modes,
     out_modes, rank, **kwargs)``, ``built_spec`` and ``_set_trainable(per_core, bias)``.
     """
+
+    _saved_budget: float | None = DEFAULT_SAVED_BUDGET
 
     @property
     def built_spec(self) -> MPOSpec:
@@ -482,6 +484,17 @@ class MPOLayerMixin:
             name = getattr(self, "name", type(self).__name__)
             raise RuntimeError(f"layer {name!r} is not built yet: call it on an input first")
         return spec
+
+    @property
+    def saved_budget(self) -> float | None:
+        """In training, at most this many times the input's bytes are kept for the backward (the dense
+        layer keeps its input: 1.0); the other intermediates are recomputed in the backward (see
+        :func:`kept_for_backward`). ``None``: keep everything the backward reads."""
+        return self._saved_budget
+
+    @saved_budget.setter
+    def saved_budget(self, value: float | None) -> None:
+        self._saved_budget = check_saved_budget(value)
 
     @classmethod
     def load(cls, path: Any, name: str | None = None, **kwargs: Any) -> Any:
