@@ -65,9 +65,10 @@ def kept_bytes(layer: Any, x: np.ndarray) -> int:
         import jax
 
         values = [v.value for v in layer.trainable_variables]
-        _, vjp = jax.vjp(lambda x, values: layer.stateless_call(values, [], x, training=True)[0], x, values)
+        x_j = jax.numpy.asarray(x)  # a JAX array: kept, it is one of the residuals
+        _, vjp = jax.vjp(lambda x, values: layer.stateless_call(values, [], x, training=True)[0], x_j, values)
         weights = {id(v) for v in values}
-        return x.nbytes + sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(vjp) if id(leaf) not in weights)
+        return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(vjp) if id(leaf) not in weights)
     import torch
 
     owned = {v.value.untyped_storage().data_ptr() for v in layer.weights}

@@ -96,6 +96,19 @@ def test_torch_layers_quick(tmp_path: Path) -> None:
     assert "forward+backward ms: mpo, dense, ratio" in result.stdout
 
 
+def test_training_memory_quick(tmp_path: Path) -> None:
+    pytest.importorskip("tensorflow")
+    out = tmp_path / "records.jsonl"
+    command = [sys.executable, "-m", "benchmarks.training_memory", "--quick", "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    kept = record["kept_bytes"]
+    assert kept["dense"] >= 1024 * 512 * 4  # Dense keeps its (1024, 512) float32 input
+    assert kept["bounded"] <= 1.6 * kept["dense"] < kept["unbounded"]
+    assert set(record["seconds"]) == {"dense", "bounded", "unbounded"} and min(record["seconds"].values()) > 0
+
+
 def test_keras_layers_quick(tmp_path: Path) -> None:
     pytest.importorskip("tensorflow")
     out = tmp_path / "records.jsonl"

@@ -67,8 +67,8 @@ def test_fashion_mnist_never_reads_the_mnist_variable(
         datasets.find_folder("mnist", tiny_mnist[0] / "empty")
 
 
-def test_real_mnist_when_present(mnist_dir: Path) -> None:
-    x, y = load_mnist(mnist_dir, "test")
+def test_real_mnist_when_present(real_mnist_dir: Path) -> None:
+    x, y = load_mnist(real_mnist_dir, "test")
     assert x.shape == (10000, 784) and y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]  # the published first labels
     assert np.bincount(y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
@@ -149,9 +149,9 @@ def test_download_rejects_a_file_that_is_not_gzip(mirror: Path, tmp_path: Path) 
         download(tmp_path, "cifar")
 
 
-def test_the_registered_checksums_match_the_verified_local_copy(mnist_dir: Path) -> None:
+def test_the_registered_checksums_match_the_verified_local_copy(real_mnist_dir: Path) -> None:
     for stem, expected in datasets.DATASETS["mnist"]["sha256"].items():
-        assert hashlib.sha256(gzip.decompress((mnist_dir / f"{stem}.gz").read_bytes())).hexdigest() == expected
+        assert hashlib.sha256(gzip.decompress((real_mnist_dir / f"{stem}.gz").read_bytes())).hexdigest() == expected
 
 
 def test_synthetic_digits_are_deterministic_and_learnable() -> None:

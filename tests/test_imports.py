@@ -4,6 +4,7 @@ an adapter or an app, at any depth; and the package installs as asked."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,20 @@ def test_adapters_and_apps_are_subpackages_of_tnlayers(package: str) -> None:
     module = "numpy" if package == "backends" else "tables"
     code = f"import tnlayers.{package}.{module} as m; print(m.__name__)"
     assert _python(code, cwd="/").split() == [f"tnlayers.{package}.{module}"]
+
+
+def test_require_all_turns_a_skip_for_a_missing_package_into_a_failure(tmp_path: Path) -> None:
+    """``make test`` sets TNLAYERS_REQUIRE_ALL=1: a framework missing from the environment fails the run."""
+    (tmp_path / "test_needs_a_package.py").write_text(
+        "import pytest\n\ndef test_it():\n    pytest.importorskip('tnlayers_no_such_package')\n"
+    )
+    tests = Path(__file__).resolve().parent
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest", str(tmp_path)]
+    outcomes = {}
+    for value in ("1", "0"):
+        env = {**os.environ, "PYTHONPATH": str(tests), "TNLAYERS_REQUIRE_ALL": value}
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        outcomes[value] = (result.returncode, result.stdout)
+    assert outcomes["1"][0] == 1 and "1 failed" in outcomes["1"][1], outcomes["1"][1][-2000:]
+    assert "could not import 'tnlayers_no_such_package'" in outcomes["1"][1]
+    assert outcomes["0"][0] == 0 and "1 skipped" in outcomes["0"][1], outcomes["0"][1][-2000:]
