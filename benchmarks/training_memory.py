@@ -105,7 +105,7 @@ def _train_step(layer: Any, x: np.ndarray) -> Callable[[], object]:
 
     values = [v.value for v in layer.trainable_variables]
     grad = jax.jit(jax.grad(lambda x, v: layer.stateless_call(v, [], x, training=True)[0].sum(), argnums=(0, 1)))
-    return lambda: jax.block_until_ready(grad(x, values))
+    return lambda: jax.block_until_ready(grad(x, values))  # type: ignore[no-untyped-call]
 
 
 def measure(cases: Sequence[Any], repeats: int) -> list[dict[str, Any]]:
