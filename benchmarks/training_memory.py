@@ -60,7 +60,7 @@ def kept_bytes(layer: Any, x: np.ndarray) -> int:
         del x_t  # now held only if the tape keeps it
         kept = current() - before - int(np.prod(y.shape)) * y.dtype.size
         del tape
-        return kept
+        return int(kept)
     if BACKEND == "jax":
         import jax
 
@@ -68,7 +68,7 @@ def kept_bytes(layer: Any, x: np.ndarray) -> int:
         x_j = jax.numpy.asarray(x)  # a JAX array: kept, it is one of the residuals
         _, vjp = jax.vjp(lambda x, values: layer.stateless_call(values, [], x, training=True)[0], x_j, values)
         weights = {id(v) for v in values}
-        return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(vjp) if id(leaf) not in weights)
+        return int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(vjp) if id(leaf) not in weights))
     import torch
 
     owned = {v.value.untyped_storage().data_ptr() for v in layer.weights}
