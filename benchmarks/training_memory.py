@@ -16,6 +16,7 @@ or ``jax.jit``; the torch layers' figures come from ``python -m benchmarks.order
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import warnings
@@ -53,6 +54,7 @@ def kept_bytes(layer: Any, x: np.ndarray) -> int:
         def current() -> int:
             return int(tf.config.experimental.get_memory_info("CPU:0")["current"])
 
+        gc.collect()  # tensors of earlier calls held in reference cycles: freed now, not during the count
         before = current()
         x_t = tf.random.uniform(x.shape, dtype=x.dtype)  # allocated by TensorFlow (a NumPy constant may alias)
         with tf.GradientTape() as tape:

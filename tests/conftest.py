@@ -42,6 +42,26 @@ def _seeded() -> None:
         sys.modules["keras"].utils.set_random_seed(0)
 
 
+def _import_the_mutated_adapters() -> None:
+    """Under ``make mutate`` (``mutmut run`` works in ``mutants/``), ``tnlayers.backends`` and ``tnlayers.apps``
+    come from the mutated copies there: the install maps them to ``backends/`` and ``apps/`` of the checkout."""
+    here = Path.cwd()
+    if here.name != "mutants" or not (here / "backends" / "__init__.py").is_file():
+        return
+    for name, folder in (("tnlayers.backends", here / "backends"), ("tnlayers.apps", here / "apps")):
+        spec = importlib.util.spec_from_file_location(
+            name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        setattr(tnlayers, name.split(".")[1], module)
+
+
+_import_the_mutated_adapters()
+
+
 #: MNIST where tnlayers finds it ($TNLAYERS_DATA, ../shared beside the working directory or the checkout);
 #: ``None`` where it does not, and the tests that need digits use a generated stand-in (``mnist_dir``).
 MNIST_DIR = tnlayers.datasets.find_folder("mnist")
@@ -70,6 +90,13 @@ def pytest_report_header() -> str:
 def dense_reference(cores: list[np.ndarray]) -> np.ndarray:
     """W of shape (in_features, out_features) from one explicit einsum over all indices (not tnlayers code)."""
     n = len(cores)
+    if 3 * n + 1 > len(string.ascii_letters):  # too many indices for one einsum: chain tensordots instead
+        chain = np.asarray(cores[0], dtype=np.float64)
+        for core in cores[1:]:
+            chain = np.tensordot(chain, np.asarray(core, dtype=np.float64), axes=([-1], [0]))
+        chain = chain.reshape(chain.shape[1:-1])  # (i1, j1, i2, j2, ...): the outer bonds are 1
+        chain = chain.transpose([*range(0, 2 * n, 2), *range(1, 2 * n, 2)])
+        return chain.reshape(int(np.prod([c.shape[1] for c in cores])), -1)
     letters = iter(string.ascii_letters)
     bonds = [next(letters) for _ in range(n + 1)]
     ins = [next(letters) for _ in range(n)]

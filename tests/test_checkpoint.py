@@ -35,11 +35,15 @@ def test_no_bias_and_several_layers(tmp_path: Path) -> None:
     first = tnlayers.init_cores(SPEC, seed=1)
     second = tnlayers.init_cores(tnlayers.MPOSpec((4, 7), (2, 5), 3), seed=2)
     path = tmp_path / "model.safetensors"
-    tnlayers.save_layers(path, {"encoder.fc1": (first, None), "head": (second, np.zeros(10, np.float32))})
+    head_bias = np.linspace(-1, 1, 10).astype(np.float32)
+    tnlayers.save_layers(path, {"encoder.fc1": (first, None), "head": (second, head_bias)})
     layers = tnlayers.load_layers(path)
     assert list(layers) == ["encoder.fc1", "head"]
-    assert layers["encoder.fc1"].bias is None and layers["head"].bias.shape == (10,)
-    assert np.array_equal(tnlayers.load(path, "head").cores[1], second[1])
+    assert layers["encoder.fc1"].bias is None and np.array_equal(layers["head"].bias, head_bias)
+    for name, saved in (("encoder.fc1", first), ("head", second)):  # every core of every layer, bit-exact
+        for loaded in (layers[name].cores, tnlayers.load(path, name).cores):
+            assert len(loaded) == len(saved)
+            assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(loaded, saved))
     with pytest.raises(ValueError, match="holds 2 layers"):
         tnlayers.load(path)
     with pytest.raises(KeyError, match="no layer 'missing'"):

@@ -5,8 +5,13 @@ from __future__ import annotations
 import importlib
 import re
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+from conftest import dense_reference
+
+import tnlayers
 
 ROOT = Path(__file__).resolve().parents[1]
 #: tutorial.md is generated from docs/make_tutorial.py, whose notebook test_teaching.py executes.
@@ -30,6 +35,25 @@ def test_the_readme_example_writes_the_checkpoints_it_loads(tmp_path: Path, monk
     exec(compile("\n".join(_python_blocks(ROOT / "README.md")), "README.md", "exec"), namespace)
     assert (tmp_path / "layer.safetensors").is_file() and (tmp_path / "torch_layer.safetensors").is_file()
     assert namespace["same"].built_spec == namespace["model"][0].spec  # type: ignore[attr-defined, index]
+
+
+def test_the_readme_shows_what_its_code_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The values the README's comments state: the printed spec, and ``y == x @ W`` of shape (32, 256)."""
+    monkeypatch.chdir(tmp_path)
+    blocks = _python_blocks(ROOT / "README.md")
+    namespace: dict[str, Any] = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    (shown,) = re.findall(r"print\(spec\)  # (.*)", blocks[0])
+    assert str(namespace["spec"]) == shown
+    x, y = namespace["x"], namespace["y"]
+    initial = tnlayers.init_cores(namespace["spec"], init="he", seed=0)  # the cores y was computed from
+    assert y.shape == (32, 256)
+    np.testing.assert_allclose(y, x.astype(np.float64) @ dense_reference(initial), rtol=1e-4, atol=1e-5)
+    report = namespace["report"]
+    weight = dense_reference(namespace["cores"])
+    trained = namespace["trained"]
+    measured = np.linalg.norm(weight - trained) / np.linalg.norm(trained)
+    assert report.relative_error == pytest.approx(measured, rel=1e-4) and measured <= 0.5  # tol=0.5 as asked
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
