@@ -249,7 +249,7 @@ def _share_across_frameworks(network: Any, tensors: tuple[Any, ...], checkpoint:
     logits["Keras"] = np.asarray(keras_net.predict(images, batch_size=1000, verbose=0))
     logits["NumPy"] = numpy_fc2(np.maximum(numpy_fc1(images), 0))
     labels = {name: value.argmax(1) for name, value in logits.items()}
-    records = [
+    records: list[dict[str, Any]] = [
         {
             "framework": name,
             "same_labels_as_pytorch": float((labels[name] == labels["PyTorch"]).mean()),
