@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch lies on this project's machines; elsewhere pip takes it from PyPI.
 FIND_LINKS := $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels)
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint mutate clean
 
 $(STAMP): requirements-dev.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,5 +26,13 @@ lint: $(STAMP)
 test: lint
 	OMP_WAIT_POLICY=PASSIVE TNLAYERS_REQUIRE_ALL=1 $(BIN)/python -m pytest
 
+# Mutation testing, not part of `make test`: deliberately wrong changes to the core and the adapters, each
+# run against the tests that cover it (setup.cfg [mutmut]); results are kept in mutants/ between runs.
+# One shard: make mutate SHARD="tnlayers.contract*". The score and the survivors: docs/testing.md.
+mutate: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check mutmut==3.8.1
+	OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 $(BIN)/mutmut run $(SHARD)
+	$(BIN)/mutmut results
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis mutants

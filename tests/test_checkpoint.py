@@ -125,3 +125,105 @@ def test_bad_files_give_clear_errors(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="stowaway"):
         tnlayers.load(extra)
+
+
+# Mutants of checkpoint.py that survived `make mutate` (docs/testing.md), each killed here.
+def test_a_save_that_fails_while_writing_leaves_the_old_file_and_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.numpy
+
+    path = tmp_path / "keep.safetensors"
+    cores = tnlayers.init_cores(SPEC, seed=0)
+    tnlayers.save(path, cores)
+    before = path.read_bytes()
+    written: list[Path] = []
+
+    def failing_save_file(tensors: Any, filename: str, metadata: Any = None) -> None:
+        written.append(Path(filename))
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        tnlayers.save(path, cores)
+    (temporary,) = written
+    assert temporary.parent == tmp_path and temporary.suffix == ".tmp"  # beside the target: os.replace is atomic
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["keep.safetensors"]
+
+
+def test_bfloat16_arrays_are_saved_widened_to_float32_exactly(tmp_path: Path) -> None:
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    cores = [c.astype(ml_dtypes.bfloat16) for c in tnlayers.init_cores(SPEC, seed=0)]
+    tnlayers.save(tmp_path / "bf16.safetensors", cores, np.ones(SPEC.out_features, dtype=ml_dtypes.bfloat16))
+    loaded = tnlayers.load(tmp_path / "bf16.safetensors")
+    for got, saved in zip(loaded.cores, cores):
+        assert got.dtype == np.float32 and np.array_equal(got, saved.astype(np.float32))
+    assert loaded.bias is not None and loaded.bias.dtype == np.float32 and np.all(loaded.bias == 1)
+
+
+class _Unreadable:
+    """Has a shape, but no values to give."""
+
+    def __init__(self, shape: tuple[int, ...] = (24,)) -> None:
+        self.shape = shape
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        raise ValueError("no values here")
+
+
+@pytest.mark.parametrize(
+    ("cores", "bias", "error", "message"),
+    [
+        ("unreadable core", None, TypeError, r"^core 0 of layer 'mpo' must be array-like, got _Unreadable: no values"),
+        ("spec", "unreadable bias", TypeError, r"^bias of layer 'mpo' must be array-like, got _Unreadable"),
+        ("spec", np.zeros(3), ValueError, r"^bias of layer 'mpo' must have shape \(24,\), got \(3,\)$"),
+    ],
+    ids=["core not array-like", "bias not array-like", "bias of the wrong length"],
+)
+def test_save_names_the_tensor_it_cannot_write(
+    tmp_path: Path, cores: Any, bias: Any, error: type[Exception], message: str
+) -> None:
+    values: list[Any] = tnlayers.init_cores(SPEC, seed=0)
+    if cores == "unreadable core":
+        values[0] = _Unreadable(values[0].shape)
+    with pytest.raises(error, match=message):
+        tnlayers.save(tmp_path / "x.safetensors", values, _Unreadable() if isinstance(bias, str) else bias)
+
+
+def test_save_layers_says_what_it_got_instead_of_a_pair(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"^layer 'fc' must be given as \(cores, bias\), got list$"):
+        tnlayers.save_layers(tmp_path / "x.safetensors", {"fc": [tnlayers.init_cores(SPEC, seed=0), None]})
+
+
+def test_bonds_above_the_exact_maximum_load_as_saved(tmp_path: Path) -> None:
+    """A checkpoint may hold redundant bonds (rank 8 where 4 is exact): loading never clips them."""
+    rng = np.random.default_rng(0)
+    cores = [rng.normal(size=(1, 2, 2, 8)).astype(np.float32), rng.normal(size=(8, 2, 2, 1)).astype(np.float32)]
+    tnlayers.save(tmp_path / "wide.safetensors", cores)
+    loaded = tnlayers.load(tmp_path / "wide.safetensors")
+    assert [c.shape for c in loaded.cores] == [(1, 2, 2, 8), (8, 2, 2, 1)]
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.cores, cores))
+
+
+@pytest.mark.parametrize(
+    ("bias", "message"),
+    [
+        (np.zeros(5, np.float32), r"layer 'mpo': bias shape \(5,\) does not match 24$"),
+        (np.zeros(24, np.int32), r"layer 'mpo' holds int32 tensors; MPO weights are floating point$"),
+    ],
+    ids=["bias of the wrong length", "integer bias"],
+)
+def test_a_checkpoint_whose_bias_was_edited_is_refused_naming_it(
+    tmp_path: Path, bias: np.ndarray, message: str
+) -> None:
+    from safetensors import safe_open
+
+    path = tmp_path / "edited.safetensors"
+    tnlayers.save(path, tnlayers.init_cores(SPEC, seed=0), np.zeros(24, np.float32))
+    with safe_open(str(path), framework="np") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    _write(path, {**tensors, "mpo.bias": bias}, metadata)
+    with pytest.raises(ValueError, match=rf"is not a valid tnlayers checkpoint: \w+: {message}"):
+        tnlayers.load(path)

@@ -16,6 +16,13 @@ def test_central_core_is_the_largest() -> None:
     assert spec.central_core == 1 == sizes.index(max(sizes))  # the first of the three equal middle cores
     assert spec.select_cores("auxiliary") == {0, 2, 3, 4}
     assert spec.select_cores("all") == set(range(5)) and spec.select_cores([-1, 0]) == {0, 4}
+    assert spec.select_cores([-5, 4]) == {0, 4}  # both ends of [-n, n - 1]
+
+
+@pytest.mark.parametrize("index", [3, -4])
+def test_a_core_index_just_outside_the_range_is_refused_naming_the_range(index: int) -> None:
+    with pytest.raises(ValueError, match=rf"an int in \[-3, 2\] for 3 cores, got {index}$"):
+        tnlayers.MPOSpec((2, 3, 4), (2, 3, 4), 2).select_cores([index])
 
 
 @pytest.mark.parametrize(("cores", "message"), [("middle", "'middle'"), ([5], "got 5"), ([True], "got True")])

@@ -259,3 +259,10 @@ def test_the_layout_tells_apart_paths_with_the_same_products() -> None:
 
     assert products(dp) == products(optimal)
     assert [s[3] for s in dp.step_sizes] != [s[3] for s in optimal.step_sizes] and dp.cost != optimal.cost
+
+
+def test_a_backend_without_a_calibration_gets_the_default_cost_model() -> None:
+    from tnlayers.cost import COST_MODELS, DEFAULT_COST_MODEL, cost_model_for
+
+    assert cost_model_for("cupy") is DEFAULT_COST_MODEL
+    assert cost_model_for("torch") is COST_MODELS["torch"] and COST_MODELS["torch"] != DEFAULT_COST_MODEL

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -111,3 +112,9 @@ def test_auto() -> None:
     assert spec.in_modes == (4, 7, 7, 4) and spec.out_modes == (4, 4, 4, 4) and spec.ranks == (1, 8, 8, 8, 1)
     spec = tnlayers.MPOSpec.auto(4096, 10, 5, 4)
     assert math.prod(spec.in_modes) == 4096 and math.prod(spec.out_modes) == 10 and spec.n_cores == 5
+
+
+@pytest.mark.parametrize("n_cores", [0, -1, 2.5, True])
+def test_auto_names_n_cores_when_it_is_not_a_positive_int(n_cores: Any) -> None:
+    with pytest.raises((ValueError, TypeError), match=r"^n_cores must be"):
+        tnlayers.MPOSpec.auto(784, 256, n_cores, 8)
