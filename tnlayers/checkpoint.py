@@ -92,7 +92,7 @@ def save_layers(path: str | os.PathLike[str], layers: Mapping[str, tuple[Sequenc
 
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "layers": json.dumps(entries)}
     target = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=".tmp")  # beside it: os.replace is atomic
     os.close(handle)
     try:
         save_file(tensors, temporary, metadata=metadata)
