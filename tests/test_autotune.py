@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -197,3 +198,29 @@ def test_report_lists_every_strategy_with_its_flops() -> None:
 def test_report_accepts_layers_of_any_backend(layer_harness: Any) -> None:
     layer = layer_harness.make((2, 3), (3, 2), 2, "auto", np.float32)
     assert tnlayers.report(layer, 8).spec == tnlayers.decompose.spec_from_cores(layer_harness.weights(layer)[0])
+
+
+def test_a_malformed_entry_warning_names_the_spec_and_the_fault_at_the_callers_line(
+    tuner: autotune.Autotuner,
+) -> None:
+    tuner.tune(SPEC, 16, _slow_except(_candidate_methods(16)[0]), KEY, repeats=1)
+    content = json.loads(tuner.path.read_text())
+    for entry in content["entries"].values():
+        entry["path"] = [[0, 9]]
+    tuner.path.write_text(json.dumps(content))
+    expected = rf"^ignoring a malformed autotune cache entry for {re.escape(str(SPEC))} \(ValueError\(.*\)\); tuning"
+    with pytest.warns(UserWarning, match=expected + " again$") as caught:
+        assert autotune.Autotuner(tuner.path).cached(SPEC, 16, KEY) is None
+    (warning,) = caught.list
+    assert warning.filename == __file__  # attributed to the line that asked the cache, not to tnlayers
+
+
+def test_an_entry_without_a_method_name_is_served_as_a_path(tuner: autotune.Autotuner) -> None:
+    chosen = tuner.tune(SPEC, 16, _slow_except(_candidate_methods(16)[0]), KEY, repeats=1)
+    content = json.loads(tuner.path.read_text())
+    for entry in content["entries"].values():
+        del entry["method"]
+    tuner.path.write_text(json.dumps(content))
+    served = autotune.Autotuner(tuner.path).cached(SPEC, 16, KEY)
+    assert served is not None and served.path == chosen.path
+    assert served.method == "path" and served.strategy == "autotune"

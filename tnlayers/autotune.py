@@ -19,11 +19,13 @@ import functools
 import json
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 try:  # an advisory lock between processes (POSIX); elsewhere the in-process lock and merge remain
@@ -94,7 +96,8 @@ class Autotuner:
             if not warn:
                 return {}
             warnings.warn(
-                f"ignoring the corrupt autotune cache {self.path} ({err}); it will be rewritten", stacklevel=4
+                f"ignoring the corrupt autotune cache {self.path} ({err}); it will be rewritten",
+                stacklevel=_callers_level(),
             )
             return {}
         return {k: v for k, v in entries.items() if isinstance(v, dict)}
@@ -120,7 +123,7 @@ class Autotuner:
                 with self._file_lock():
                     self._write_merged(key, entry)
             except OSError as err:  # a read-only home still tunes, it just cannot remember across runs
-                warnings.warn(f"could not write the autotune cache {self.path}: {err}", stacklevel=4)
+                warnings.warn(f"could not write the autotune cache {self.path}: {err}", stacklevel=_callers_level())
 
     def _write_merged(self, key: str, entry: dict[str, Any]) -> None:
         entries = self._loaded()
@@ -210,11 +213,22 @@ def _path_of(entry: dict[str, Any]) -> list[tuple[int, ...]]:
     return [tuple(pair) for pair in pairs]
 
 
+def _callers_level() -> int:
+    """The ``stacklevel`` that attributes a warning to the first frame outside tnlayers (the user's line),
+    however many layers of tnlayers (a layer, its planner, the tuner) lie between."""
+    frame: FrameType | None = sys._getframe(2)  # the caller of the function that warns: stacklevel 2
+    level = 2
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith("tnlayers"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _plan_from_entry(spec: MPOSpec, batch: int | None, entry: dict[str, Any]) -> ContractionPlan | None:
     try:
         found = plan(spec, batch, _path_of(entry))
     except (KeyError, TypeError, ValueError) as err:
-        warnings.warn(f"ignoring a malformed autotune cache entry for {spec} ({err!r}); tuning again", stacklevel=4)
+        message = f"ignoring a malformed autotune cache entry for {spec} ({err!r}); tuning again"
+        warnings.warn(message, stacklevel=_callers_level())
         return None
     return dataclasses.replace(found, strategy="autotune", method=str(entry.get("method", "path")))
 
