@@ -16,6 +16,7 @@ from conftest import dense_reference, reference_core_gradients
 
 import tnlayers
 from tnlayers import autotune
+from tnlayers.autotune import MAX_INDEX
 from tnlayers.plan import auto_candidates
 
 SPEC = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 8)
@@ -224,3 +225,25 @@ def test_an_entry_without_a_method_name_is_served_as_a_path(tuner: autotune.Auto
     served = autotune.Autotuner(tuner.path).cached(SPEC, 16, KEY)
     assert served is not None and served.path == chosen.path
     assert served.method == "path" and served.strategy == "autotune"
+
+
+@pytest.mark.parametrize(
+    ("path", "error", "message"),
+    [
+        ([[0, 1], "01"], TypeError, r"^path must be a list of lists, got \[\[0, 1\], '01'\]$"),
+        ([[0, True]], ValueError, r"^path index True is not an int in \[0, \d+\)$"),
+        ([[0, 2 * MAX_INDEX]], ValueError, rf"^path index {2 * MAX_INDEX} is not an int in \[0, {2 * MAX_INDEX}\)$"),
+        ([[0, -1]], ValueError, r"^path index -1 is not an int"),
+    ],
+    ids=["a pair that is a string", "a bool index", "the first index too large", "a negative index"],
+)
+def test_a_cached_path_must_be_pairs_of_small_ints(path: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        autotune._path_of({"path": path})
+    assert autotune._path_of({"path": [[0, 2 * MAX_INDEX - 1]]}) == [(0, 2 * MAX_INDEX - 1)]  # the last one allowed
+
+
+def test_the_cache_folder_defaults_to_the_users_cache() -> None:
+    assert autotune.cache_dir_from({}) == Path.home() / ".cache" / "tnlayers"
+    assert autotune.cache_dir_from({"XDG_CACHE_HOME": "/x"}) == Path("/x/tnlayers")
+    assert autotune.cache_dir_from({"XDG_CACHE_HOME": "/x", "TNLAYERS_CACHE_DIR": "/y"}) == Path("/y")
