@@ -1,13 +1,14 @@
-"""Writing benchmark records: one JSON line per measurement, with the run's environment."""
+"""Writing benchmark records (one JSON line per measurement, with the run's environment), and the one
+count of what torch autograd keeps for a backward."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_records"]
+__all__ = ["torch_saved_bytes", "write_records"]
 
 
 def write_records(path: Path | None, records: Sequence[Mapping[str, Any]], environment: Mapping[str, Any]) -> None:
@@ -19,3 +20,22 @@ def write_records(path: Path | None, records: Sequence[Mapping[str, Any]], envir
         for record in records:
             handle.write(json.dumps({**record, **environment}) + "\n")
     print(f"wrote {len(records)} records to {path}")
+
+
+def torch_saved_bytes(run: Callable[[], object], owned: Iterable[Any]) -> int:
+    """Bytes of the distinct storages torch autograd saves for the backward during ``run()`` (counted with
+    ``saved_tensors_hooks``), the storages of the ``owned`` tensors (the parameters) excluded."""
+    import torch
+
+    excluded = {tensor.untyped_storage().data_ptr() for tensor in owned}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: Any) -> Any:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(storages.values())

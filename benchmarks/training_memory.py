@@ -32,7 +32,7 @@ import numpy as np
 from tnlayers.backends.keras import MPODense
 
 import tnlayers
-from benchmarks.records import write_records
+from benchmarks.records import torch_saved_bytes, write_records
 from tnlayers.timing import calls_per_sample, round_robin
 
 BACKEND = keras.backend.backend()
@@ -73,17 +73,7 @@ def kept_bytes(layer: Any, x: np.ndarray) -> int:
         return int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(vjp) if id(leaf) not in weights))
     import torch
 
-    owned = {v.value.untyped_storage().data_ptr() for v in layer.weights}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: Any) -> Any:
-        if tensor.untyped_storage().data_ptr() not in owned:
-            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        layer(torch.from_numpy(x), training=True)
-    return sum(storages.values())
+    return torch_saved_bytes(lambda: layer(torch.from_numpy(x), training=True), [v.value for v in layer.weights])
 
 
 def _train_step(layer: Any, x: np.ndarray) -> Callable[[], object]:

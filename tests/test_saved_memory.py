@@ -14,6 +14,7 @@ import pytest
 from conftest import dense_reference, reference_core_gradients
 
 import tnlayers
+from benchmarks.records import torch_saved_bytes
 from tnlayers.contract import (
     backprop,
     backward_reads,
@@ -118,22 +119,6 @@ MEMORY_CASES = [
 ]
 
 
-def _saved_bytes(torch: Any, run: Any, parameters: list[Any]) -> int:
-    """Bytes of the distinct storages autograd keeps for the backward, the parameters' own excluded."""
-    owned = {p.untyped_storage().data_ptr() for p in parameters}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: Any) -> Any:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in owned:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run()
-    return sum(storages.values())
-
-
 @pytest.mark.parametrize("input_grad", [False, True], ids=["first layer", "hidden layer"])
 @pytest.mark.parametrize(("in_modes", "out_modes", "rank", "batch"), MEMORY_CASES, ids=lambda v: str(v))
 def test_a_torch_layer_keeps_at_most_one_and_a_half_times_what_nn_linear_keeps(
@@ -147,14 +132,14 @@ def test_a_torch_layer_keeps_at_most_one_and_a_half_times_what_nn_linear_keeps(
         layer = MPOLinear(in_modes, out_modes, rank)
     dense = layer.to_linear()
     x = torch.randn(batch, layer.in_features, requires_grad=input_grad)
-    dense_bytes = _saved_bytes(torch, lambda: dense(x), list(dense.parameters()))
+    dense_bytes = torch_saved_bytes(lambda: dense(x), list(dense.parameters()))
     assert dense_bytes == x.nbytes  # what nn.Linear keeps: its input
     outputs = {}
 
     def run() -> None:
         outputs["y"] = layer(x)
 
-    assert _saved_bytes(torch, run, list(layer.parameters())) <= 1.5 * dense_bytes
+    assert torch_saved_bytes(run, list(layer.parameters())) <= 1.5 * dense_bytes
     y = outputs["y"]
     grad_out = torch.randn_like(y)
     wanted = [x, *layer.cores] if input_grad else list(layer.cores)
@@ -192,9 +177,9 @@ def test_saved_budget_none_keeps_what_autograd_keeps_and_the_default_recomputes(
 
     layer = MPOLinear((8, 8, 8, 8), (8, 8, 8, 8), 8)
     x = torch.randn(256, 4096)
-    bounded = _saved_bytes(torch, lambda: layer(x), list(layer.parameters()))
+    bounded = torch_saved_bytes(lambda: layer(x), list(layer.parameters()))
     layer.saved_budget = None
-    unbounded = _saved_bytes(torch, lambda: layer(x), list(layer.parameters()))
+    unbounded = torch_saved_bytes(lambda: layer(x), list(layer.parameters()))
     assert bounded <= 1.5 * x.nbytes < 8 * x.nbytes <= unbounded  # every intermediate is 8x the input
 
 

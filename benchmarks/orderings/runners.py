@@ -15,6 +15,7 @@ from tnlayers.contract import backprop, execute, get_ops
 from tnlayers.layer import DEFAULT_SAVED_BUDGET
 from tnlayers.timing import round_robin
 
+from ..records import torch_saved_bytes
 from .peers import tltorch_blocktt, tn_keras_dense_mpo
 
 
@@ -136,18 +137,7 @@ class TorchRunner(Runner):
     def memory(self, run: Callable[[], Any]) -> int | None:
         """Bytes autograd keeps for the backward pass: the distinct storages saved-tensor hooks see, the
         parameters' own (cores, dense weight) excluded, as in the training-memory issue."""
-        owned = {t.untyped_storage().data_ptr() for t in (*self.cores, self.weight)}
-        storages: dict[int, int] = {}
-
-        def pack(tensor: Any) -> Any:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in owned:
-                storages[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        with self.torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            run()
-        return sum(storages.values())
+        return torch_saved_bytes(run, (*self.cores, self.weight))
 
     def matmul(self, size: int) -> Callable[[], Any]:
         a = self.torch.ones(size, size, device=self.device)
