@@ -87,7 +87,6 @@ class MPOLinear(kit.MPOLayerMixin):
         self.bias_frozen = False
         self.bias_grad: Array | None = None
         self._saved: tuple[ContractionPlan, Array, dict[int, Array], tuple[bool, ...]] | None = None
-        self.saved_budget = kit.DEFAULT_SAVED_BUDGET
 
     @classmethod
     def from_cores(cls, cores: Sequence[Any], bias: Any = None, strategy: Any = "auto") -> MPOLinear:
