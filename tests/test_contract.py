@@ -171,3 +171,58 @@ def test_dense_cost_grows_with_rows_and_conv_route_respects_explicit_strategies(
         assert conv_route(spec, 1, strategy)[1]
     greedy, build_kernel = conv_route(spec, 1 << 16, "greedy")
     assert build_kernel == greedy.builds_weight
+
+
+# --- the executor's pairwise products ------------------------------------------------------------------------
+
+#: Steps of every layout the matmul route must read: ``a``'s contracted block at its start, middle and end
+#: (or split, which falls back to tensordot), ``b``'s at its start or end in ``a``'s order or not, or split;
+#: a permuted output; zero-size dimensions.
+PAIRWISE_CASES = [
+    ("abcd", "cde", "abe"),  # a's block trailing, b's leading: one plain product
+    ("abcd", "bcf", "adf"),  # a's block in the middle: batched over a, read in place
+    ("abcd", "fcb", "adf"),  # ... b's block trailing, in the other order
+    ("abcd", "bfc", "fad"),  # ... b's block split: b is copied; the output permuted
+    ("abcd", "abe", "ecd"),  # a's block leading: a read as a transposed matrix
+    ("abcd", "dbe", "ace"),  # a's block split: the tensordot fallback, axes in b's order
+    ("abcdef", "cdx", "abefx"),
+]
+
+
+@pytest.mark.parametrize(("a", "b", "out"), [*PAIRWISE_CASES, ("ab", "bc", "ac")])
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("zero", [False, True], ids=["sizes 2-4", "a zero size"])
+def test_pairwise_products_match_einsum(a: str, b: str, out: str, backend: str, zero: bool) -> None:
+    from tnlayers.plan import _pairwise
+
+    step = _pairwise((a, b), out)
+    rng = np.random.default_rng(0)
+    sizes = {ch: int(k) for ch, k in zip("abcdefx", rng.integers(2, 5, size=7))}
+    if zero:
+        sizes[a[0]] = 0
+    left = rng.normal(size=[sizes[ch] for ch in a])
+    right = rng.normal(size=[sizes[ch] for ch in b])
+    expected = np.einsum(f"{a},{b}->{out}", left, right)
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        got = get_ops("torch").pairwise(step, torch.from_numpy(left), torch.from_numpy(right)).numpy()
+    else:
+        got = get_ops("numpy").pairwise(step, left, right)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_forward_plans_read_large_intermediates_in_place_as_batches_of_matrices() -> None:
+    from tnlayers.contract import _matmul_route
+
+    spec = tnlayers.MPOSpec((8, 8, 8, 8), (8, 8, 8, 8), 8)
+    forward = tnlayers.plan(spec, 256, "greedy")
+    last = forward.steps[-1].forward
+    route = _matmul_route(last, len(last.equation.split(",")[0]), len(last.equation.split(",")[1].split("-")[0]))
+    assert route is not None and route.lo > 0  # a block in the middle of the big operand: nothing copied
+    assert sum(size[3] for size in forward.step_sizes) < sum(
+        size[3] for size in tnlayers.plan(spec, 256, "greedy", gradients="cores").step_sizes
+    )  # the training plan's layout (autograd's tensordot steps) copies more
+    x = np.random.default_rng(0).normal(size=(256, spec.in_features))
+    cores = tnlayers.init_cores(spec, "glorot", 0, np.float64)
+    assert_close(tnlayers.contract(x, cores, strategy="greedy"), x @ dense_reference(cores), np.float64)

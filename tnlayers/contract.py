@@ -50,13 +50,94 @@ class ArrayOps:
     """Reorder the axes (``numpy.transpose``)."""
 
 
+class _MatmulRoute(NamedTuple):
+    """How one :class:`Pairwise` runs as a single (batched) matrix product, copying no large operand.
+
+    ``a`` is read as ``(P, K, Q)``: its contracted axes form one block ``lo .. lo+k`` with ``P`` before it
+    and ``Q`` after it; ``b`` as ``(K, N)`` (its contracted axes moved to the front in ``a``'s order:
+    a view when they already lead or trail it, else a copy of ``b``). The product ``(P, Q, N)`` holds
+    ``a``'s free indices, then ``b``'s, as ``tensordot`` orders them. With ``P`` and ``Q`` both present
+    it is a batched product over ``P`` of ``(Q, K) @ (K, N)`` on a strided view of ``a`` (the copy
+    ``tensordot`` would make of a large ``a`` is skipped)."""
+
+    lo: int
+    hi: int
+    b_order: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=4096)
+def _matmul_route(step: Pairwise, ndim_a: int, ndim_b: int) -> _MatmulRoute | None:
+    """The :class:`_MatmulRoute` of ``step``, or ``None`` when ``a``'s contracted axes are not one block."""
+    axes_a, axes_b = step.axes
+    lo, hi = min(axes_a, default=0), max(axes_a, default=-1) + 1
+    if not axes_a or hi - lo != len(axes_a) or ndim_a < hi:
+        return None
+    in_block_order = tuple(axes_b[axes_a.index(d)] for d in range(lo, hi))
+    return _MatmulRoute(lo, hi, in_block_order + tuple(d for d in range(ndim_b) if d not in axes_b))
+
+
+def _matmul_pairwise(
+    matmul: Callable[[Any, Any], Any], transpose: Callable[[Any, tuple[int, ...]], Any]
+) -> Callable[[Pairwise, Any, Any], Any]:
+    """One step by ``matmul`` (NumPy/torch semantics: batched over leading dimensions, strided operands
+    read in place); ``None`` for a step whose ``a`` is not read as one contracted block (see
+    :class:`_MatmulRoute`), which the caller runs by ``tensordot``."""
+
+    def pairwise(step: Pairwise, a: Any, b: Any) -> Any:
+        route = _matmul_route(step, len(a.shape), len(b.shape))
+        if route is None:
+            return None
+        shape_a, shape_b = tuple(a.shape), tuple(b.shape)
+        lo, hi = route.lo, route.hi
+        k = math.prod(shape_a[lo:hi])
+        order_b = route.b_order
+        b_matrix = b if order_b == tuple(range(len(shape_b))) else transpose(b, order_b)
+        free_b = [shape_b[d] for d in order_b[hi - lo :]]
+        b_matrix = b_matrix.reshape(k, math.prod(free_b))
+        p, q = shape_a[:lo], shape_a[hi:]
+        if not q:
+            product = matmul(a.reshape(math.prod(p), k), b_matrix)
+        elif not p:
+            product = matmul(a.reshape(k, math.prod(q)).T, b_matrix)
+        else:
+            batched = transpose(a.reshape(math.prod(p), k, math.prod(q)), (0, 2, 1))
+            product = matmul(batched, b_matrix)
+        product = product.reshape((*p, *q, *free_b))
+        return product if step.perm == tuple(range(len(step.perm))) else transpose(product, step.perm)
+
+    return pairwise
+
+
+@functools.lru_cache(maxsize=4096)
+def _tensordot_axes(step: Pairwise, ndim_a: int, ndim_b: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The contracted axis pairs for ``tensordot``: as planned, but sorted by ``b``'s axes when ``a``'s
+    are not one block (``tensordot`` copies such an ``a`` anyway, and so reads a ``b`` whose axes lead
+    or trail it in place)."""
+    if _matmul_route(step, ndim_a, ndim_b) is not None:
+        return step.axes
+    pairs = sorted(zip(*step.axes), key=lambda pair: pair[1])
+    return tuple(a for a, _ in pairs), tuple(b for _, b in pairs)
+
+
 def _numpy_pairwise(step: Pairwise, a: Any, b: Any) -> Any:
-    return np.tensordot(a, b, axes=step.axes).transpose(step.perm)
+    product = _NUMPY_MATMUL(step, a, b)
+    if product is None:
+        return np.tensordot(a, b, axes=_tensordot_axes(step, a.ndim, b.ndim)).transpose(step.perm)
+    return product
+
+
+_NUMPY_MATMUL = _matmul_pairwise(np.matmul, np.transpose)
 
 
 def _torch_pairwise(torch: Any) -> Callable[[Pairwise, Any, Any], Any]:
+    by_matmul = _matmul_pairwise(torch.matmul, lambda x, perm: x.permute(perm))
+
     def pairwise(step: Pairwise, a: Any, b: Any) -> Any:
-        product = torch.tensordot(a, b, dims=step.axes)
+        if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):  # autograd: tensordot's
+            product = by_matmul(step, a, b)  # backward copies less than that of a strided batched product
+            if product is not None:
+                return product
+        product = torch.tensordot(a, b, dims=_tensordot_axes(step, len(a.shape), len(b.shape)))
         return product if step.perm == tuple(range(len(step.perm))) else product.permute(step.perm)
 
     return pairwise

@@ -302,29 +302,50 @@ _LAYOUT_SEARCH_STEPS = 10
 
 
 def _contiguous_block(term: str, letters: set[str]) -> bool:
-    """Whether ``letters`` sit together at the start or the end of ``term``: a tensordot operand whose
-    contracted axes do is read in place (as a matrix or its transpose); any other is copied first."""
+    """Whether ``letters`` sit together at the start or the end of ``term``: an operand whose contracted
+    axes do is read in place as a matrix or its transpose."""
     k = len(letters)
     return set(term[:k]) == letters or set(term[len(term) - k :]) == letters
 
 
-def _step_layout(a: str, b: str, swap: bool, size: Callable[[str], int]) -> tuple[str, str, str, int]:
-    """``(first, second, output, elements copied)`` of one step: tensordot of ``first`` with ``second``
-    writes their free indices in their own orders (no transpose after the product). The larger operand
-    sets the order of the contracted indices; the other is copied unless its block is in that order."""
+def _one_block(term: str, letters: set[str]) -> bool:
+    """Whether ``letters`` sit together anywhere in ``term``: a first operand whose contracted axes do is
+    read in place as a batch of matrices (over the indices before the block; see the executor's
+    ``_MatmulRoute``)."""
+    positions = [k for k, ch in enumerate(term) if ch in letters]
+    return bool(positions) and positions[-1] - positions[0] + 1 == len(positions)
+
+
+def _step_layout(a: str, b: str, swap: bool, size: Callable[[str], int], batched: bool) -> tuple[str, str, str, int]:
+    """``(first, second, output, elements copied)`` of one step, run as ``first @ second``, which writes
+    their free indices in their own orders (no transpose after the product).
+
+    ``batched`` (forward-only plans): ``first`` is read in place when its contracted indices form one
+    block anywhere (a batched product over the indices before it; the executor's ``_MatmulRoute``),
+    else copied; ``second`` when they lead or trail it in an order that matches, else copied (when
+    ``first`` is copied anyway, the order is ``second``'s). Otherwise (plans that autograd
+    differentiates step by step): an operand is read in place only with its contracted block at an
+    edge; the larger operand sets their order, and the other is copied unless its block matches it.
+    """
     first, second = (b, a) if swap else (a, b)
     summed = set(a) & set(b)
-    leader, follower = (a, b) if size(a) >= size(b) else (b, a)
-    copied = 0 if _contiguous_block(leader, summed) else size(leader)
-    in_leader = [ch for ch in leader if ch in summed]
-    if not _contiguous_block(follower, summed) or [ch for ch in follower if ch in summed] != in_leader:
-        copied += size(follower)
+    if batched:
+        copied = 0 if _one_block(first, summed) else size(first)
+        order = [ch for ch in (first if copied == 0 else second) if ch in summed]
+        if not _contiguous_block(second, summed) or [ch for ch in second if ch in summed] != order:
+            copied += size(second)
+    else:
+        leader, follower = (a, b) if size(a) >= size(b) else (b, a)
+        copied = 0 if _contiguous_block(leader, summed) else size(leader)
+        in_leader = [ch for ch in leader if ch in summed]
+        if not _contiguous_block(follower, summed) or [ch for ch in follower if ch in summed] != in_leader:
+            copied += size(follower)
     output = "".join(ch for ch in first if ch not in summed) + "".join(ch for ch in second if ch not in summed)
     return first, second, output, copied
 
 
 def _layout(
-    inputs: list[str], pairs: Sequence[tuple[int, int]], final: str, size: Callable[[str], int]
+    inputs: list[str], pairs: Sequence[tuple[int, int]], final: str, size: Callable[[str], int], batched: bool
 ) -> list[tuple[tuple[int, int], str, str, str, int]]:
     """Per step ``(positions, first, second, output, elements copied)``: the operand order of every step
     chosen so that the fewest elements are copied (the result's transpose to ``final`` included).
@@ -340,7 +361,7 @@ def _layout(
         for (i, j), swap in zip(pairs, swaps):
             a = terms.pop(i)
             b = terms.pop(j)
-            first, second, output, copied = _step_layout(a, b, swap, size)
+            first, second, output, copied = _step_layout(a, b, swap, size, batched)
             if swap:  # pop b first: its position in the list before a was removed, then a's without b
                 b_at = j if j < i else j + 1
                 positions = (b_at, i if i < b_at else i - 1)
@@ -384,7 +405,7 @@ def _build(
         pairs.append((int(positions[0]), int(positions[1])))
     inputs, output = equation.split("->")
     steps, step_sizes, largest = [], [], 0
-    for positions, a, b, out, copied in _layout(inputs.split(","), pairs, output, size):
+    for positions, a, b, out, copied in _layout(inputs.split(","), pairs, output, size, gradients == "none"):
         steps.append(_make_step(positions, (a, b), out))
         summed = set(a) & set(b)
         m, n, k = size(set(a) - summed), size(set(b) - summed), size(summed)
