@@ -186,8 +186,9 @@ def test_from_conv_roundtrip() -> None:
     np.testing.assert_allclose(back(x).detach().numpy(), conv(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_eval_reuses_w_and_never_serves_a_stale_one() -> None:
-    layer = MPOLinear((2, 3, 4), (3, 2, 2), 3, strategy="materialize", dtype=torch.float64, seed=6).eval()
+@pytest.mark.parametrize("strategy", ["materialize", "auto"])  # auto: the plan at batch 5 needs more than W's flops
+def test_eval_reuses_w_and_never_serves_a_stale_one(strategy: str) -> None:
+    layer = MPOLinear((2, 3, 4), (3, 2, 2), 3, strategy=strategy, dtype=torch.float64, seed=6).eval()
     x = torch.randn(5, 24, dtype=torch.float64)
 
     def reference() -> np.ndarray:
@@ -196,6 +197,7 @@ def test_eval_reuses_w_and_never_serves_a_stale_one() -> None:
     with torch.no_grad():
         assert_close(layer(x).numpy(), reference(), np.float64)
         cached = layer._cached_weight
+        assert cached is not None
         layer(x)
         assert layer._cached_weight is cached  # reused
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
@@ -217,6 +219,28 @@ def test_eval_reuses_w_and_never_serves_a_stale_one() -> None:
             p.data.mul_(0.9).add_(q.data, alpha=0.1)
         assert_close(layer(x.float()).numpy(), reference(), np.float32)
     assert layer(x.float()).requires_grad  # with gradients on, W is not served from the cache
+
+
+@pytest.mark.parametrize(
+    ("in_modes", "out_modes", "rank", "strategy", "reuses"),
+    [
+        ((4, 7, 7, 4), (4, 4, 4, 4), 16, "auto", True),  # at batch 1 the plan needs 2.7x the dense flops
+        ((8, 8, 8, 8), (8, 8, 8, 8), 8, "auto", False),  # far fewer: W (64 MB) is never built
+        ((4, 7, 7, 4), (4, 4, 4, 4), 16, "zipper", False),  # an explicit ordering runs as asked
+    ],
+)
+def test_inference_reuses_w_where_the_plan_needs_at_least_the_dense_flops(
+    in_modes: Any, out_modes: Any, rank: int, strategy: str, reuses: bool
+) -> None:
+    layer = MPOLinear(in_modes, out_modes, rank, strategy=strategy, dtype=torch.float64, seed=3).eval()
+    x = torch.randn(1, layer.in_features, dtype=torch.float64)
+    plan = tnlayers.plan(layer.spec, 1, "auto" if strategy == "auto" else strategy)
+    assert (plan.flops >= 2 * layer.in_features * layer.out_features) == (reuses or strategy != "auto")
+    with torch.no_grad():
+        y = layer(x)
+    assert (layer._cached_weight is not None) == reuses
+    expected = x.numpy() @ dense_reference(_numpy_cores(layer)) + layer.bias.detach().numpy()
+    assert_close(y.numpy(), expected, np.float64)
 
 
 def test_conv_inference_serves_the_current_kernel() -> None:

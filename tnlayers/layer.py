@@ -300,6 +300,16 @@ class LayerPlanner:
         """:func:`conv_route` for this layer (its strategy was checked when it was made)."""
         return _conv_route_cached(self.spec, batch_bucket(rows), self.strategy, self.cost_model)
 
+    def reuses_weight(self, plan_: ContractionPlan) -> bool:
+        """Whether inference (eval, no gradients) by ``plan_`` runs as one product with a kept ``W``: when
+        ``plan_`` builds ``W`` anyway, or, for ``auto`` and ``autotune``, when the plan needs at least the
+        dense product's flops (at small batches its chain of small products then costs several times the
+        one product it replaces, once ``W`` exists). An explicit ordering is run as asked."""
+        if plan_.builds_weight:
+            return True
+        dense_flops = 2 * plan_.batch_size * self.spec.in_features * self.spec.out_features
+        return self.strategy in ("auto", "autotune") and plan_.flops >= dense_flops
+
 
 # --- convolutions ------------------------------------------------------------------------------
 
