@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import tnlayers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,11 +92,14 @@ def test_torch_layers_quick(tmp_path: Path) -> None:
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["case"], r["rank"], r["batch"]) for r in records] == [("784->256 FC2", 8, 1), ("784->256 FC2", 8, 64)]
+    assert [(r["case"], r["rank"], r["batch"]) for r in records] == [("784->256 FC2", 16, 1), ("784->256 FC2", 16, 64)]
+    spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 16)
     for record in records:
-        for mode in ("forward", "forward+backward"):
+        for mode in ("inference", "forward+backward"):
             assert record[mode]["mpo"] > 0 and record[mode]["dense"] > 0
-    assert "forward+backward ms: mpo, dense, ratio" in result.stdout
+        plan = tnlayers.plan(spec, record["batch"], record["plan"], gradients="cores")  # the recorded ordering
+        assert record["flops_vs_dense"] == pytest.approx(plan.flops / (2 * record["batch"] * 784 * 256))
+        assert record["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "unset")
 
 
 def test_training_memory_quick(tmp_path: Path) -> None:
