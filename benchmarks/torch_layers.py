@@ -8,8 +8,9 @@ process (median of ``--repeats`` samples). Two modes: inference (``eval()`` unde
 forward+backward (``train()``, ``loss = y.sum()``, gradients of the parameters). The ratio column is
 MPO time / dense time (below 1 the MPO layer is faster); efficiency is the plan's flops over the
 dense product's, divided by that ratio (1.0: the MPO runs its flops at the dense product's rate).
-Quote ratios: absolute times move between runs far more than ratios do. The wait policy is the
-process's own (users run with ``OMP_WAIT_POLICY`` unset); it is printed and recorded.
+Quote ratios: absolute times move between runs far more than ratios do. The wait policy and glibc's
+``MALLOC_MMAP_THRESHOLD_`` are the process's own (users run with both unset); both are printed and
+recorded (docs/benchmarks.md measures the allocator setting as a second configuration).
 """
 
 from __future__ import annotations
@@ -113,7 +114,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", tnlayers.RankClippedWarning)
     policy = os.environ.get("OMP_WAIT_POLICY", "unset")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={policy}")
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_", "unset")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={policy}, "
+        f"MALLOC_MMAP_THRESHOLD_={threshold}"
+    )
     print(f"{'':<45}{'inference ms: mpo, dense, ratio':<33}forward+backward ms: mpo, dense, ratio, efficiency")
     print(f"{'case':<13} {'D':>3} {'batch':>5} {'auto plan':<14} {'flops':>6}")
     cases, batches = (QUICK_CASES, QUICK_BATCHES) if args.quick else (CASES, BATCHES)
@@ -123,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "cpu": platform.processor(),
         "OMP_WAIT_POLICY": policy,
+        "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "unset"),
     }
     write_records(args.out, records, environment)
 

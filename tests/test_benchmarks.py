@@ -100,6 +100,7 @@ def test_torch_layers_quick(tmp_path: Path) -> None:
         plan = tnlayers.plan(spec, record["batch"], record["plan"], gradients="cores")  # the recorded ordering
         assert record["flops_vs_dense"] == pytest.approx(plan.flops / (2 * record["batch"] * 784 * 256))
         assert record["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "unset")
+        assert record["MALLOC_MMAP_THRESHOLD_"] == os.environ.get("MALLOC_MMAP_THRESHOLD_", "unset")
 
 
 def test_training_memory_quick(tmp_path: Path) -> None:
