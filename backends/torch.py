@@ -32,6 +32,8 @@ from tnlayers.contract import (
     plan_operands,
     planned_backward,
     run_keeping,
+    weight_from_halves,
+    weight_halves,
 )
 from tnlayers.plan import ContractionPlan, batch_bucket
 from tnlayers.reports import CompressionReport
@@ -89,6 +91,10 @@ def _timer(
     return make_run
 
 
+#: In a weight-building plan's ``keep``: the forward keeps ``W``'s two halves (no step has a negative id).
+_HALVES = -1
+
+
 class _PlannedContraction(torch.autograd.Function):
     """``x @ W`` by a plan's steps, with the plan's own backward (:func:`tnlayers.contract.backprop`).
 
@@ -104,8 +110,10 @@ class _PlannedContraction(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, plan: ContractionPlan, keep: frozenset[int], *cores: torch.Tensor) -> Any:
-        if plan.builds_weight and not keep:  # W, then one product; the backward builds W again
-            return (execute(plan, x, cores, None, _OPS),)
+        if plan.builds_weight:  # W from its two halves, then one product; ``keep`` may hold the halves
+            halves = weight_halves(cores, _OPS)
+            y = x @ weight_from_halves(cores, halves, _OPS)
+            return (y, *(halves if _HALVES in keep else ()))
         y, kept = run_keeping(plan.steps, plan_operands(plan, x, cores, _OPS), _OPS, keep)
         return (y.reshape(x.shape[0], plan.spec.out_features), *kept)
 
@@ -127,9 +135,13 @@ class _PlannedContraction(torch.autograd.Function):
             return nothing
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
         cores = rest[:n]
-        kept = {} if torch.is_grad_enabled() else dict(zip(ctx.keep, rest[n:]))  # double backward: recompute
-        weight_only = plan.builds_weight and not ctx.keep  # the forward kept nothing: W is built again
-        grads = planned_backward(plan, x, cores, grad, _OPS, needs, None if weight_only else kept)
+        again = torch.is_grad_enabled()  # double backward: recompute everything from x and the cores
+        if plan.builds_weight:  # W is built again (from the kept halves if any) only for x's gradient
+            halves = None if again else rest[n:]
+            grads = planned_backward(plan, x, cores, grad, _OPS, needs, None, halves=halves)
+        else:
+            kept = {} if again else dict(zip(ctx.keep, rest[n:]))
+            grads = planned_backward(plan, x, cores, grad, _OPS, needs, kept)
         return (grads[0], None, None, *grads[1:])
 
 
@@ -151,6 +163,8 @@ def run_plan(
     keep = kit.kept_for_backward(plan, rows, needs, saved_budget)
     if keep is None:  # all the backward reads fits: autograd's own backward, the fastest
         return execute(plan, x, cores, bias, _OPS)  # type: ignore[no-any-return]
+    if kit.keeps_weight_halves(plan, rows, needs, saved_budget):
+        keep = frozenset({_HALVES})
     y, *_ = _PlannedContraction.apply(x.reshape(rows, plan.spec.in_features), plan, keep, *cores)  # type: ignore[no-untyped-call]
     y = cast(torch.Tensor, y).reshape(*x.shape[:-1], plan.spec.out_features)
     return y if bias is None else y + bias

@@ -274,3 +274,50 @@ def test_the_numpy_layer_keeps_at_most_one_and_a_half_times_its_input(
     weight = dense_reference(layer.cores)
     np.testing.assert_allclose(y, x @ weight + layer.bias, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(layer.backward(grad_out), grad_out @ weight.T, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(("budget", "keeps_halves"), [(1.5, True), (1.0, False)])
+def test_a_weight_building_plan_keeps_the_two_halves_of_w_where_they_fit(
+    budget: float, keeps_halves: bool, bound_every_batch: None
+) -> None:
+    """A hidden layer (the input's gradient too) whose W does not fit the budget: the planned backward
+    keeps x (for the cores) and, where they fit beside it, W's two small halves, not W itself."""
+    torch = pytest.importorskip("torch")
+    from tnlayers.backends.torch import run_plan
+
+    from tnlayers import layer as kit
+    from tnlayers.contract import get_ops, weight_halves
+
+    spec = tnlayers.MPOSpec((4, 4, 4), (4, 4, 4), 2)
+    plan = tnlayers.plan(spec, 32, "materialize")
+    numpy_cores = tnlayers.init_cores(spec, seed=0, dtype=np.float64)
+    cores = [torch.from_numpy(c).requires_grad_() for c in numpy_cores]
+    x = torch.randn(32, spec.in_features, dtype=torch.float64, requires_grad=True)
+    needs = (True, *([True] * spec.n_cores))
+    assert kit.kept_for_backward(plan, 32, needs, budget) == frozenset()  # W itself does not fit
+    assert kit.keeps_weight_halves(plan, 32, needs, budget) == keeps_halves
+    owned = {c.untyped_storage().data_ptr() for c in cores}
+    halves = weight_halves([c.detach() for c in cores], get_ops("torch"))
+    new_storage = [h for h in halves if h.untyped_storage().data_ptr() not in owned]  # a one-core half is a view
+    assert new_storage
+    outputs = {}
+
+    def run() -> None:
+        outputs["y"] = run_plan(plan, x, cores, None, budget)
+
+    saved = torch_saved_bytes(run, cores)
+    assert saved == x.nbytes + (sum(h.nbytes for h in new_storage) if keeps_halves else 0)
+    assert saved <= budget * x.nbytes
+    grad_out = torch.randn(32, spec.out_features, dtype=torch.float64)
+    got = torch.autograd.grad(outputs["y"], [x, *cores], grad_out)
+    weight = dense_reference(numpy_cores)
+    np.testing.assert_allclose(outputs["y"].detach().numpy(), x.detach().numpy() @ weight, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got[0].numpy(), grad_out.numpy() @ weight.T, rtol=1e-12, atol=1e-12)
+    expected = reference_core_gradients(numpy_cores, x.detach().numpy(), grad_out.numpy())
+    for g, e in zip(got[1:], expected):
+        np.testing.assert_allclose(g.numpy(), e, rtol=1e-10, atol=1e-12)
+
+    def f(x: Any, *cores: Any) -> Any:
+        return run_plan(plan, x, cores, None, budget)
+
+    assert torch.autograd.gradgradcheck(f, (x, *cores), fast_mode=True)  # the halves are not reused there

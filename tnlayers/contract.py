@@ -33,6 +33,8 @@ __all__ = [
     "run_steps",
     "plan_operands",
     "step_ids",
+    "weight_from_halves",
+    "weight_halves",
 ]
 
 
@@ -482,16 +484,31 @@ def dense_weight(cores: Sequence[Any], ops: ArrayOps) -> Any:
     over the bond between them and one transpose: ``W``-sized arrays are written twice in the
     forward, and read about three times in the backward, whatever the number of cores.
     """
+    return weight_from_halves(cores, weight_halves(cores, ops), ops)
+
+
+def weight_halves(cores: Sequence[Any], ops: ArrayOps) -> tuple[Any, ...]:
+    """``(L, R)`` of :func:`dense_weight`: the left cores as ``(IL*JL, r)`` and the right ones as ``(r, IR*JR)``
+    (``()`` for one core). Small (about ``sqrt(W)`` times the bond), so a planned backward may keep them."""
     shapes = [tuple(core.shape) for core in cores]  # lists, not generators: torch.compile traces this
+    if len(shapes) == 1:
+        return ()
+    k = weight_split(shapes)
+    left = _grouped(_chain(cores[:k], shapes[:k], ops), shapes[:k], ops, bond_first=False)  # (IL*JL, r)
+    right = _grouped(_chain(cores[k:], shapes[k:], ops), shapes[k:], ops, bond_first=True)  # (r, IR*JR)
+    return left, right
+
+
+def weight_from_halves(cores: Sequence[Any], halves: Sequence[Any], ops: ArrayOps) -> Any:
+    """``W`` from the :func:`weight_halves` of ``cores`` (only their shapes are read, unless there is one core)."""
+    shapes = [tuple(core.shape) for core in cores]
     rows, cols = math.prod([shape[1] for shape in shapes]), math.prod([shape[2] for shape in shapes])
     if len(shapes) == 1:
         return ops.reshape(cores[0], (rows, cols))
     k = weight_split(shapes)
-    left = _grouped(_chain(cores[:k], shapes[:k], ops), shapes[:k], ops, bond_first=False)  # (IL*JL, r)
-    right = _grouped(_chain(cores[k:], shapes[k:], ops), shapes[k:], ops, bond_first=True)  # (r, IR*JR)
     in_left, out_left = math.prod([s[1] for s in shapes[:k]]), math.prod([s[2] for s in shapes[:k]])
     in_right, out_right = rows // in_left, cols // out_left
-    product = ops.reshape(ops.pairwise(_MATMUL, left, right), (in_left, out_left, in_right, out_right))
+    product = ops.reshape(ops.pairwise(_MATMUL, *halves), (in_left, out_left, in_right, out_right))
     return ops.reshape(ops.transpose(product, (0, 2, 1, 3)), (rows, cols))
 
 
@@ -523,20 +540,21 @@ def _ungrouped(grad: Any, shapes: Sequence[tuple[int, ...]], ops: ArrayOps, bond
     return ops.reshape(ops.transpose(grouped, _inverse(order)), (-1, shapes[-1][3]))
 
 
-def dense_weight_backward(cores: Sequence[Any], grad: Any, ops: ArrayOps) -> list[Any]:
+def dense_weight_backward(
+    cores: Sequence[Any], grad: Any, ops: ArrayOps, halves: Sequence[Any] | None = None
+) -> list[Any]:
     """The cores' gradients from ``grad`` (shape ``(in_features, out_features)``) of :func:`dense_weight`.
 
     Plain array products (no autograd), so a framework's custom backward can use it and still be
-    differentiated again: the two halves are rebuilt, ``dL = dP Rᵀ`` and ``dR = Lᵀ dP``, then each
-    half's chain is walked back.
+    differentiated again: the two halves (:func:`weight_halves`, rebuilt unless given) give
+    ``dL = dP Rᵀ`` and ``dR = Lᵀ dP``, then each half's chain is walked back.
     """
     shapes = [tuple(core.shape) for core in cores]
     if len(shapes) == 1:
         return [ops.reshape(grad, shapes[0])]
     rows, cols = math.prod([shape[1] for shape in shapes]), math.prod([shape[2] for shape in shapes])
     k = weight_split(shapes)
-    left = _grouped(_chain(cores[:k], shapes[:k], ops), shapes[:k], ops, bond_first=False)
-    right = _grouped(_chain(cores[k:], shapes[k:], ops), shapes[k:], ops, bond_first=True)
+    left, right = weight_halves(cores, ops) if halves is None else halves
     in_left, out_left = math.prod([s[1] for s in shapes[:k]]), math.prod([s[2] for s in shapes[:k]])
     in_right, out_right = rows // in_left, cols // out_left
     grad_product = ops.transpose(ops.reshape(grad, (in_left, in_right, out_left, out_right)), (0, 2, 1, 3))
@@ -557,22 +575,27 @@ def planned_backward(
     needs: Sequence[bool],
     kept: dict[int, Any] | None,
     weight: Any = None,
+    halves: Sequence[Any] | None = None,
 ) -> list[Any]:
     """The gradients of ``x`` (``(rows, in_features)``) and of the cores from ``grad`` (``(rows, out_features)``)
     of ``x @ W`` run by ``plan_``, in their shapes; ``None`` where ``needs`` (per operand) asks for none.
 
     ``kept`` holds the intermediates the forward kept (by id, see :func:`step_ids`); the others the
     backward reads are recomputed from ``x`` and the cores. ``None``: the plan builds ``W``, which is
-    ``weight`` if kept, else built again (``dx = g Wᵀ``, ``dW = xᵀ g``, then :func:`dense_weight_backward`).
+    ``weight`` if kept, else built again, from ``halves`` (:func:`weight_halves`) if kept, and only when
+    ``x``'s gradient is asked for (``dx = g Wᵀ``, ``dW = xᵀ g``, then :func:`dense_weight_backward`).
     Plain array products: a framework's custom backward made of them can be differentiated again.
     """
     n_operands = plan_.spec.n_cores + 1
     if kept is None:
-        weight = dense_weight(cores, ops) if weight is None else weight
-        grad_x = ops.pairwise(_MATMUL_BT, grad, weight) if needs[0] else None
+        grad_x = None
+        if needs[0]:
+            if weight is None:
+                weight = dense_weight(cores, ops) if not halves else weight_from_halves(cores, halves, ops)
+            grad_x = ops.pairwise(_MATMUL_BT, grad, weight)
         found: list[Any] = [None] * len(cores)
         if any(needs[1:]):
-            found = dense_weight_backward(cores, ops.pairwise(_MATMUL_AT, x, grad), ops)
+            found = dense_weight_backward(cores, ops.pairwise(_MATMUL_AT, x, grad), ops, halves or None)
         return [grad_x, *(g if need else None for g, need in zip(found, needs[1:]))]
     reads = backward_reads(plan_.steps, n_operands, needs)
     tape = replay(plan_.steps, plan_operands(plan_, x, cores, ops), ops, kept, reads)

@@ -42,6 +42,7 @@ from .plan import (
     plan,
     plan_by_key,
     strategy_key,
+    weight_split,
     weight_step_sizes,
 )
 from .reports import LayerReport
@@ -177,6 +178,21 @@ def _kept_for_backward(
     reads_x = 0 in backward_reads(plan.steps, len(plan.operand_shapes), needs)
     keep = keep_within(plan, rows, needs, max(int(saved_budget * size) - (size if reads_x else 0), 0))
     return None if keep == backward_intermediates(plan, needs) else keep
+
+
+def keeps_weight_halves(plan: ContractionPlan, rows: int, needs: tuple[bool, ...], saved_budget: float) -> bool:
+    """Whether a planned backward of ``plan``, which builds ``W`` and keeps nothing else (see
+    :func:`kept_for_backward`), keeps ``W``'s two small halves (:func:`tnlayers.contract.weight_halves`):
+    when they fit ``saved_budget`` beside the input it keeps for the cores' gradients. The backward then
+    builds ``W`` again only for the input's gradient, from the halves."""
+    if not plan.builds_weight or plan.spec.n_cores == 1:
+        return False
+    shapes = plan.spec.core_shapes
+    k = weight_split(shapes)
+    left = math.prod([s[1] * s[2] for s in shapes[:k]]) * shapes[k][0]  # lists: torch.compile traces this
+    right = shapes[k][0] * math.prod([s[1] * s[2] for s in shapes[k:]])
+    size = rows * plan.spec.in_features
+    return (size if any(needs[1:]) else 0) + left + right <= saved_budget * size
 
 
 def check_input(shape: Sequence[Any], in_features: int, what: str) -> None:
