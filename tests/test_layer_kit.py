@@ -120,3 +120,206 @@ def test_report_rows_and_no_saving() -> None:
     assert kit.no_saving(DecompositionReport(spec, 0.25, ())) is None
     full = tnlayers.MPOSpec((2, 2), (2, 2), 4)
     assert kit.no_saving(DecompositionReport(full, 0.0, ())) == "no saving at ranks (1, 4, 1): 32 >= 16"
+
+
+@pytest.mark.parametrize(
+    ("strategy", "in_modes", "out_modes", "batch", "flops_vs_dense", "traffic_vs_w", "reuses"),
+    [
+        ("auto", (32, 64), (32, 32), 4, 1.0, 0.0, True),  # exactly the dense flops; W exactly the cached size
+        ("auto", (64, 64), (32, 32), 2, 1.0, 1.0, True),  # W above the cached size, but the plan moves as much
+        ("auto", (64, 64), (32, 32), 2, 1.0, 0.5, False),  # ... and moves less: W would be read from memory
+        ("auto", (32, 32), (32, 32), 8, 0.5, 0.0, False),  # the plan saves flops: no W
+        ("autotune", (32, 32), (32, 32), 1, 1.5, 0.0, True),
+        ("zipper", (32, 32), (32, 32), 1, 1.5, 0.0, False),  # an explicit ordering runs as asked
+    ],
+)
+def test_inference_reuses_w_where_the_plan_needs_the_dense_flops_and_w_stays_cached(
+    strategy: str,
+    in_modes: tuple[int, ...],
+    out_modes: tuple[int, ...],
+    batch: int,
+    flops_vs_dense: float,
+    traffic_vs_w: float,
+    reuses: bool,
+) -> None:
+    import dataclasses
+
+    spec = tnlayers.MPOSpec(in_modes, out_modes, 2)
+    weight = spec.in_features * spec.out_features
+    assert (weight <= kit.CACHED_WEIGHT_ELEMENTS) == (weight <= 2**21)
+    flops = int(flops_vs_dense * 2 * batch * weight)  # one step of (1, 1, flops / 2): exactly these flops
+    real = tnlayers.plan(spec, batch, "zipper")
+    plan = dataclasses.replace(real, step_sizes=((1, 1, flops // 2, int(traffic_vs_w * weight)),))
+    assert not plan.builds_weight and plan.flops == flops and plan.batch_size == batch
+    assert kit.LayerPlanner.make(spec, strategy, "numpy").reuses_weight(plan) == reuses
+    assert kit.LayerPlanner.make(spec, strategy, "numpy").reuses_weight(tnlayers.plan(spec, batch, "materialize"))
+
+
+# --- the survivors of a mutation run over layer.py (docs/mutation-survivors.md) ------------------------------
+
+
+def test_compress_choice_applies_include_and_exclude_patterns() -> None:
+    assert kit.compress_choice("encoder.fc1", 64, 64, include="encoder.*")
+    assert kit.compress_choice("encoder.fc1", 64, 64, include=["head", "*.fc1"])
+    assert not kit.compress_choice("encoder.fc1", 64, 64, include="decoder.*")
+    assert not kit.compress_choice("encoder.fc1", 64, 64, include="encoder.*", exclude="*fc1")
+    assert not kit.compress_choice("encoder.fc1", 64, 16)  # the smaller side under min_features
+
+
+def test_a_compress_call_without_rank_or_tol_says_which_arguments_it_needs() -> None:
+    expected = r"^compress needs a bond cap \(rank=\.\.\.\) or an error tolerance \(tol=\.\.\.\), got neither$"
+    with pytest.raises(ValueError, match=expected):
+        kit.check_compress_budget(None, None)
+    kit.check_compress_budget(4, None)
+    kit.check_compress_budget(None, 0.1)
+
+
+def test_conv_route_follows_the_cost_model_it_is_given() -> None:
+    from tnlayers.cost import CostModel
+
+    spec = tnlayers.MPOSpec((3, 3, 4), (2, 4, 4), 4)
+    assert kit.conv_route(spec, 256)[1]  # the NumPy model builds the kernel at 256 positions
+    flops_bound = CostModel(peak_flops=1e3, bandwidth=1e20)  # only flops count: W's build is never worth it
+    assert not kit.conv_route(spec, 256, cost_model=flops_bound)[1]
+    planner = kit.LayerPlanner.make(spec, "auto", "numpy")
+    assert planner.conv_route(1)[0].batch_size == 1 and planner.conv_route(300)[0].batch_size == 512
+
+
+def test_describe_states_the_compression_factor() -> None:
+    spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 16)
+    factor = (784 * 256) / sum(int(np.prod(s)) for s in spec.core_shapes)
+    assert f"(compression {factor:.1f}x)" in kit.describe(spec, True)
+
+
+@pytest.mark.parametrize("value", ["2x3", 6])
+def test_modes_must_be_a_sequence_of_ints_and_the_error_names_them(value: Any) -> None:
+    with pytest.raises(TypeError, match=r"in_modes must be a sequence of positive integers or None, got"):
+        kit.modes_or_none(value, "in_modes")
+
+
+def test_a_decomposition_with_as_many_parameters_as_the_dense_matrix_saves_nothing() -> None:
+    weight = np.random.default_rng(0).normal(size=(4, 4))
+    _, report = tnlayers.from_dense(weight, (2, 2), (2, 2), max_rank=2)
+    assert report.num_params == report.dense_params == 16  # 2*2*2 + 2*2*2
+    assert kit.no_saving(report) is not None and "no saving" in kit.no_saving(report)
+
+
+def _layer_classes() -> list[Any]:
+    from tnlayers.backends.numpy import MPOLinear as NumpyMPOLinear
+
+    torch = pytest.importorskip("torch")
+    from tnlayers.backends.torch import MPOLinear as TorchMPOLinear
+
+    assert torch is not None
+    return [NumpyMPOLinear, TorchMPOLinear]
+
+
+def _bias_of(layer: Any) -> np.ndarray | None:
+    bias = layer.bias
+    return None if bias is None else np.asarray(bias.detach() if hasattr(bias, "detach") else bias)
+
+
+def test_auto_layers_take_four_cores_of_rank_8_unless_told_and_pass_the_rest_on() -> None:
+    for cls in _layer_classes():
+        default = cls.auto(784, 256)
+        assert default.spec.n_cores == 4 and max(default.spec.ranks) == 8
+        assert _bias_of(default) is not None
+        told = cls.auto(784, 256, n_cores=3, rank=3, bias=False)
+        assert told.spec.n_cores == 3 and max(told.spec.ranks) == 3 and told.bias is None
+
+
+def test_freeze_without_arguments_freezes_the_central_core_and_keeps_the_bias_trainable() -> None:
+    spec = tnlayers.MPOSpec((2, 3, 4, 2), (2, 2, 3, 2), 3)
+    for cls in _layer_classes():
+        layer = cls(spec.in_modes, spec.out_modes, 3)
+        layer.freeze()
+        assert set(layer.frozen_cores) == spec.select_cores("central") == {spec.central_core}
+        trainable = layer.bias_frozen is False if hasattr(layer, "bias_frozen") else layer.bias.requires_grad
+        assert trainable
+        layer.unfreeze()
+        assert not set(layer.frozen_cores)
+
+
+def test_load_picks_the_named_layer_and_passes_keywords_to_from_cores(tmp_path: Any) -> None:
+    from tnlayers.checkpoint import save_layers
+
+    rng = np.random.default_rng(0)
+    first = tnlayers.init_cores(tnlayers.MPOSpec((2, 3), (3, 2), 2), seed=1)
+    second = tnlayers.init_cores(tnlayers.MPOSpec((4, 2), (2, 4), 2), seed=2)
+    path = tmp_path / "two.safetensors"
+    biases = rng.normal(size=6).astype(np.float32), rng.normal(size=8).astype(np.float32)
+    save_layers(path, {"a": (first, biases[0]), "b": (second, biases[1])})
+    for cls in _layer_classes():
+        layer = cls.load(path, name="b", strategy="zipper")
+        assert layer.spec.in_modes == (4, 2) and layer.strategy == "zipper"
+        np.testing.assert_array_equal(_bias_of(layer), biases[1])
+        with pytest.raises(ValueError, match="pass name= to choose one"):
+            cls.load(path)
+
+
+@pytest.mark.parametrize(
+    ("in_modes", "out_modes", "rank"),
+    [((4, 2), (3, 7), 3), ((2, 4, 2), (5, 3, 3), 4), ((2, 2, 4, 2), (3, 5, 2, 3), 3)],  # inputs of 2^k: exact ratios
+)
+@pytest.mark.parametrize("trained", ["all", "all but the first", "only the first", "none"])
+def test_the_halves_of_w_are_kept_exactly_when_they_fit_beside_the_input(
+    in_modes: tuple[int, ...], out_modes: tuple[int, ...], rank: int, trained: str
+) -> None:
+    from tnlayers.contract import get_ops, weight_halves
+
+    spec = tnlayers.MPOSpec(in_modes, out_modes, rank)
+    core_needs = tuple(
+        {"all": True, "all but the first": k > 0, "only the first": k == 0, "none": False}[trained]
+        for k in range(spec.n_cores)
+    )
+    needs = (True, *core_needs)
+    rows = 32
+    plan = tnlayers.plan(spec, rows, "materialize")
+    halves = weight_halves(tnlayers.init_cores(spec, seed=0), get_ops("numpy"))
+    kept = sum(h.size for h in halves) + (rows * spec.in_features if any(core_needs) else 0)
+    exact = kept / (rows * spec.in_features)  # the budget (in input sizes) at which they just fit
+    assert kit.keeps_weight_halves(plan, rows, needs, exact)
+    assert not kit.keeps_weight_halves(plan, rows, needs, exact * (1 - 1e-9))
+    assert not kit.keeps_weight_halves(tnlayers.plan(spec, rows, "zipper"), rows, needs, 1e9)  # W is never built
+    one_core = tnlayers.MPOSpec((6,), (4,), 1)
+    assert not kit.keeps_weight_halves(tnlayers.plan(one_core, rows, "materialize"), rows, (True, True), 1e9)
+
+
+def test_an_autotuning_planner_uses_the_tuner_cost_model_and_gradients_it_is_given(tmp_path: Any) -> None:
+    import time
+
+    from tnlayers.autotune import Autotuner
+    from tnlayers.plan import auto_candidates
+
+    spec = tnlayers.MPOSpec((4, 4, 4), (4, 4, 4), 4)
+    planner = kit.LayerPlanner.make(spec, "autotune", "torch")
+    tuner = Autotuner(tmp_path / "autotune.json")
+    seen: list[Any] = []
+
+    def timer(candidate: Any) -> Any:
+        seen.append(candidate)
+        slow = len(seen) != 2  # the candidates come cheapest first: the second one wins, not the model's pick
+
+        def run() -> None:
+            if slow:
+                time.sleep(0.0005)
+
+        return run
+
+    cheapest_last = sorted(auto_candidates(spec, 8, planner.cost_model, "cores"), key=lambda p: (p.cost, p.flops))
+    tuned = planner.plan(8, "cores", ("cpu",), timer, tuner)
+    assert len(seen) >= 2
+    assert [p.path for p in seen] == list(dict.fromkeys(p.path for p in cheapest_last))[: len(seen)]
+    assert tuned.path == seen[1].path != planner.plan(8, "cores").path and tuned.gradients == "cores"
+    assert tuner.cached(spec, 8, ("cpu",)) is not None  # written to the tuner given, not the default one
+    assert planner.plan(8, "cores", ("cpu",), None, tuner).path == tuned.path  # remembered for bucket 8
+
+
+def test_conv_channels_splits_the_kernel_matrix_rows_into_positions_and_channels() -> None:
+    spec = tnlayers.MPOSpec((3, 3, 4), (2, 4, 4), 2)  # 36 rows = 4 channels x 3 x 3
+    assert kit.conv_channels(spec, 3) == ((3, 3), 4) and type(kit.conv_channels(spec, 3)[1]) is int
+    assert kit.conv_channels(spec, (1, 3)) == ((1, 3), 12)
+    with pytest.raises(ValueError, match=r"^kernel_size must be"):
+        kit.conv_channels(spec, (0, 3))
+    with pytest.raises(ValueError, match=r"the cores map 36 inputs, not a multiple of the kernel's 5\*5 positions"):
+        kit.conv_channels(spec, 5)
