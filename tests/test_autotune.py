@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable
@@ -213,7 +214,7 @@ def test_a_malformed_entry_warning_names_the_spec_and_the_fault_at_the_callers_l
     with pytest.warns(UserWarning, match=expected + " again$") as caught:
         assert autotune.Autotuner(tuner.path).cached(SPEC, 16, KEY) is None
     (warning,) = caught.list
-    assert warning.filename == __file__  # attributed to the line that asked the cache, not to tnlayers
+    _assert_at_callers_line(warning)  # the line that asked the cache, not tnlayers
 
 
 def test_an_entry_without_a_method_name_is_served_as_a_path(tuner: autotune.Autotuner) -> None:
@@ -247,3 +248,67 @@ def test_the_cache_folder_defaults_to_the_users_cache() -> None:
     assert autotune.cache_dir_from({}) == Path.home() / ".cache" / "tnlayers"
     assert autotune.cache_dir_from({"XDG_CACHE_HOME": "/x"}) == Path("/x/tnlayers")
     assert autotune.cache_dir_from({"XDG_CACHE_HOME": "/x", "TNLAYERS_CACHE_DIR": "/y"}) == Path("/y")
+
+
+def test_the_tuner_names_its_file_and_forgets_in_memory_or_on_disk(tuner: autotune.Autotuner) -> None:
+    assert repr(tuner) == f"Autotuner({str(tuner.path)!r})"
+    chosen = tuner.tune(SPEC, 16, _slow_except(_candidate_methods(16)[1]), KEY, repeats=1)
+    tuner.path.write_text(json.dumps({"version": 1, "entries": {}}))  # another process emptied the file
+    assert tuner.cached(SPEC, 16, KEY) is not None  # still remembered in memory
+    tuner.clear()
+    assert tuner.path.exists()  # memory only, by default
+    assert tuner.cached(SPEC, 16, KEY) is None  # forgotten: the file is read again
+    tuner.tune(SPEC, 16, _slow_except(chosen.method), KEY, repeats=1)
+    tuner.clear(disk=True)
+    assert not tuner.path.exists() and tuner.cached(SPEC, 16, KEY) is None
+    tuner.clear(disk=True)  # no file: nothing to delete, no error
+
+
+def test_a_tuner_from_the_environment_keeps_its_file_in_the_cache_folder(tmp_path: Path) -> None:
+    found = autotune.Autotuner.from_environment({"TNLAYERS_CACHE_DIR": str(tmp_path / "here")})
+    assert found.path == tmp_path / "here" / "autotune.json"
+
+
+def test_a_stored_entry_records_every_candidate_time_and_the_winner(tuner: autotune.Autotuner) -> None:
+    methods = _candidate_methods(16)
+    chosen = tuner.tune(SPEC, 16, _slow_except(methods[2]), KEY, repeats=1)
+    content = json.loads(tuner.path.read_text())
+    assert content["version"] == 1
+    (entry,) = content["entries"].values()
+    assert entry["method"] == methods[2] == chosen.method and chosen.strategy == "autotune"
+    assert tuple(tuple(pair) for pair in entry["path"]) == chosen.path
+    assert sorted(entry["median_s"]) == sorted(methods)
+    assert entry["median_s"][methods[2]] < min(t for m, t in entry["median_s"].items() if m != methods[2])
+    again = autotune.Autotuner(tuner.path).cached(SPEC, 16, KEY)
+    assert again is not None and again.method == methods[2] and again.strategy == "autotune"
+    assert again.batch_size == 16 and again.path == chosen.path
+
+
+def _assert_at_callers_line(warning: Any) -> None:
+    """The warning points at this test file's line; under mutmut the first frame outside tnlayers is the
+    trampoline that sits between every mutated function and its caller."""
+    if "MUTANT_UNDER_TEST" in os.environ:
+        assert warning.filename.endswith(os.path.join("mutmut", "mutation", "trampoline.py"))
+    else:
+        assert warning.filename == __file__
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ('{"version": 2, "entries": {}}', "expected a JSON object with version 1"),
+        ('{"version": 1}', "no 'entries' object"),
+    ],
+)
+def test_a_corrupt_cache_file_is_ignored_with_its_fault_at_the_callers_line(
+    tmp_path: Path, content: str, reason: str
+) -> None:
+    path = tmp_path / "autotune.json"
+    path.write_text(content)
+    expected = (
+        rf"^ignoring the corrupt autotune cache {re.escape(str(path))} \({re.escape(reason)}\); it will be rewritten$"
+    )
+    with pytest.warns(UserWarning, match=expected) as caught:
+        assert autotune.Autotuner(path).cached(SPEC, 16, KEY) is None
+    (warning,) = caught.list
+    _assert_at_callers_line(warning)
