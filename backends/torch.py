@@ -137,7 +137,7 @@ class _PlannedContraction(torch.autograd.Function):
         cores = rest[:n]
         again = torch.is_grad_enabled()  # double backward: recompute everything from x and the cores
         if plan.builds_weight:  # W is built again (from the kept halves if any) only for x's gradient
-            halves = None if again else rest[n:]
+            halves = rest[n:] if rest[n:] and not again else None
             grads = planned_backward(plan, x, cores, grad, _OPS, needs, None, halves=halves)
         else:
             kept = {} if again else dict(zip(ctx.keep, rest[n:]))

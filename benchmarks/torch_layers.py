@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "cpu": platform.processor(),
         "OMP_WAIT_POLICY": policy,
-        "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "unset"),
+        "MALLOC_MMAP_THRESHOLD_": threshold,
     }
     write_records(args.out, records, environment)
 

@@ -72,7 +72,7 @@ def _matmul_route(step: Pairwise, ndim_a: int, ndim_b: int) -> _MatmulRoute | No
     """The :class:`_MatmulRoute` of ``step``, or ``None`` when ``a``'s contracted axes are not one block."""
     axes_a, axes_b = step.axes
     lo, hi = min(axes_a, default=0), max(axes_a, default=-1) + 1
-    if not axes_a or hi - lo != len(axes_a) or ndim_a < hi:
+    if not axes_a or hi - lo != len(axes_a):
         return None
     in_block_order = tuple(axes_b[axes_a.index(d)] for d in range(lo, hi))
     return _MatmulRoute(lo, hi, in_block_order + tuple(d for d in range(ndim_b) if d not in axes_b))
@@ -591,11 +591,11 @@ def planned_backward(
         grad_x = None
         if needs[0]:
             if weight is None:
-                weight = dense_weight(cores, ops) if not halves else weight_from_halves(cores, halves, ops)
+                weight = dense_weight(cores, ops) if halves is None else weight_from_halves(cores, halves, ops)
             grad_x = ops.pairwise(_MATMUL_BT, grad, weight)
         found: list[Any] = [None] * len(cores)
         if any(needs[1:]):
-            found = dense_weight_backward(cores, ops.pairwise(_MATMUL_AT, x, grad), ops, halves or None)
+            found = dense_weight_backward(cores, ops.pairwise(_MATMUL_AT, x, grad), ops, halves)
         return [grad_x, *(g if need else None for g, need in zip(found, needs[1:]))]
     reads = backward_reads(plan_.steps, n_operands, needs)
     tape = replay(plan_.steps, plan_operands(plan_, x, cores, ops), ops, kept, reads)

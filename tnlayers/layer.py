@@ -42,7 +42,6 @@ from .plan import (
     plan,
     plan_by_key,
     strategy_key,
-    weight_split,
     weight_step_sizes,
 )
 from .reports import LayerReport
@@ -180,6 +179,7 @@ def _kept_for_backward(
     return None if keep == backward_intermediates(plan, needs) else keep
 
 
+@functools.lru_cache(maxsize=1024)
 def keeps_weight_halves(plan: ContractionPlan, rows: int, needs: tuple[bool, ...], saved_budget: float) -> bool:
     """Whether a planned backward of ``plan``, which builds ``W`` and keeps nothing else (see
     :func:`kept_for_backward`), keeps ``W``'s two small halves (:func:`tnlayers.contract.weight_halves`):
@@ -187,12 +187,9 @@ def keeps_weight_halves(plan: ContractionPlan, rows: int, needs: tuple[bool, ...
     builds ``W`` again only for the input's gradient, from the halves."""
     if not plan.builds_weight or plan.spec.n_cores == 1:
         return False
-    shapes = plan.spec.core_shapes
-    k = weight_split(shapes)
-    left = math.prod([s[1] * s[2] for s in shapes[:k]]) * shapes[k][0]  # lists: torch.compile traces this
-    right = shapes[k][0] * math.prod([s[1] * s[2] for s in shapes[k:]])
+    left, right, bond, _ = weight_step_sizes(plan.spec)[-1]  # L @ R: (left, bond) @ (bond, right)
     size = rows * plan.spec.in_features
-    return (size if any(needs[1:]) else 0) + left + right <= saved_budget * size
+    return (size if any(needs[1:]) else 0) + (left + right) * bond <= saved_budget * size
 
 
 def check_input(shape: Sequence[Any], in_features: int, what: str) -> None:
