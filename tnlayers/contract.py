@@ -78,36 +78,36 @@ def _matmul_route(step: Pairwise, ndim_a: int, ndim_b: int) -> _MatmulRoute | No
     return _MatmulRoute(lo, hi, in_block_order + tuple(d for d in range(ndim_b) if d not in axes_b))
 
 
-def _matmul_pairwise(
-    matmul: Callable[[Any, Any], Any], transpose: Callable[[Any, tuple[int, ...]], Any]
-) -> Callable[[Pairwise, Any, Any], Any]:
+def _matmul_product(
+    step: Pairwise,
+    a: Any,
+    b: Any,
+    matmul: Callable[[Any, Any], Any],
+    transpose: Callable[[Any, tuple[int, ...]], Any],
+) -> Any:
     """One step by ``matmul`` (NumPy/torch semantics: batched over leading dimensions, strided operands
     read in place); ``None`` for a step whose ``a`` is not read as one contracted block (see
     :class:`_MatmulRoute`), which the caller runs by ``tensordot``."""
-
-    def pairwise(step: Pairwise, a: Any, b: Any) -> Any:
-        route = _matmul_route(step, len(a.shape), len(b.shape))
-        if route is None:
-            return None
-        shape_a, shape_b = tuple(a.shape), tuple(b.shape)
-        lo, hi = route.lo, route.hi
-        k = math.prod(shape_a[lo:hi])
-        order_b = route.b_order
-        b_matrix = b if order_b == tuple(range(len(shape_b))) else transpose(b, order_b)
-        free_b = [shape_b[d] for d in order_b[hi - lo :]]
-        b_matrix = b_matrix.reshape(k, math.prod(free_b))
-        p, q = shape_a[:lo], shape_a[hi:]
-        if not q:
-            product = matmul(a.reshape(math.prod(p), k), b_matrix)
-        elif not p:
-            product = matmul(a.reshape(k, math.prod(q)).T, b_matrix)
-        else:
-            batched = transpose(a.reshape(math.prod(p), k, math.prod(q)), (0, 2, 1))
-            product = matmul(batched, b_matrix)
-        product = product.reshape((*p, *q, *free_b))
-        return product if step.perm == tuple(range(len(step.perm))) else transpose(product, step.perm)
-
-    return pairwise
+    route = _matmul_route(step, len(a.shape), len(b.shape))
+    if route is None:
+        return None
+    shape_a, shape_b = tuple(a.shape), tuple(b.shape)
+    lo, hi = route.lo, route.hi
+    k = math.prod(shape_a[lo:hi])
+    order_b = route.b_order
+    b_matrix = b if order_b == tuple(range(len(shape_b))) else transpose(b, order_b)
+    free_b = [shape_b[d] for d in order_b[hi - lo :]]
+    b_matrix = b_matrix.reshape(k, math.prod(free_b))
+    p, q = shape_a[:lo], shape_a[hi:]
+    if not q:
+        product = matmul(a.reshape(math.prod(p), k), b_matrix)
+    elif not p:
+        product = matmul(a.reshape(k, math.prod(q)).T, b_matrix)
+    else:
+        batched = transpose(a.reshape(math.prod(p), k, math.prod(q)), (0, 2, 1))
+        product = matmul(batched, b_matrix)
+    product = product.reshape((*p, *q, *free_b))
+    return product if step.perm == tuple(range(len(step.perm))) else transpose(product, step.perm)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -122,43 +122,45 @@ def _tensordot_axes(step: Pairwise, ndim_a: int, ndim_b: int) -> tuple[tuple[int
 
 
 def _numpy_pairwise(step: Pairwise, a: Any, b: Any) -> Any:
-    product = _NUMPY_MATMUL(step, a, b)
+    product = _matmul_product(step, a, b, np.matmul, np.transpose)
     if product is None:
         return np.tensordot(a, b, axes=_tensordot_axes(step, a.ndim, b.ndim)).transpose(step.perm)
     return product
 
 
-_NUMPY_MATMUL = _matmul_pairwise(np.matmul, np.transpose)
+def _permute(x: Any, perm: tuple[int, ...]) -> Any:
+    return x.permute(perm)
 
 
-def _torch_pairwise(torch: Any) -> Callable[[Pairwise, Any, Any], Any]:
-    by_matmul = _matmul_pairwise(torch.matmul, lambda x, perm: x.permute(perm))
-
-    def pairwise(step: Pairwise, a: Any, b: Any) -> Any:
-        if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):  # autograd: tensordot's
-            product = by_matmul(step, a, b)  # backward copies less than that of a strided batched product
-            if product is not None:
-                return product
-        product = torch.tensordot(a, b, dims=_tensordot_axes(step, len(a.shape), len(b.shape)))
-        return product if step.perm == tuple(range(len(step.perm))) else product.permute(step.perm)
-
-    return pairwise
+def _torch_pairwise(step: Pairwise, a: Any, b: Any) -> Any:
+    torch = sys.modules["torch"]
+    if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):  # autograd: tensordot's
+        product = _matmul_product(step, a, b, torch.matmul, _permute)  # backward copies less than
+        if product is not None:  # that of a strided batched product
+            return product
+    product = torch.tensordot(a, b, dims=_tensordot_axes(step, len(a.shape), len(b.shape)))
+    return product if step.perm == tuple(range(len(step.perm))) else product.permute(step.perm)
 
 
 def _einsum_pairwise(einsum: Callable[..., Any]) -> Callable[[Pairwise, Any, Any], Any]:
     return lambda step, a, b: einsum(step.equation, a, b)
 
 
+def _reshape(x: Any, shape: tuple[int, ...]) -> Any:
+    return x.reshape(shape)
+
+
+def _restore_leading(y: Any, x: Any, out: int) -> Any:
+    return y.reshape((*x.shape[:-1], out))
+
+
 def _method_ops(
     name: str, pairwise: Callable[[Pairwise, Any, Any], Any], transpose: Callable[[Any, tuple[int, ...]], Any]
 ) -> ArrayOps:
-    """Ops for arrays with a NumPy-like ``.reshape`` and ``.shape`` (numpy, torch, jax)."""
+    """Ops for arrays with a NumPy-like ``.reshape`` and ``.shape`` (numpy, torch, jax); module-level
+    functions, not closures, so that each call runs the code as it is now (mutation testing swaps it)."""
     return ArrayOps(
-        name=name,
-        pairwise=pairwise,
-        reshape=lambda x, shape: x.reshape(shape),
-        restore_leading=lambda y, x, out: y.reshape((*x.shape[:-1], out)),
-        transpose=transpose,
+        name=name, pairwise=pairwise, reshape=_reshape, restore_leading=_restore_leading, transpose=transpose
     )
 
 
@@ -183,9 +185,7 @@ def _make_ops(name: str) -> ArrayOps:
     if name == "numpy":
         return _method_ops("numpy", _numpy_pairwise, np.transpose)
     if name == "torch":  # tensordot + permute: 10-30% faster than einsum at small batch, equal at large
-        torch = sys.modules["torch"]
-        pairwise = _torch_pairwise(torch)
-        return _method_ops("torch", pairwise, lambda x, perm: x.permute(perm))
+        return _method_ops("torch", _torch_pairwise, _permute)
     if name == "jax":
         jnp = sys.modules["jax"].numpy
         return _method_ops("jax", _einsum_pairwise(jnp.einsum), jnp.transpose)
