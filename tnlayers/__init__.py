@@ -7,6 +7,7 @@ This namespace holds the user API; the plumbing stays importable from its submod
 """
 
 from . import autotune
+from .calibrate import Gram, calibrated_fit, low_rank_fit
 from .checkpoint import load, load_layers, save, save_layers
 from .contract import contract
 from .cost import CostModel
@@ -23,10 +24,12 @@ __version__ = "0.1.0"
 __all__ = [
     "ContractionPlan",
     "CostModel",
+    "Gram",
     "MPOSpec",
     "RankClippedWarning",
     "__version__",
     "autotune",
+    "calibrated_fit",
     "contract",
     "draw",
     "draw_ascii",
@@ -36,6 +39,7 @@ __all__ = [
     "init_cores",
     "load",
     "load_layers",
+    "low_rank_fit",
     "plan",
     "report",
     "save",

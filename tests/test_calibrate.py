@@ -1,0 +1,185 @@
+"""Calibrated fits (``tnlayers.calibrate``) against references written here in plain NumPy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tnlayers import calibrate
+from tnlayers.calibrate import Gram, calibrated_fit, low_rank_fit, output_error
+
+IN_MODES, OUT_MODES = (2, 3, 2), (3, 2, 2)
+
+
+def _dense(cores: list[np.ndarray]) -> np.ndarray:
+    """W from cores by one einsum (independent of tnlayers.to_dense)."""
+    letters = "abcdefgh"
+    terms, rows, cols = [], "", ""
+    for k in range(len(cores)):
+        terms.append(f"{letters[k]}{'ijk'[k]}{'xyz'[k]}{letters[k + 1]}")
+        rows, cols = rows + "ijk"[k], cols + "xyz"[k]
+    w = np.einsum(",".join(terms) + f"->{rows}{cols}", *cores)
+    return w.reshape(math.prod(c.shape[1] for c in cores), -1)
+
+
+def _anisotropic_rows(rng: np.random.Generator, rows: int, features: int) -> np.ndarray:
+    """Calibration rows whose feature scales span about three decades, as activations do."""
+    return rng.normal(size=(rows, features)) * np.exp(rng.normal(size=features) * 1.5)
+
+
+@pytest.fixture
+def problem() -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    rng = np.random.default_rng(7)
+    x = _anisotropic_rows(rng, 200, math.prod(IN_MODES))
+    w = rng.normal(size=(math.prod(IN_MODES), math.prod(OUT_MODES)))
+    ranks = (1, 3, 4, 1)
+    cores = [rng.normal(size=(ranks[k], IN_MODES[k], OUT_MODES[k], ranks[k + 1])) for k in range(3)]
+    return x, w, cores
+
+
+def test_gram_adds_batches_into_x_transpose_x() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 10, 6))
+    gram = Gram(6)
+    gram.add(x[0])
+    gram.add(x[1])
+    rows = x.reshape(-1, 6)
+    np.testing.assert_allclose(gram.matrix, rows.T @ rows, rtol=1e-13)
+    assert gram.rows == 20
+    with pytest.raises(ValueError, match=r"expected rows of 6 features, got an array of shape \(3, 5\)"):
+        gram.add(np.ones((3, 5)))
+    with pytest.raises(ValueError, match="NaN"):
+        gram.add(np.full((1, 6), np.nan))
+    with pytest.raises(ValueError, match="features must be a positive int, got 0"):
+        Gram(0)
+
+
+def test_output_error_is_the_relative_error_of_x_times_w(problem) -> None:  # type: ignore[no-untyped-def]
+    x, w, cores = problem
+    approx = _dense(cores)
+    expected = np.linalg.norm(x @ (w - approx)) / np.linalg.norm(x @ w)
+    assert output_error(approx, w, x.T @ x) == pytest.approx(expected, rel=1e-10)
+    assert output_error(cores, w, x.T @ x) == pytest.approx(expected, rel=1e-10)
+    with pytest.raises(ValueError, match=r"gram must be \(12, 12\) .* got \(11, 11\)"):
+        output_error(approx, w, np.eye(11))
+
+
+@pytest.mark.parametrize("solver", ["direct", "conjugate-gradients"])
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_one_site_update_is_the_least_squares_minimiser(problem, monkeypatch, solver: str, k: int) -> None:  # type: ignore[no-untyped-def]
+    """With the other cores fixed, the update of core k minimises ||X W - X W'|| exactly: compared with
+    numpy's lstsq on the design matrix whose columns are X W' for each unit entry of the core."""
+    x, w, cores = problem
+    monkeypatch.setattr(calibrate, "DIRECT_SOLVE_LIMIT", 10**9 if solver == "direct" else 0)
+    monkeypatch.setattr(calibrate, "CG_ITERATIONS", 2000)
+    monkeypatch.setattr(calibrate, "CG_TOLERANCE", 1e-12)
+    columns = []
+    for index in np.ndindex(cores[k].shape):
+        unit = [c.copy() for c in cores]
+        unit[k] = np.zeros_like(cores[k])
+        unit[k][index] = 1.0
+        columns.append((x @ _dense(unit)).ravel())
+    design = np.stack(columns, axis=1)
+    best = np.linalg.lstsq(design, (x @ w).ravel(), rcond=None)[0].reshape(cores[k].shape)
+    expected = [*cores[:k], best, *cores[k + 1 :]]
+
+    c, cw = x.T @ x, x.T @ x @ w
+    site = calibrate._Site(
+        c, cw, calibrate._left_env(cores, k), calibrate._right_env(cores, k + 1), IN_MODES[k], OUT_MODES[k]
+    )
+    start = cores[k].transpose(0, 1, 3, 2)
+    solved = site.solve(start, ridge=0.0).transpose(0, 1, 3, 2)
+    got = [*cores[:k], solved, *cores[k + 1 :]]
+    np.testing.assert_allclose(x @ _dense(got), x @ _dense(expected), rtol=1e-7, atol=1e-7 * np.abs(x @ w).max())
+
+
+@pytest.mark.parametrize("solver", ["direct", "conjugate-gradients"])
+def test_one_site_sweeps_never_raise_the_output_error(problem, monkeypatch, solver: str) -> None:  # type: ignore[no-untyped-def]
+    x, w, _ = problem
+    monkeypatch.setattr(calibrate, "DIRECT_SOLVE_LIMIT", 10**9 if solver == "direct" else 0)
+    cores, report = calibrated_fit(w, x.T @ x, IN_MODES, OUT_MODES, max_rank=3, sweeps=4)
+    assert report.sweeps == ("one-site",) * 4 and len(report.errors) == 5
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(report.errors, report.errors[1:]))
+    assert report.errors[-1] < 0.75 * report.errors[0]  # the fit to the outputs beats TT-SVD's by far here
+    measured = np.linalg.norm(x @ (w - _dense(cores))) / np.linalg.norm(x @ w)
+    assert report.error == pytest.approx(measured, rel=1e-9)
+    assert [c.shape for c in cores] == [(1, 2, 3, 3), (3, 3, 2, 3), (3, 2, 2, 1)]
+    assert report.weight_error > 0 and report.svd_error == report.errors[0]
+
+
+def test_two_site_split_is_optimal_for_kronecker_inputs() -> None:
+    """Two cores, inputs whose covariance is C1 (x) C2: the best rank-q MPO in the output metric is the
+    truncated SVD of the whitened (i1 j1) x (i2 j2) matrix, written here from scratch."""
+    rng = np.random.default_rng(3)
+    (i1, i2), (j1, j2), q = (3, 4), (2, 3), 2
+    f1, f2 = rng.normal(size=(i1, i1)) * [1, 5, 30], rng.normal(size=(i2, i2)) * [1, 2, 20, 3]
+    c = np.kron(f1 @ f1.T, f2 @ f2.T)
+    w = rng.normal(size=(i1 * i2, j1 * j2))
+    _, report = calibrated_fit(w, c, (i1, i2), (j1, j2), max_rank=q, sweeps=1, two_site=True, ridge=0.0)
+
+    def root(m: np.ndarray) -> np.ndarray:
+        values, vectors = np.linalg.eigh(m)
+        return (vectors * np.sqrt(values)) @ vectors.T
+
+    t = w.reshape(i1, i2, j1, j2).transpose(0, 2, 1, 3).reshape(i1 * j1, i2 * j2)
+    whitened = np.kron(root(f1 @ f1.T), np.eye(j1)) @ t @ np.kron(root(f2 @ f2.T), np.eye(j2))
+    s = np.linalg.svd(whitened, compute_uv=False)
+    expected = math.sqrt(np.sum(s[q:] ** 2) / np.sum(s**2))
+    assert report.sweeps == ("two-site", "one-site")
+    assert report.errors[1] == pytest.approx(expected, rel=1e-6)
+    assert report.errors[2] <= report.errors[1] * (1 + 1e-9)
+    assert report.errors[1] < report.errors[0]  # TT-SVD's Frobenius cut is worse in this metric
+
+
+def test_two_site_sweeps_choose_bonds_by_tolerance() -> None:
+    """An exact MPO of bonds (1, 2, 3, 1), started from bonds of 1: the two-site sweeps grow the bonds to
+    what the outputs need and no further (a one-site sweep cannot change a bond)."""
+    rng = np.random.default_rng(5)
+    ranks = (1, 2, 3, 1)
+    cores = [rng.normal(size=(ranks[k], IN_MODES[k], OUT_MODES[k], ranks[k + 1])) for k in range(3)]
+    w = _dense(cores)
+    x = _anisotropic_rows(rng, 100, 12)
+    thin = [rng.normal(size=(1, i, j, 1)) for i, j in zip(IN_MODES, OUT_MODES)]
+    fitted, report = calibrated_fit(w, x.T @ x, tol=1e-8, sweeps=2, two_site=True, ridge=0.0, start=thin)
+    assert report.errors[0] > 0.5
+    assert report.spec.ranks == ranks
+    np.testing.assert_allclose(x @ _dense(fitted), x @ w, atol=1e-7 * np.abs(x @ w).max())
+
+
+def test_low_rank_fit_meets_eckart_young_on_the_outputs() -> None:
+    """Whitened: the error of the best rank-q approximation of X W itself (X has full column rank).
+    Plain: the best rank-q approximation of W."""
+    rng = np.random.default_rng(1)
+    x, w = _anisotropic_rows(rng, 300, 20), rng.normal(size=(20, 9))
+    for q in (1, 4, 8):
+        fit = low_rank_fit(w, q, x.T @ x, ridge=0.0)
+        s = np.linalg.svd(x @ w, compute_uv=False)
+        assert fit.error == pytest.approx(math.sqrt(np.sum(s[q:] ** 2) / np.sum(s**2)), rel=1e-7)
+        np.testing.assert_allclose(np.linalg.norm(x @ (w - fit.first @ fit.second)) / np.linalg.norm(x @ w), fit.error)
+        assert fit.first.shape == (20, q) and fit.second.shape == (q, 9) and fit.num_params == q * 29
+        plain = low_rank_fit(w, q)
+        sw = np.linalg.svd(w, compute_uv=False)
+        assert plain.error == pytest.approx(math.sqrt(np.sum(sw[q:] ** 2) / np.sum(sw**2)), rel=1e-9)
+        assert output_error(plain.first @ plain.second, w, x.T @ x) > fit.error
+    with pytest.raises(ValueError, match=r"rank must be an int in \[1, 9\] .* got 10"):
+        low_rank_fit(w, 10)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sweeps": -1}, "sweeps must be a non-negative int, got -1"),
+        ({"ridge": 2.0}, r"ridge must be a number in \[0, 1\) .* got 2.0"),
+        ({"tol": 1.5}, r"tol must be a relative error in \[0, 1\), got 1.5"),
+    ],
+)
+def test_calibrated_fit_rejects_bad_settings(problem, kwargs: dict, message: str) -> None:  # type: ignore[no-untyped-def]
+    x, w, _ = problem
+    with pytest.raises(ValueError, match=message):
+        calibrated_fit(w, x.T @ x, IN_MODES, OUT_MODES, **kwargs)
+    with pytest.raises(ValueError, match=r"gram must be \(12, 12\)"):
+        calibrated_fit(w, np.eye(6), IN_MODES, OUT_MODES)
+    with pytest.raises(ValueError, match=r"start cores stand for a \(6, 6\) matrix, not the matrix's \(12, 12\)"):
+        calibrated_fit(w, x.T @ x, start=[np.ones((1, 2, 2, 1)), np.ones((1, 3, 3, 1))])
