@@ -40,7 +40,7 @@ from tnlayers.contract import (
 from tnlayers.decompose import DecompositionReport, spec_from_cores
 from tnlayers.plan import DEFAULT_BATCH, ContractionPlan, Pairwise
 
-__all__ = ["MPOConv2D", "MPODense", "compress"]
+__all__ = ["MPOConv2D", "MPODense", "MPOEmbedding", "compress"]
 
 _BACKEND = keras.backend.backend()
 
@@ -608,6 +608,104 @@ class MPOConv2D(_MPOLayer):
             "padding": self.padding,
             "dilation_rate": list(self.dilation_rate),
         }
+
+
+@keras.saving.register_keras_serializable(package="tnlayers")
+class MPOEmbedding(keras.layers.Layer):  # type: ignore[misc]
+    """``keras.layers.Embedding`` whose ``(input_dim, output_dim)`` table is an MPO: ``(*) -> (*, output_dim)``.
+
+    A lookup contracts only the looked-up rows' slices of the cores (the table is never formed). Rows are
+    padded to factorable modes (:func:`tnlayers.layer.embedding_spec`); the padded rows are never
+    returned, and an index outside ``[0, input_dim)`` is a ``ValueError`` in eager calls. Entries start
+    with variance ``std**2``.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        rank: int | Sequence[int] = 8,
+        n_cores: int = 4,
+        row_modes: Sequence[int] | None = None,
+        dim_modes: Sequence[int] | None = None,
+        std: float = 0.05,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.spec = kit.embedding_spec(input_dim, output_dim, rank, n_cores, row_modes, dim_modes)
+        self.input_dim, self.output_dim, self.std, self.seed = int(input_dim), int(output_dim), std, seed
+        seed_value = kit.draw_seed(seed, lambda high: np.random.randint(0, high))  # noqa: NPY002 (keras seeds it)
+        values = tnlayers.init_cores(self.spec, "normal", seed_value, np.float64, std=std)
+        self.cores = [
+            self.add_weight(name=f"core_{k}", shape=value.shape, initializer=_constant(value))
+            for k, value in enumerate(values)
+        ]
+        self.decomposition: tnlayers.decompose.DecompositionReport | None = None
+
+    def call(self, inputs: Any) -> Any:
+        if _concrete(inputs):
+            kit.check_indices(ops.convert_to_numpy(inputs), self.input_dim)
+        indices = ops.cast(inputs, "int32")
+        rows = kit.embedding_rows(
+            self.cores, ops.reshape(indices, (-1,)), self.spec.in_modes, _gather_rows, ops.reshape
+        )
+        return ops.reshape(rows, (*ops.shape(indices), self.output_dim))
+
+    def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
+        return (*input_shape, self.output_dim)
+
+    def to_dense(self) -> Any:
+        """The ``(input_dim, output_dim)`` table (a backend tensor)."""
+        return dense_weight(list(self.cores), _OPS)[: self.input_dim]
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "input_dim": self.input_dim,
+            "output_dim": self.output_dim,
+            "rank": list(self.spec.ranks[1:-1]),
+            "row_modes": list(self.spec.in_modes),
+            "dim_modes": list(self.spec.out_modes),
+            "std": self.std,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_cores(cls, cores: Sequence[Any], input_dim: int | None = None, **kwargs: Any) -> MPOEmbedding:
+        """A layer holding the given cores (rows: the "in" side); ``input_dim`` defaults to all rows."""
+        arrays = [np.asarray(c) for c in cores]
+        spec = spec_from_cores(arrays)
+        rows = spec.in_features if input_dim is None else input_dim
+        layer = cls(
+            rows, spec.out_features, spec.ranks[1:-1], row_modes=spec.in_modes, dim_modes=spec.out_modes, **kwargs
+        )
+        for core, array in zip(layer.cores, arrays):
+            core.assign(array.astype(np.float32 if core.dtype == "float32" else array.dtype))
+        return layer
+
+    @classmethod
+    def from_dense(
+        cls,
+        embedding: Any,
+        max_rank: int | Sequence[int] | None = None,
+        tol: float | None = None,
+        n_cores: int = 4,
+        row_modes: Sequence[int] | None = None,
+        dim_modes: Sequence[int] | None = None,
+    ) -> MPOEmbedding:
+        """TT-SVD of a built ``keras.layers.Embedding``'s table (rows padded); the report in ``.decomposition``."""
+        if not isinstance(embedding, keras.layers.Embedding) or not embedding.built:
+            raise TypeError(f"from_dense expects a built keras.layers.Embedding, got {type(embedding).__name__}")
+        table = np.asarray(ops.convert_to_numpy(embedding.embeddings), dtype=np.float64)
+        cores, report = kit.embedding_cores(table, max_rank, tol, n_cores, row_modes, dim_modes)
+        layer = cls.from_cores(cores, table.shape[0], dtype=embedding.dtype_policy)
+        layer.decomposition = report
+        return layer
+
+
+def _gather_rows(core: Any, digits: Any) -> Any:
+    return ops.transpose(ops.take(core, digits, axis=1), (1, 0, 2, 3))
 
 
 def _conv_from_keras(

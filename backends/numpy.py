@@ -30,7 +30,7 @@ from tnlayers.contract import (
 from tnlayers.decompose import DecompositionReport, spec_from_cores
 from tnlayers.plan import ContractionPlan
 
-__all__ = ["SGD", "Adam", "MPOLinear"]
+__all__ = ["SGD", "Adam", "MPOEmbedding", "MPOLinear"]
 
 _OPS = get_ops("numpy")
 Array = NDArray[Any]
@@ -231,6 +231,81 @@ class MPOLinear(kit.MPOLayerMixin):
 
     def __repr__(self) -> str:
         return f"MPOLinear({self.spec}, bias={self.bias is not None}, dtype={self.dtype}, strategy={self.strategy!r})"
+
+
+class MPOEmbedding:
+    """A ``(num_embeddings, embedding_dim)`` embedding table held as an MPO: ``(*) -> (*, embedding_dim)``.
+
+    Looks rows up by contracting only their slices of the cores (the table is never formed); rows are
+    padded to factorable modes (:func:`tnlayers.layer.embedding_spec`) and the padded rows are never
+    returned. Forward only (train it in torch or Keras; the cores are portable).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        rank: int | Sequence[int] = 8,
+        n_cores: int = 4,
+        row_modes: Sequence[int] | None = None,
+        dim_modes: Sequence[int] | None = None,
+        std: float = 1.0,
+        seed: int | None = None,
+        dtype: DTypeLike = np.float32,
+    ) -> None:
+        self.spec = kit.embedding_spec(num_embeddings, embedding_dim, rank, n_cores, row_modes, dim_modes)
+        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
+        self.cores = tnlayers.init_cores(self.spec, "normal", seed, dtype, std=std)
+        self.decomposition: DecompositionReport | None = None
+
+    @classmethod
+    def from_cores(cls, cores: Sequence[Any], num_embeddings: int | None = None) -> MPOEmbedding:
+        """A layer holding copies of the cores (rows: the "in" side); ``num_embeddings`` defaults to all rows."""
+        arrays = [np.array(c) for c in cores]
+        spec = spec_from_cores(arrays)
+        rows = spec.in_features if num_embeddings is None else num_embeddings
+        layer = cls(rows, spec.out_features, spec.ranks, row_modes=spec.in_modes, dim_modes=spec.out_modes)
+        layer.cores = arrays
+        return layer
+
+    @classmethod
+    def from_dense(
+        cls,
+        table: Any,
+        max_rank: int | Sequence[int] | None = None,
+        tol: float | None = None,
+        n_cores: int = 4,
+        row_modes: Sequence[int] | None = None,
+        dim_modes: Sequence[int] | None = None,
+    ) -> MPOEmbedding:
+        """TT-SVD of a ``(num_embeddings, embedding_dim)`` table (rows padded); the report is in ``.decomposition``."""
+        cores, report = kit.embedding_cores(table, max_rank, tol, n_cores, row_modes, dim_modes)
+        layer = cls.from_cores(cores, np.shape(table)[0])
+        layer.decomposition = report
+        return layer
+
+    def __call__(self, indices: Any) -> Array:
+        return self.forward(indices)
+
+    def forward(self, indices: Any) -> Array:
+        values = np.asarray(indices)
+        kit.check_indices(values, self.num_embeddings)
+        rows = kit.embedding_rows(self.cores, values.reshape(-1), self.spec.in_modes, _gather_rows, np.reshape)
+        return np.asarray(rows).reshape(*values.shape, self.embedding_dim)
+
+    def to_dense(self) -> Array:
+        """The ``(num_embeddings, embedding_dim)`` table."""
+        return tnlayers.to_dense(self.cores)[: self.num_embeddings]
+
+    def save(self, path: str | os.PathLike[str], name: str = "mpo") -> None:
+        tnlayers.save(path, self.cores, None, name=name)
+
+    def __repr__(self) -> str:
+        return f"MPOEmbedding({self.num_embeddings}, {self.embedding_dim}, {kit.describe(self.spec, False)})"
+
+
+def _gather_rows(core: Array, digits: Array) -> Array:
+    return core.transpose(1, 0, 2, 3)[digits]
 
 
 def _check_params(params: Sequence[Array]) -> list[Array]:

@@ -38,7 +38,7 @@ from tnlayers.contract import (
 from tnlayers.plan import ContractionPlan, batch_bucket
 from tnlayers.reports import CompressionReport
 
-__all__ = ["MPOConv2d", "MPOLinear", "compress", "freeze_cores", "restructure"]
+__all__ = ["MPOConv2d", "MPOEmbedding", "MPOLinear", "compress", "freeze_cores", "restructure"]
 
 _OPS = get_ops("torch")
 
@@ -569,6 +569,129 @@ class MPOConv2d(_MPOModule):
         )
 
 
+class MPOEmbedding(nn.Module):
+    """An ``nn.Embedding`` whose ``(num_embeddings, embedding_dim)`` table is an MPO: ``(*) -> (*, embedding_dim)``.
+
+    A lookup contracts only the looked-up rows' slices of the cores (:func:`tnlayers.layer.embedding_rows`);
+    the table is never formed. A vocabulary of awkward factors is padded (30,522 rows to 30,576 =
+    12 * 14 * 14 * 13 over 4 cores); the padded rows are never returned, and an index outside
+    ``[0, num_embeddings)`` is a ``ValueError``. Entries start with variance ``std**2`` (``nn.Embedding``: 1).
+    ``padding_idx`` is not supported: its row is one of the MPO's like any other.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        rank: int | Sequence[int] = 8,
+        n_cores: int = 4,
+        row_modes: Sequence[int] | None = None,
+        dim_modes: Sequence[int] | None = None,
+        std: float = 1.0,
+        device: Any = None,
+        dtype: Any = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = kit.embedding_spec(num_embeddings, embedding_dim, rank, n_cores, row_modes, dim_modes)
+        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
+        dtype = dtype or torch.get_default_dtype()
+        cores = tnlayers.init_cores(self.spec, "normal", seed, np.float64, std=std)
+        self.cores = nn.ParameterList([nn.Parameter(torch.as_tensor(c, dtype=dtype, device=device)) for c in cores])
+        self.decomposition: tnlayers.decompose.DecompositionReport | None = None
+
+    @classmethod
+    def from_cores(cls, cores: Sequence[Any], num_embeddings: int | None = None, device: Any = None) -> MPOEmbedding:
+        """A layer holding copies of the cores (rows: the "in" side); ``num_embeddings`` defaults to all rows."""
+        arrays = [np.asarray(c.detach().cpu() if isinstance(c, torch.Tensor) else c) for c in cores]
+        spec = tnlayers.decompose.spec_from_cores(arrays)
+        rows = spec.in_features if num_embeddings is None else num_embeddings
+        layer = cls(
+            rows,
+            spec.out_features,
+            spec.ranks,
+            row_modes=spec.in_modes,
+            dim_modes=spec.out_modes,
+            device=device,
+            dtype=getattr(torch, str(arrays[0].dtype)),
+        )
+        with torch.no_grad():
+            for core, array in zip(layer.cores, arrays):
+                core.copy_(torch.as_tensor(array))
+        return layer
+
+    @classmethod
+    def from_embedding(
+        cls,
+        embedding: nn.Embedding,
+        max_rank: int | Sequence[int] | None = None,
+        tol: float | None = None,
+        n_cores: int = 4,
+        row_modes: Sequence[int] | None = None,
+        dim_modes: Sequence[int] | None = None,
+    ) -> MPOEmbedding:
+        """TT-SVD of a trained ``nn.Embedding``'s table (rows padded); the report is in ``.decomposition``."""
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"from_embedding expects an nn.Embedding, got {type(embedding).__name__}")
+        weight = embedding.weight.detach()
+        table = weight.cpu().double().numpy()
+        cores, report = kit.embedding_cores(table, max_rank, tol, n_cores, row_modes, dim_modes)
+        layer = cls.from_cores(cores, embedding.num_embeddings, weight.device).to(weight.dtype)
+        layer.decomposition = report
+        return layer
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(f"MPOEmbedding expects a tensor of indices, got {type(indices).__name__}")
+        if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+            raise TypeError(f"MPOEmbedding expects integer indices, got dtype {indices.dtype}")
+        if not torch.compiler.is_compiling() and indices.numel():
+            low, high = int(indices.min()), int(indices.max())
+            if low < 0 or high >= self.num_embeddings:
+                bad = low if low < 0 else high
+                raise ValueError(f"embedding index {bad} is out of range: expected 0 <= index < {self.num_embeddings}")
+        rows = kit.embedding_rows(
+            list(self.cores), indices.reshape(-1), self.spec.in_modes, _gather_rows, _reshape_tensor
+        )
+        return cast(torch.Tensor, rows).reshape(*indices.shape, self.embedding_dim)
+
+    def to_dense(self) -> torch.Tensor:
+        """The ``(num_embeddings, embedding_dim)`` table (differentiable), what ``nn.Embedding.weight`` holds."""
+        return cast(torch.Tensor, dense_weight(list(self.cores), _OPS))[: self.num_embeddings]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The table, formed on each read (for code that reads ``.weight``; lookups never form it)."""
+        return self.to_dense()
+
+    def to_embedding(self) -> nn.Embedding:
+        """An ``nn.Embedding`` holding this layer's table."""
+        first = self.cores[0]
+        embedding = nn.Embedding(self.num_embeddings, self.embedding_dim, device=first.device, dtype=first.dtype)
+        with torch.no_grad():
+            embedding.weight.copy_(self.to_dense())
+        return embedding
+
+    def save(self, path: str | os.PathLike[str], name: str = "mpo") -> None:
+        """Write the cores to a :func:`tnlayers.save` checkpoint (``from_cores(tnlayers.load(...)[0],
+        num_embeddings)`` reads it back)."""
+        tnlayers.save(path, [c.detach().cpu().numpy() for c in self.cores], None, name=name)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {kit.describe(self.spec, False)}"
+
+
+def _gather_rows(core: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
+    return core.permute(1, 0, 2, 3)[digits]
+
+
+def _reshape_tensor(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return x.reshape(shape)
+
+
+Candidate = tuple[str, nn.Module, Any, Any]  # name, module, in_modes, out_modes
+
+
 def compress(
     model: nn.Module,
     rank: int | Sequence[int] | None = None,
@@ -578,40 +701,96 @@ def compress(
     exclude: str | Iterable[str] | None = None,
     n_cores: int = 4,
     modes: Callable[[str, int, int], tuple[Sequence[int], Sequence[int]] | None] | None = None,
+    *,
+    budget: float | None = None,
+    calibration: Iterable[Any] | None = None,
+    sweeps: int = 2,
+    two_site: bool = False,
+    ridge: float = 1e-6,
+    progress: bool = False,
 ) -> CompressionReport:
-    """Replace, in place, the ``nn.Linear`` and ``nn.Conv2d`` layers of a trained model by MPO layers.
+    """Replace, in place, the ``nn.Linear``, ``nn.Conv2d`` and ``nn.Embedding`` layers of a trained model
+    by MPO layers (:class:`MPOLinear`, :class:`MPOConv2d`, :class:`MPOEmbedding`).
 
     Each matching layer (see :func:`tnlayers.layer.compress_choice`; for a conv, ``in_features =
-    in_channels*kh*kw``) is decomposed by TT-SVD with bond cap ``rank`` and/or relative error ``tol``
-    (see :func:`tnlayers.from_dense`). ``modes(name, in, out)`` may choose the factorisation (``None``
-    for balanced modes over ``n_cores`` cores). A layer whose MPO would not be smaller is kept, and
-    listed in the report's ``skipped``, as is the output projection of ``nn.MultiheadAttention``
-    (which reads its ``.weight``). An ``nn.TransformerEncoderLayer`` whose feed-forward layers are
-    replaced runs its regular path in inference too (its fused fast path reads their ``.weight``).
-    A layer reachable under several names is replaced once, by one MPO, at every name; a layer whose
-    weight is shared with another (tied weights) is left dense and listed in ``skipped``.
+    in_channels*kh*kw``; for an embedding, ``(num_embeddings, embedding_dim)``) is decomposed with bond
+    cap ``rank`` and/or relative error ``tol``. ``modes(name, in, out)`` may choose the factorisation
+    (``None`` for balanced modes over ``n_cores`` cores).
+
+    - ``calibration``: batches of the model's inputs (a tensor is passed as ``model(batch)``, a tuple as
+      ``model(*batch)``, a dict as ``model(**batch)``). One pass under ``no_grad`` collects each
+      candidate ``nn.Linear``'s input Gram matrix ``X^T X`` (float64, never ``X``), and those layers are
+      fitted to their outputs (:func:`tnlayers.calibrated_fit`: TT-SVD, then ``sweeps`` DMRG-style sweeps);
+      the report gives each one's relative output error. Convs and embeddings use TT-SVD.
+    - ``budget``: the whole model's parameters after compression, as a fraction of before (embeddings and
+      layers left dense included). Each layer's bond cap is chosen from :data:`tnlayers.calibrate.RANK_LADDER`
+      (up to ``rank`` where given) by :func:`tnlayers.calibrate.allocate`, from the TT-SVD error of each
+      cap (the output error where calibrated): the layers that lose least give most; a layer may stay dense.
+
+    A layer whose MPO would not be smaller is kept, and listed in the report's ``skipped``, as is the
+    output projection of ``nn.MultiheadAttention`` (which reads its ``.weight``). An
+    ``nn.TransformerEncoderLayer`` whose feed-forward layers are replaced runs its regular path in
+    inference too (its fused fast path reads their ``.weight``). A layer reachable under several names is
+    replaced once, by one MPO, at every name; a layer whose weight is shared with another (tied weights)
+    is left dense and listed in ``skipped``. ``progress=True`` shows tqdm bars (where tqdm is installed).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
-    kit.check_compress_budget(rank, tol)
+    if budget is None:
+        kit.check_compress_budget(rank, tol)
+    elif isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
+        raise ValueError(f"budget must be a fraction of the model's parameters in (0, 1), got {budget!r}")
     params_before = sum(p.numel() for p in model.parameters())
     aliases: dict[int, list[str]] = {}  # a module reachable under several names is replaced at all of them
     weight_users: dict[int, set[int]] = {}  # a weight shared by several modules is tied: left alone
     for name, module in model.named_modules(remove_duplicate=False):
         aliases.setdefault(id(module), []).append(name)
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
             weight_users.setdefault(id(module.weight), set()).add(id(module))
-    rows, skipped = [], []
+    candidates, skipped = _candidates(model, weight_users, min_features, include, exclude, modes)
+    grams = _input_grams(model, candidates, calibration, progress) if calibration is not None else {}
+    if budget is None:
+        caps: dict[str, Any] = {name: rank for name, *_ in candidates}
+    else:
+        caps = _budget_caps(candidates, grams, round(budget * params_before), params_before, rank, tol, n_cores)
+    rows = []
+    for name, module, in_modes, out_modes in _bar(candidates, progress, "fitting"):
+        if name not in caps:
+            skipped.append((name, "the budget keeps it dense"))
+            continue
+        replacement, report, output_error = _fitted(
+            module, grams.get(name), in_modes, out_modes, caps[name], tol, n_cores, sweeps, two_site, ridge
+        )
+        reason = kit.no_saving(report)
+        if reason is not None:
+            skipped.append((name, reason))
+            continue
+        replacement.train(module.training)
+        for alias in aliases[id(module)]:
+            _replace(model, alias, replacement)
+        rows.append(kit.layer_report(name, type(module).__name__, report, output_error))
+    params_after = sum(p.numel() for p in model.parameters())
+    return CompressionReport(tuple(rows), params_before, params_after, tuple(skipped))
+
+
+def _candidates(
+    model: nn.Module,
+    weight_users: dict[int, set[int]],
+    min_features: int,
+    include: str | Iterable[str] | None,
+    exclude: str | Iterable[str] | None,
+    modes: Callable[[str, int, int], tuple[Sequence[int], Sequence[int]] | None] | None,
+) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    """The layers ``compress`` replaces, with their modes, and those it leaves dense with the reason."""
+    candidates: list[Candidate] = []
+    skipped: list[tuple[str, str]] = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and len(weight_users[id(module.weight)]) > 1:
+        if not isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            continue
+        if len(weight_users[id(module.weight)]) > 1:
             skipped.append((name, "its weight is tied to another layer's; an MPO of it would break the tie"))
             continue
-        if isinstance(module, nn.Linear):
-            shape = (module.in_features, module.out_features)
-        elif isinstance(module, nn.Conv2d):
-            shape = (module.weight[0].numel(), module.out_channels)
-        else:
-            continue
+        shape = _matrix_shape(module)
         if not kit.compress_choice(name, *shape, include, exclude, min_features):
             continue
         if module.weight.is_meta:
@@ -623,27 +802,162 @@ def compress(
         in_modes, out_modes = chosen if chosen is not None else (None, None)
         if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
             skipped.append((name, "nn.MultiheadAttention reads this projection's .weight directly"))
-            continue
-        if isinstance(module, nn.Linear):
-            replacement: _MPOModule = MPOLinear.from_linear(module, in_modes, out_modes, rank, tol, n_cores)
-        elif module.groups != 1 or module.padding_mode != "zeros":
+        elif isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
             skipped.append((name, f"groups={module.groups}, padding_mode={module.padding_mode!r} not supported"))
-            continue
         else:
-            replacement = MPOConv2d.from_conv(module, in_modes, out_modes, rank, tol, n_cores)
-        report = cast(
-            tnlayers.decompose.DecompositionReport, replacement.decomposition
-        )  # set by from_linear / from_conv
-        reason = kit.no_saving(report)
-        if reason is not None:
-            skipped.append((name, reason))
-            continue
-        replacement.train(module.training)
-        for alias in aliases[id(module)]:
-            _replace(model, alias, replacement)
-        rows.append(kit.layer_report(name, type(module).__name__, report))
-    params_after = sum(p.numel() for p in model.parameters())
-    return CompressionReport(tuple(rows), params_before, params_after, tuple(skipped))
+            candidates.append((name, module, in_modes, out_modes))
+    return candidates, skipped
+
+
+def _matrix_shape(module: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` of the matrix an MPO of ``module`` stands for (an embedding: ``(rows, dim)``)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Conv2d):
+        return module.weight[0].numel(), module.out_channels
+    return cast(nn.Embedding, module).num_embeddings, cast(nn.Embedding, module).embedding_dim
+
+
+def _matrix(module: nn.Module) -> np.ndarray:
+    """The float64 ``(in, out)`` matrix of ``module`` (``W^T`` of a linear or a conv's kernel; an embedding's table)."""
+    weight = cast(torch.Tensor, module.weight).detach().cpu().double()
+    if isinstance(module, nn.Embedding):
+        return weight.numpy()
+    return weight.reshape(weight.shape[0], -1).numpy().T
+
+
+def _bar(items: Sequence[Any], progress: bool, what: str) -> Iterable[Any]:
+    if not progress:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are a nicety: tqdm is not a dependency of the core
+        return items
+    return cast(Iterable[Any], tqdm(items, desc=f"compress: {what}", leave=False))
+
+
+def _input_grams(
+    model: nn.Module, candidates: Sequence[Candidate], batches: Iterable[Any], progress: bool
+) -> dict[str, tnlayers.calibrate.Gram]:
+    """``X^T X`` of each candidate ``nn.Linear``'s inputs over one pass of ``batches`` (forward hooks,
+    ``no_grad``, the model's mode kept), accumulated in float64 on the layer's device."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook_for(name: str, features: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            rows = args[0].detach().reshape(-1, features).double()
+            sums[name] = sums[name] + rows.T @ rows if name in sums else rows.T @ rows
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+
+        return hook
+
+    handles = [
+        module.register_forward_pre_hook(hook_for(name, module.in_features))
+        for name, module, *_ in candidates
+        if isinstance(module, nn.Linear)
+    ]
+    try:
+        with torch.no_grad():
+            for batch in _bar(list(batches), progress, "calibration"):
+                if isinstance(batch, Mapping):
+                    model(**batch)
+                elif isinstance(batch, (tuple, list)):
+                    model(*batch)
+                else:
+                    model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    grams = {}
+    for name, total in sums.items():
+        gram = tnlayers.calibrate.Gram(total.shape[0])
+        gram.matrix, gram.rows = total.cpu().numpy(), counts[name]
+        grams[name] = gram
+    if handles and not grams:
+        raise ValueError("the calibration batches reached none of the layers to compress (was it empty?)")
+    return grams
+
+
+def _budget_caps(
+    candidates: Sequence[Candidate],
+    grams: Mapping[str, tnlayers.calibrate.Gram],
+    target: int,
+    params_before: int,
+    rank: Any,
+    tol: float | None,
+    n_cores: int,
+) -> dict[str, Any]:
+    """The bond cap of each candidate under a whole-model parameter ``target`` (absent: kept dense)."""
+    dense_sizes = {name: math.prod(_matrix_shape(module)) for name, module, *_ in candidates}
+    fixed = params_before - sum(dense_sizes.values())
+    ladder = [r for r in tnlayers.calibrate.RANK_LADDER if not isinstance(rank, int) or r <= rank]
+    options: dict[str, list[tuple[int, float]]] = {}
+    caps: dict[str, list[Any]] = {}
+    for name, module, in_modes, out_modes in candidates:
+        matrix = _matrix(module)
+        pairs: list[tuple[int, float]] = [(dense_sizes[name], 0.0)]
+        chosen_caps: list[Any] = [None]
+        seen = set()
+        for cap in ladder:
+            if isinstance(module, nn.Embedding):
+                cores, report = kit.embedding_cores(matrix, cap, tol, n_cores, in_modes, out_modes)
+            else:
+                cores, report = tnlayers.from_dense(matrix, in_modes, out_modes, cap, tol, n_cores=n_cores)
+            params = report.num_params
+            if params >= dense_sizes[name] or params in seen:
+                continue
+            seen.add(params)
+            gram = grams.get(name)
+            error = report.relative_error if gram is None else tnlayers.calibrate.output_error(cores, matrix, gram)
+            pairs.append((params, error))
+            chosen_caps.append(cap)
+        options[name], caps[name] = pairs, chosen_caps
+    picked = tnlayers.calibrate.allocate(options, target - fixed)
+    return {name: caps[name][k] for name, k in picked.items() if caps[name][k] is not None}
+
+
+def _fitted(
+    module: nn.Module,
+    gram: tnlayers.calibrate.Gram | None,
+    in_modes: Any,
+    out_modes: Any,
+    cap: Any,
+    tol: float | None,
+    n_cores: int,
+    sweeps: int,
+    two_site: bool,
+    ridge: float,
+) -> tuple[nn.Module, tnlayers.decompose.DecompositionReport, float | None]:
+    """The MPO layer for ``module``, its decomposition report and (calibrated) relative output error."""
+    if isinstance(module, nn.Embedding):
+        embedding = MPOEmbedding.from_embedding(module, cap, tol, n_cores, in_modes, out_modes)
+        return embedding, cast(tnlayers.decompose.DecompositionReport, embedding.decomposition), None
+    if isinstance(module, nn.Conv2d):
+        conv = MPOConv2d.from_conv(module, in_modes, out_modes, cap, tol, n_cores)
+        return conv, cast(tnlayers.decompose.DecompositionReport, conv.decomposition), None
+    linear = cast(nn.Linear, module)
+    if gram is None:
+        layer = MPOLinear.from_linear(linear, in_modes, out_modes, cap, tol, n_cores)
+        return layer, cast(tnlayers.decompose.DecompositionReport, layer.decomposition), None
+    cores, fit = tnlayers.calibrated_fit(
+        _matrix(linear),
+        gram,
+        in_modes,
+        out_modes,
+        cap,
+        tol,
+        n_cores=n_cores,
+        sweeps=sweeps,
+        two_site=two_site,
+        ridge=ridge,
+    )
+    weight = linear.weight.detach()
+    layer = MPOLinear.from_cores(cores, None, "auto", weight.device).to(weight.dtype)
+    layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+    report = tnlayers.decompose.DecompositionReport(fit.spec, fit.weight_error, ())
+    layer.decomposition = report
+    return layer, report, fit.error
 
 
 def restructure(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:

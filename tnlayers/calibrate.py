@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +43,7 @@ from numpy.typing import NDArray
 from .decompose import _bond_caps, _check_tol, from_dense, spec_from_cores, to_dense
 from .spec import MPOSpec
 
-__all__ = ["CalibratedFit", "Gram", "LowRankFit", "calibrated_fit", "low_rank_fit", "output_error"]
+__all__ = ["CalibratedFit", "Gram", "LowRankFit", "allocate", "calibrated_fit", "low_rank_fit", "output_error"]
 
 Array = NDArray[Any]
 
@@ -457,3 +457,38 @@ def low_rank_fit(matrix: Any, rank: int, gram: Any = None, ridge: float = 1e-6) 
         second = s[:rank, None] * vh[:rank]
         error = output_error(first @ second, dense, gram)
     return LowRankFit(first=first.astype(dtype), second=second.astype(dtype), error=error)
+
+
+RANK_LADDER = (2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+"""The bond caps :func:`allocate` chooses among, per layer, when a whole model gets one budget."""
+
+
+def allocate(options: Mapping[str, Sequence[tuple[int, float]]], budget: int) -> dict[str, int]:
+    """One option per layer, the total parameters within ``budget``, spent where the error falls fastest.
+
+    ``options[name]`` lists ``(params, relative_error)`` pairs (a layer's choices: bond caps, or dense at
+    error 0). Every layer starts at its smallest option; then, one step at a time, the upgrade with the
+    largest drop of ``error**2`` per added parameter that still fits is taken, so the layers that lose
+    least by shrinking give most. Returns the chosen index per layer. A ``ValueError`` when even the
+    smallest options exceed the budget.
+    """
+    chosen = {name: min(range(len(pairs)), key=lambda k: pairs[k][0]) for name, pairs in options.items()}
+    spent = sum(options[name][k][0] for name, k in chosen.items())
+    if spent > budget:
+        raise ValueError(f"the budget of {budget:,} parameters is below the smallest choice of every layer ({spent:,})")
+    while True:
+        best: tuple[float, str, int] | None = None
+        for name, pairs in options.items():
+            params, error = pairs[chosen[name]]
+            for k, (more, lower) in enumerate(pairs):
+                added = more - params
+                if added <= 0 or spent + added > budget or lower >= error:
+                    continue
+                gain = (error**2 - lower**2) / added
+                if best is None or gain > best[0]:
+                    best = (gain, name, k)
+        if best is None:
+            return chosen
+        _, name, k = best
+        spent += options[name][k][0] - options[name][chosen[name]][0]
+        chosen[name] = k

@@ -28,11 +28,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .autotune import Autotuner, default_tuner
 from .checkpoint import load
 from .contract import backward_reads, keep_within
 from .cost import CostModel, cost_model_for
-from .decompose import DecompositionReport, trivial_modes
+from .decompose import DecompositionReport, from_dense, trivial_modes
 from .init import INITIALIZERS
 from .plan import (
     GRADIENTS,
@@ -45,18 +47,22 @@ from .plan import (
     weight_step_sizes,
 )
 from .reports import LayerReport
-from .spec import MPOSpec, RankClippedWarning, _as_positive_int, factorize_balanced
+from .spec import MPOSpec, RankClippedWarning, _as_positive_int, factorize_balanced, padded_size
 
 __all__ = [
     "SEED_LIMIT",
     "ConvGeometry",
     "LayerPlanner",
     "MPOLayerMixin",
+    "check_indices",
     "check_init",
     "check_input",
     "compress_choice",
     "conv_route",
     "describe",
+    "embedding_cores",
+    "embedding_rows",
+    "embedding_spec",
     "draw_seed",
     "freeze_flags",
     "gradients_needed",
@@ -481,8 +487,8 @@ def no_saving(report: DecompositionReport) -> str | None:
     return None
 
 
-def layer_report(name: str, kind: str, report: DecompositionReport) -> LayerReport:
-    """The report row of one replaced layer."""
+def layer_report(name: str, kind: str, report: DecompositionReport, output_error: float | None = None) -> LayerReport:
+    """The report row of one replaced layer (``output_error``: on calibration inputs, where fitted to them)."""
     spec = report.spec
     return LayerReport(
         name=name,
@@ -495,7 +501,84 @@ def layer_report(name: str, kind: str, report: DecompositionReport) -> LayerRepo
         params_before=report.dense_params,
         params_after=report.num_params,
         relative_error=report.relative_error,
+        output_error=output_error,
     )
+
+
+# --- embeddings -------------------------------------------------------------------------------
+
+
+def embedding_spec(
+    num_embeddings: int,
+    embedding_dim: int,
+    rank: int | Sequence[int],
+    n_cores: int = 4,
+    row_modes: Sequence[int] | None = None,
+    dim_modes: Sequence[int] | None = None,
+) -> MPOSpec:
+    """The spec of an ``(num_embeddings, embedding_dim)`` table as an MPO: rows are the "in" side, padded
+    to :func:`tnlayers.spec.padded_size` when ``row_modes`` are not given (a vocabulary of awkward factors)."""
+    rows = _as_positive_int(num_embeddings, "num_embeddings")
+    dim = _as_positive_int(embedding_dim, "embedding_dim")
+    n = len(row_modes) if row_modes is not None else _as_positive_int(n_cores, "n_cores")
+    padded = padded_size(rows, n) if row_modes is None else math.prod(row_modes)
+    if padded < rows:
+        raise ValueError(f"row_modes {tuple(row_modes or ())} multiply to {padded} < num_embeddings = {rows}")
+    return layer_spec(padded, dim, row_modes, dim_modes, rank, n, "the padded rows", "embedding_dim")
+
+
+def embedding_cores(
+    table: Any,
+    max_rank: int | Sequence[int] | None = None,
+    tol: float | None = None,
+    n_cores: int = 4,
+    row_modes: Sequence[int] | None = None,
+    dim_modes: Sequence[int] | None = None,
+) -> tuple[list[Any], DecompositionReport]:
+    """TT-SVD of an ``(num_embeddings, embedding_dim)`` table, its rows padded with zeros to the modes'
+    product (:func:`embedding_spec`); the report's error is measured on the padded table."""
+    dense = np.asarray(table)
+    if dense.ndim != 2:
+        raise ValueError(f"an embedding table must be 2-D (num_embeddings, embedding_dim), got shape {dense.shape}")
+    spec = embedding_spec(dense.shape[0], dense.shape[1], 1, n_cores, row_modes, dim_modes)
+    padded = np.zeros((spec.in_features, dense.shape[1]), dtype=dense.dtype)
+    padded[: dense.shape[0]] = dense
+    return from_dense(padded, spec.in_modes, spec.out_modes, max_rank, tol)
+
+
+def check_indices(indices: Any, num_embeddings: int) -> None:
+    """A ``ValueError``/``TypeError`` unless ``indices`` (a NumPy view of them) are integers in
+    ``[0, num_embeddings)`` (the padded rows are never returned)."""
+    values = np.asarray(indices)
+    if not np.issubdtype(values.dtype, np.integer):
+        raise TypeError(f"embedding indices must be integers, got dtype {values.dtype}")
+    if values.size and (int(values.min()) < 0 or int(values.max()) >= num_embeddings):
+        bad = int(values.min()) if int(values.min()) < 0 else int(values.max())
+        raise ValueError(f"embedding index {bad} is out of range: expected 0 <= index < {num_embeddings}")
+
+
+def embedding_rows(
+    cores: Sequence[Any],
+    indices: Any,
+    row_modes: Sequence[int],
+    gather: Callable[[Any, Any], Any],
+    reshape: Callable[[Any, tuple[int, ...]], Any],
+) -> Any:
+    """The table rows of flat ``indices`` (shape ``(B,)``), contracting only their slices of the cores.
+
+    Index ``n`` has digits ``(i_1 .. i_n)`` in the row modes (``i_1`` most significant, as in
+    ``to_dense``); ``gather(core, digits)`` returns ``core[:, digits]`` as ``(B, r, j, r')``. The
+    chain runs left to right as batched products, about ``sum_k J_k r_k j_k r_{k+1}`` per row
+    (``J_k`` the columns so far): the ``(rows, dim)`` table is never formed. Returns ``(B, dim)``.
+    """
+    strides = [math.prod(row_modes[k + 1 :]) for k in range(len(row_modes))]
+    first = gather(cores[0], (indices // strides[0]) % row_modes[0])  # (B, 1, j, r')
+    chain = reshape(first, (-1, int(first.shape[2]), int(first.shape[3])))
+    for core, mode, stride in zip(cores[1:], row_modes[1:], strides[1:]):
+        piece = gather(core, (indices // stride) % mode)  # (B, r, j, r')
+        left, cols, right = (int(d) for d in piece.shape[1:])
+        chain = reshape(chain @ reshape(piece, (-1, left, cols * right)), (-1, int(chain.shape[1]) * cols, right))
+    return reshape(chain, (-1, int(chain.shape[1])))
 
 
 # --- what every layer class shares ---------------------------------------------------------------

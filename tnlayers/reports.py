@@ -28,6 +28,8 @@ class LayerReport:
     params_after: int
     relative_error: float
     """``||W - W_mpo||_F / ||W||_F`` of the decomposition."""
+    output_error: float | None = None
+    """``||X (W - W_mpo)||_F / ||X W||_F`` on the calibration inputs ``X``, where the layer was fitted to them."""
 
     @property
     def compression_ratio(self) -> float:
@@ -81,6 +83,7 @@ class CompressionReport:
                 f"{row.name:<24} {row.kind[:7]:<7} {f'{row.in_features}x{row.out_features}':>11} {modes:>25} "
                 f"{max(row.ranks):>5} {f'{row.params_before:,}->{row.params_after:,}':>19} "
                 f"{row.compression_ratio:>7.4f} {row.relative_error:>8.2e}"
+                + ("" if row.output_error is None else f" (outputs {row.output_error:.2e})")
             )
         lines.append("-" * len(header))
         lines.append(

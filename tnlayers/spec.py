@@ -217,3 +217,18 @@ def factorize_balanced(n: int, parts: int) -> tuple[int, ...]:
     for k, factor in enumerate(ascending):
         (left if k % 2 == 0 else right).append(factor)
     return (*left, *reversed(right))
+
+
+def padded_size(n: int, parts: int) -> int:
+    """The smallest count ``>= n`` whose balanced factorisation into ``parts`` has no factor above twice
+    the ``parts``-th root (so no core holds a large prime's worth of rows).
+
+    An embedding of 30,522 rows (2 * 3 * 5087) over 4 cores is padded to 30,576 = 12 * 14 * 14 * 13
+    (``padded_size(30522, 4)``); the padded rows are never looked up.
+    """
+    n = _as_positive_int(n, "number of rows")
+    parts = _as_positive_int(parts, "number of cores")
+    m = n
+    while max(factorize_balanced(m, parts)) > 2 * math.ceil(m ** (1 / parts)):
+        m += 1
+    return m
