@@ -183,3 +183,33 @@ def test_calibrated_fit_rejects_bad_settings(problem, kwargs: dict, message: str
         calibrated_fit(w, np.eye(6), IN_MODES, OUT_MODES)
     with pytest.raises(ValueError, match=r"start cores stand for a \(6, 6\) matrix, not the matrix's \(12, 12\)"):
         calibrated_fit(w, x.T @ x, start=[np.ones((1, 2, 2, 1)), np.ones((1, 3, 3, 1))])
+
+
+def test_allocate_spends_the_budget_where_the_error_falls_fastest() -> None:
+    """Against every combination of options (brute force): the greedy choice fits the budget, no single
+    further upgrade fits, and here it reaches the smallest total squared error."""
+    import itertools
+
+    options = {
+        "flat": [(10, 0.9), (20, 0.8), (40, 0.7), (100, 0.0)],  # loses much at every size
+        "easy": [(10, 0.3), (20, 0.05), (40, 0.01), (100, 0.0)],  # nearly free to shrink
+        "mid": [(10, 0.6), (30, 0.3), (60, 0.1), (100, 0.0)],
+    }
+    budget = 150
+    chosen = calibrate.allocate(options, budget)
+    spent = sum(options[n][k][0] for n, k in chosen.items())
+    assert spent <= budget
+    for name, k in chosen.items():
+        assert all(
+            spent - options[name][k][0] + params > budget or error >= options[name][k][1]
+            for params, error in options[name][k + 1 :]
+        )
+    best = min(
+        (sum(options[n][k][1] ** 2 for n, k in zip(options, ks)), ks)
+        for ks in itertools.product(range(4), repeat=3)
+        if sum(options[n][k][0] for n, k in zip(options, ks)) <= budget
+    )
+    assert tuple(chosen[n] for n in options) == best[1]
+    assert chosen["easy"] < chosen["flat"]  # the layer that loses least gives most
+    with pytest.raises(ValueError, match="the budget of 20 parameters is below the smallest choice of every layer"):
+        calibrate.allocate(options, 20)

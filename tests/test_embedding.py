@@ -28,7 +28,6 @@ class _Adapter:
             return MPOEmbedding.from_dense(table, **kwargs)
         if self.name == "torch":
             import torch
-
             from tnlayers.backends.torch import MPOEmbedding as TorchEmbedding
 
             dense = torch.nn.Embedding(*table.shape, dtype=torch.float64)
@@ -36,7 +35,6 @@ class _Adapter:
                 dense.weight.copy_(torch.from_numpy(table))
             return TorchEmbedding.from_embedding(dense, **kwargs)
         import keras
-
         from tnlayers.backends.keras import MPOEmbedding as KerasEmbedding
 
         dense = keras.layers.Embedding(*table.shape, dtype="float64")
