@@ -38,7 +38,7 @@ from tnlayers.contract import (
 from tnlayers.plan import ContractionPlan, batch_bucket
 from tnlayers.reports import CompressionReport
 
-__all__ = ["MPOConv2d", "MPOEmbedding", "MPOLinear", "compress", "freeze_cores", "restructure"]
+__all__ = ["MPOConv2d", "MPOEmbedding", "MPOLinear", "collect_grams", "compress", "freeze_cores", "restructure"]
 
 _OPS = get_ops("torch")
 
@@ -718,7 +718,8 @@ def compress(
     (``None`` for balanced modes over ``n_cores`` cores).
 
     - ``calibration``: batches of the model's inputs (a tensor is passed as ``model(batch)``, a tuple as
-      ``model(*batch)``, a dict as ``model(**batch)``). One pass under ``no_grad`` collects each
+      ``model(*batch)``, a dict as ``model(**batch)``), or the Gram matrices :func:`collect_grams` gave,
+      by layer name. One pass under ``no_grad`` collects each
       candidate ``nn.Linear``'s input Gram matrix ``X^T X`` (float64, never ``X``), and those layers are
       fitted to their outputs (:func:`tnlayers.calibrated_fit`: TT-SVD, then ``sweeps`` DMRG-style sweeps);
       the report gives each one's relative output error. Convs and embeddings use TT-SVD.
@@ -748,7 +749,11 @@ def compress(
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
             weight_users.setdefault(id(module.weight), set()).add(id(module))
     candidates, skipped = _candidates(model, weight_users, min_features, include, exclude, modes)
-    grams = _input_grams(model, candidates, calibration, progress) if calibration is not None else {}
+    linears = [name for name, module, *_ in candidates if isinstance(module, nn.Linear)]
+    if isinstance(calibration, Mapping):  # Gram matrices collected before (collect_grams), by layer name
+        grams = {name: calibration[name] for name in linears if name in calibration}
+    else:
+        grams = collect_grams(model, calibration, linears, progress) if calibration is not None else {}
     if budget is None:
         caps: dict[str, Any] = {name: rank for name, *_ in candidates}
     else:
@@ -836,11 +841,12 @@ def _bar(items: Sequence[Any], progress: bool, what: str) -> Iterable[Any]:
     return cast(Iterable[Any], tqdm(items, desc=f"compress: {what}", leave=False))
 
 
-def _input_grams(
-    model: nn.Module, candidates: Sequence[Candidate], batches: Iterable[Any], progress: bool
+def collect_grams(
+    model: nn.Module, batches: Iterable[Any], names: Sequence[str], progress: bool = False
 ) -> dict[str, tnlayers.calibrate.Gram]:
-    """``X^T X`` of each candidate ``nn.Linear``'s inputs over one pass of ``batches`` (forward hooks,
-    ``no_grad``, the model's mode kept), accumulated in float64 on the layer's device."""
+    """``X^T X`` of the inputs of the named ``nn.Linear`` layers over one pass of ``batches`` (forward
+    pre-hooks, ``no_grad``; a batch is passed as ``model(batch)``, ``model(*batch)`` or ``model(**batch)``),
+    accumulated in float64 on the layer's device; ``X`` itself is never kept."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -852,11 +858,14 @@ def _input_grams(
 
         return hook
 
-    handles = [
-        module.register_forward_pre_hook(hook_for(name, module.in_features))
-        for name, module, *_ in candidates
-        if isinstance(module, nn.Linear)
-    ]
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            raise TypeError(
+                f"collect_grams reads the inputs of nn.Linear layers; {name!r} is a {type(module).__name__}"
+            )
+        handles.append(module.register_forward_pre_hook(hook_for(name, module.in_features)))
     try:
         with torch.no_grad():
             for batch in _bar(list(batches), progress, "calibration"):
@@ -869,13 +878,13 @@ def _input_grams(
     finally:
         for handle in handles:
             handle.remove()
+    if names and not sums:
+        raise ValueError("the calibration batches reached none of the layers to compress (was it empty?)")
     grams = {}
     for name, total in sums.items():
         gram = tnlayers.calibrate.Gram(total.shape[0])
         gram.matrix, gram.rows = total.cpu().numpy(), counts[name]
         grams[name] = gram
-    if handles and not grams:
-        raise ValueError("the calibration batches reached none of the layers to compress (was it empty?)")
     return grams
 
 

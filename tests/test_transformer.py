@@ -227,3 +227,58 @@ def test_a_model_budget_counts_every_parameter_and_replaces_embeddings() -> None
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match=r"budget must be a fraction of the model's parameters in \(0, 1\)"):
             compress(copy.deepcopy(original), budget=bad)
+
+
+def test_the_low_rank_baseline_gets_the_mpo_parameters_layer_by_layer() -> None:
+    """Each replaced layer gets a rank-q pair with q = floor(MPO params / (in + out)): never more parameters
+    than the MPO, and fewer by less than one rank's worth; whitened pairs fit the outputs better."""
+    import copy
+
+    from tnlayers.backends.torch import collect_grams
+
+    original = _tiny_encoder(low_rank=False)
+    names = [n for n, m in original.bert.named_modules() if isinstance(m, torch.nn.Linear)]
+    grams = collect_grams(original.bert, _batches(), names)
+    mpo = copy.deepcopy(original)
+    report = transformer.compress_encoder(
+        mpo, {"rank": None, "tol": None, "fraction": 0.6}, 2, min_features=1, calibration=grams, embeddings=True
+    )
+    assert any(row.kind == "Embedding" for row in report.layers)
+    plain, whitened = copy.deepcopy(original), copy.deepcopy(original)
+    total = transformer.low_rank_like(plain, report, None)
+    assert transformer.low_rank_like(whitened, report, grams) == total
+    slack = sum(row.in_features + row.out_features for row in report.layers)
+    assert report.params_after - slack < total <= report.params_after
+    inputs = _layer_inputs(original, names, _batches())
+    for row in report.layers:
+        pair = plain.bert.get_submodule(row.name)
+        rank = row.params_after // (row.in_features + row.out_features)
+        if row.kind == "Embedding":
+            assert isinstance(pair, transformer.LowRankEmbedding) and pair.table.weight.shape[1] == rank
+            continue
+        assert isinstance(pair, transformer.LowRankLinear) and pair.first.weight.shape[0] == rank
+        x, w = inputs[row.name], original.bert.get_submodule(row.name).weight.detach().double().numpy().T
+
+        def out_error(model: Any, name: str) -> float:
+            product = model.bert.get_submodule(name)
+            first = product.first.weight.detach().double().numpy().T
+            second = product.second.weight.detach().double().numpy().T
+            return float(np.linalg.norm(x @ (w - first @ second)))  # noqa: B023 -- used within the iteration
+
+        assert out_error(whitened, row.name) <= out_error(plain, row.name) * (1 + 1e-6)
+
+
+def test_recovery_with_hidden_states_trains_every_core_unless_asked() -> None:
+    import copy
+
+    original = _tiny_encoder(low_rank=False)
+    student = copy.deepcopy(original)
+    transformer.compress_encoder(student, {"rank": 3, "tol": None}, n_cores=3, min_features=1)
+    layers = [m for m in student.modules() if isinstance(m, MPOLinear)]
+    before = [[c.detach().clone() for c in layer.cores] for layer in layers]
+    batches = _batches()
+    targets = transformer.embed(original, batches)
+    result = transformer.recover(student, batches, targets, 2, 1e-2, "test", teacher=original, freeze="none")
+    assert result["frozen_core_params"] == 0 and result["last_loss"] < result["first_loss"]
+    for layer, cores in zip(layers, before):
+        assert all(not torch.equal(old, new) for old, new in zip(cores, layer.cores))
