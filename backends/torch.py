@@ -749,11 +749,11 @@ def compress(
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
             weight_users.setdefault(id(module.weight), set()).add(id(module))
     candidates, skipped = _candidates(model, weight_users, min_features, include, exclude, modes)
-    linears = [name for name, module, *_ in candidates if isinstance(module, nn.Linear)]
+    observed = [name for name, module, *_ in candidates if isinstance(module, (nn.Linear, nn.Embedding))]
     if isinstance(calibration, Mapping):  # Gram matrices collected before (collect_grams), by layer name
-        grams = {name: calibration[name] for name in linears if name in calibration}
+        grams = {name: calibration[name] for name in observed if name in calibration}
     else:
-        grams = collect_grams(model, calibration, linears, progress) if calibration is not None else {}
+        grams = collect_grams(model, calibration, observed, progress) if calibration is not None else {}
     if budget is None:
         caps: dict[str, Any] = {name: rank for name, *_ in candidates}
     else:
@@ -764,7 +764,16 @@ def compress(
             skipped.append((name, "the budget keeps it dense"))
             continue
         replacement, report, output_error = _fitted(
-            module, grams.get(name), in_modes, out_modes, caps[name], tol, n_cores, sweeps, two_site, ridge
+            module,
+            grams.get(name) if isinstance(module, nn.Linear) else None,
+            in_modes,
+            out_modes,
+            caps[name],
+            tol,
+            n_cores,
+            sweeps,
+            two_site,
+            ridge,
         )
         reason = kit.no_saving(report)
         if reason is not None:
@@ -843,10 +852,11 @@ def _bar(items: Sequence[Any], progress: bool, what: str) -> Iterable[Any]:
 
 def collect_grams(
     model: nn.Module, batches: Iterable[Any], names: Sequence[str], progress: bool = False
-) -> dict[str, tnlayers.calibrate.Gram]:
+) -> dict[str, Any]:
     """``X^T X`` of the inputs of the named ``nn.Linear`` layers over one pass of ``batches`` (forward
     pre-hooks, ``no_grad``; a batch is passed as ``model(batch)``, ``model(*batch)`` or ``model(**batch)``),
-    accumulated in float64 on the layer's device; ``X`` itself is never kept."""
+    accumulated in float64 on the layer's device; ``X`` itself is never kept. For a named ``nn.Embedding``,
+    how often each row is looked up (a vector: the diagonal of ``X^T X`` for one-hot inputs)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -858,14 +868,25 @@ def collect_grams(
 
         return hook
 
+    def count_for(name: str, rows: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            found = torch.bincount(args[0].detach().reshape(-1), minlength=rows).double()
+            sums[name] = sums[name] + found if name in sums else found
+            counts[name] = counts.get(name, 0) + int(args[0].numel())
+
+        return hook
+
     handles = []
     for name in names:
         module = model.get_submodule(name)
-        if not isinstance(module, nn.Linear):
+        if isinstance(module, nn.Embedding):
+            handles.append(module.register_forward_pre_hook(count_for(name, module.num_embeddings)))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_pre_hook(hook_for(name, module.in_features)))
+        else:
             raise TypeError(
-                f"collect_grams reads the inputs of nn.Linear layers; {name!r} is a {type(module).__name__}"
+                f"collect_grams reads nn.Linear and nn.Embedding inputs; {name!r} is a {type(module).__name__}"
             )
-        handles.append(module.register_forward_pre_hook(hook_for(name, module.in_features)))
     try:
         with torch.no_grad():
             for batch in _bar(list(batches), progress, "calibration"):
@@ -880,8 +901,11 @@ def collect_grams(
             handle.remove()
     if names and not sums:
         raise ValueError("the calibration batches reached none of the layers to compress (was it empty?)")
-    grams = {}
+    grams: dict[str, Any] = {}
     for name, total in sums.items():
+        if total.ndim == 1:  # an embedding: how often each row was looked up (a diagonal X^T X)
+            grams[name] = total.cpu().numpy()
+            continue
         gram = tnlayers.calibrate.Gram(total.shape[0])
         gram.matrix, gram.rows = total.cpu().numpy(), counts[name]
         grams[name] = gram
@@ -890,7 +914,7 @@ def collect_grams(
 
 def _budget_caps(
     candidates: Sequence[Candidate],
-    grams: Mapping[str, tnlayers.calibrate.Gram],
+    grams: Mapping[str, Any],
     target: int,
     params_before: int,
     rank: Any,
@@ -908,17 +932,27 @@ def _budget_caps(
         pairs: list[tuple[int, float]] = [(dense_sizes[name], 0.0)]
         chosen_caps: list[Any] = [None]
         seen = set()
+        # one TT-SVD at the largest cap, then TT-rounding to each smaller one (cheap: no SVD of W's unfoldings)
+        if isinstance(module, nn.Embedding):
+            widest, _ = kit.embedding_cores(matrix, max(ladder), tol, n_cores, in_modes, out_modes)
+        else:
+            widest, _ = tnlayers.from_dense(matrix, in_modes, out_modes, max(ladder), tol, n_cores=n_cores)
+        gram = grams.get(name)
+        norm = float(np.linalg.norm(matrix))
+        widest_bond = max(core.shape[3] for core in widest)
         for cap in ladder:
-            if isinstance(module, nn.Embedding):
-                cores, report = kit.embedding_cores(matrix, cap, tol, n_cores, in_modes, out_modes)
-            else:
-                cores, report = tnlayers.from_dense(matrix, in_modes, out_modes, cap, tol, n_cores=n_cores)
-            params = report.num_params
+            cores = tnlayers.truncate(widest, cap)[0] if cap < widest_bond else widest
+            params = tnlayers.decompose.spec_from_cores(cores).num_params
             if params >= dense_sizes[name] or params in seen:
                 continue
             seen.add(params)
-            gram = grams.get(name)
-            error = report.relative_error if gram is None else tnlayers.calibrate.output_error(cores, matrix, gram)
+            approx = tnlayers.to_dense(cores)[: matrix.shape[0]]
+            if gram is None:
+                error = float(np.linalg.norm(matrix - approx)) / norm if norm > 0 else 0.0
+            elif isinstance(module, nn.Embedding):  # token counts, plus one: rows unseen in calibration count too
+                error = tnlayers.calibrate.output_error(approx, matrix, np.asarray(gram) + 1.0)
+            else:
+                error = tnlayers.calibrate.output_error(approx, matrix, gram)
             pairs.append((params, error))
             chosen_caps.append(cap)
         options[name], caps[name] = pairs, chosen_caps

@@ -192,6 +192,20 @@ def tokenize(tokenizer: Any, sentences: Sequence[str], batch_size: int) -> list[
     ]
 
 
+def tokenize_unpadded(tokenizer: Any, sentences: Sequence[str], batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Batches of sentences of one token count each, so no padding rows reach the calibration's Gram matrices."""
+    by_length: dict[int, list[list[int]]] = {}
+    for ids in tokenizer(list(sentences), truncation=True, max_length=256)["input_ids"]:
+        by_length.setdefault(len(ids), []).append(ids)
+    batches = []
+    for length in sorted(by_length):
+        group = by_length[length]
+        for k in range(0, len(group), batch_size):
+            ids = torch.tensor(group[k : k + batch_size])
+            batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return batches
+
+
 def embed(encoder: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
     encoder.eval()
     with torch.no_grad():
@@ -404,7 +418,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     calibration_text, train_text = pool[: args.calibration], pool[args.calibration :]
     eval_batches = tokenize(tokenizer, held_out, args.batch_size)
     train_batches = tokenize(tokenizer, train_text, args.batch_size)
-    calibration_batches = tokenize(tokenizer, calibration_text, 1)  # one sentence a batch: no padding rows
+    calibration_batches = tokenize_unpadded(tokenizer, calibration_text, args.batch_size)
     reference = embed(original, eval_batches)
     targets = embed(original, train_batches)
     base_time = time_per_batch(original, eval_batches)

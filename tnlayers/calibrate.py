@@ -78,6 +78,8 @@ class Gram:
 
 def _check_gram(gram: Any, features: int) -> Array:
     matrix = np.asarray(gram.matrix if isinstance(gram, Gram) else gram, dtype=np.float64)
+    if matrix.shape == (features,):  # per-row weights (an embedding's token counts): a diagonal C
+        matrix = np.diag(matrix)
     if matrix.shape != (features, features):
         raise ValueError(f"gram must be ({features}, {features}) for a matrix of {features} rows, got {matrix.shape}")
     if not np.all(np.isfinite(matrix)):
@@ -87,7 +89,8 @@ def _check_gram(gram: Any, features: int) -> Array:
 
 def output_error(approximation: Any, matrix: Any, gram: Any) -> float:
     """``sqrt(tr(D^T C D) / tr(W^T C W))`` with ``D = W - approximation``: the relative error of the layer's
-    outputs on the calibration rows (``approximation`` a dense matrix or a list of cores)."""
+    outputs on the calibration rows (``approximation`` a dense matrix or a list of cores). ``gram`` may be
+    a vector of per-row weights, a diagonal ``C``: an embedding's token counts (one-hot inputs)."""
     dense = np.asarray(matrix, dtype=np.float64)
     if dense.ndim != 2:
         raise ValueError(f"matrix must be 2-D (in_features, out_features), got shape {dense.shape}")
@@ -96,8 +99,13 @@ def output_error(approximation: Any, matrix: Any, gram: Any) -> float:
     approx = np.asarray(approximation, dtype=np.float64)
     if approx.shape != dense.shape:
         raise ValueError(f"approximation of shape {approx.shape} does not match the matrix's {dense.shape}")
-    c = _check_gram(gram, dense.shape[0])
     diff = dense - approx
+    weights = np.asarray(gram.matrix if isinstance(gram, Gram) else gram, dtype=np.float64)
+    if weights.shape == (dense.shape[0],):  # diagonal C: never formed
+        reference = float(np.sum(weights[:, None] * dense**2))
+        lost = float(np.sum(weights[:, None] * diff**2))
+        return math.sqrt(max(lost, 0.0) / reference) if reference > 0 else 0.0
+    c = _check_gram(gram, dense.shape[0])
     reference = float(np.sum(dense * (c @ dense)))
     return math.sqrt(max(float(np.sum(diff * (c @ diff))), 0.0) / reference) if reference > 0 else 0.0
 
@@ -459,7 +467,7 @@ def low_rank_fit(matrix: Any, rank: int, gram: Any = None, ridge: float = 1e-6) 
     return LowRankFit(first=first.astype(dtype), second=second.astype(dtype), error=error)
 
 
-RANK_LADDER = (2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+RANK_LADDER = (2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 """The bond caps :func:`allocate` chooses among, per layer, when a whole model gets one budget."""
 
 
