@@ -226,3 +226,57 @@ def test_forward_plans_read_large_intermediates_in_place_as_batches_of_matrices(
     x = np.random.default_rng(0).normal(size=(256, spec.in_features))
     cores = tnlayers.init_cores(spec, "glorot", 0, np.float64)
     assert_close(tnlayers.contract(x, cores, strategy="greedy"), x @ dense_reference(cores), np.float64)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("strategy", ["zipper", "materialize", "dp"])
+def test_array_ops_built_afresh_run_a_plan_and_their_own_reshapes(backend: str, strategy: str) -> None:
+    """``_make_ops`` itself (``get_ops`` caches its result, and the adapters keep it from import): a
+    fresh set of ops per backend runs plans to the dense reference, and its reshape, transpose and
+    restore_leading act as NumPy's do."""
+    import importlib
+
+    core_contract = importlib.import_module("tnlayers.contract")  # the module (tnlayers.contract is a function)
+    module = pytest.importorskip(backend)
+    if backend == "torch":
+
+        def to_array(a: np.ndarray) -> Any:
+            return module.from_numpy(np.ascontiguousarray(a))
+    else:
+        to_array = module.numpy.asarray if backend == "jax" else np.asarray
+    ops = core_contract._make_ops(backend)
+    assert ops.name == backend
+    spec = tnlayers.MPOSpec((2, 3, 2), (3, 2, 2), 2)
+    rng = np.random.default_rng(0)
+    cores = [rng.normal(size=s) for s in spec.core_shapes]
+    x = rng.normal(size=(2, 3, spec.in_features))
+    plan = tnlayers.plan(spec, 6, strategy)
+    y = core_contract.execute(plan, to_array(x), [to_array(c) for c in cores], None, ops)
+    tolerance = 1e-5 if backend == "jax" else 1e-10  # JAX computes in float32 unless x64 is enabled
+    np.testing.assert_allclose(np.asarray(y), x @ dense_reference(cores), rtol=tolerance, atol=tolerance)
+    a = rng.normal(size=(2, 3, 4))
+    np.testing.assert_allclose(np.asarray(ops.transpose(to_array(a), (2, 0, 1))), a.transpose(2, 0, 1), rtol=tolerance)
+    np.testing.assert_allclose(np.asarray(ops.reshape(to_array(a), (6, 4))), a.reshape(6, 4), rtol=tolerance)
+    restored = ops.restore_leading(to_array(a.reshape(6, 4)), to_array(a), 4)
+    np.testing.assert_allclose(np.asarray(restored), a, rtol=tolerance)
+
+
+def test_get_ops_names_every_backend_and_reads_a_subclass_module() -> None:
+    with pytest.raises(ValueError, match=r"unknown backend 'cupy'; expected one of numpy, torch, tensorflow, jax$"):
+        get_ops("cupy")
+    with pytest.raises(TypeError, match=r"got list \(from module 'builtins'\)"):
+        get_ops([1.0])
+    torch = pytest.importorskip("torch")
+    assert get_ops(torch.nn.Parameter(torch.zeros(2))).name == "torch"  # type from module torch.nn.parameter
+
+
+def test_contract_errors_name_the_shape_and_dtypes_given() -> None:
+    spec = tnlayers.MPOSpec((2, 2), (2, 2), 2)
+    cores = tnlayers.init_cores(spec, seed=0, dtype=np.float64)
+    with pytest.raises(ValueError, match=r"x has last dimension 5 \(shape \(2, 3, 5\)\) but the cores expect"):
+        tnlayers.contract(np.zeros((2, 3, 5)), cores)
+    with pytest.raises(TypeError, match="bias has dtype float32 but the cores have dtype float64"):
+        tnlayers.contract(np.zeros((1, 4)), cores, np.zeros(4, np.float32))
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="bias is a Tensor but x is a ndarray; use one framework"):
+        tnlayers.contract(np.zeros((1, 4)), cores, torch.zeros(4, dtype=torch.float64))

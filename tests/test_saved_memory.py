@@ -321,3 +321,61 @@ def test_a_weight_building_plan_keeps_the_two_halves_of_w_where_they_fit(
         return run_plan(plan, x, cores, None, budget)
 
     assert torch.autograd.gradgradcheck(f, (x, *cores), fast_mode=True)  # the halves are not reused there
+
+
+@pytest.mark.parametrize("spec", [*SMALL_SPECS, tnlayers.MPOSpec((2, 3, 4), (5, 2, 3), 2)], ids=str)
+@pytest.mark.parametrize("needs_kind", NEEDS.values(), ids=NEEDS.keys())
+@pytest.mark.parametrize("with_halves", [False, True], ids=["halves rebuilt", "halves kept"])
+def test_the_backward_of_a_weight_building_plan_gives_exactly_the_gradients_asked(
+    spec: tnlayers.MPOSpec, needs_kind: str | None, with_halves: bool
+) -> None:
+    """``kept=None`` (the plan builds W): each asked gradient equals the dense reference, the others are
+    ``None``; a spec with in_features != out_features and uneven halves included."""
+    from tnlayers.contract import planned_backward, weight_halves
+
+    rng = np.random.default_rng(2)
+    cores = [rng.normal(size=shape) for shape in spec.core_shapes]
+    x, grad_out = rng.normal(size=(4, spec.in_features)), rng.normal(size=(4, spec.out_features))
+    needs = _needs(needs_kind, spec.n_cores)
+    halves = weight_halves(cores, NUMPY) if with_halves and spec.n_cores > 1 else None
+    plan = tnlayers.plan(spec, 4, "materialize")
+    grads = planned_backward(plan, x, cores, grad_out, NUMPY, needs, None, halves=halves)
+    expected = [grad_out @ dense_reference(cores).T, *reference_core_gradients(cores, x, grad_out)]
+    assert len(grads) == spec.n_cores + 1
+    for need, got, want in zip(needs, grads, expected):
+        if need:
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
+        else:
+            assert got is None
+
+
+def test_backprop_walks_past_a_step_that_needs_no_gradient() -> None:
+    """Path (x c1), (c2 c3), (s1 s2) with only x's gradient asked: walking back, the (c2 c3) step gets no
+    gradient, and the step before it must still run."""
+    spec = tnlayers.MPOSpec((2, 3, 2), (3, 2, 2), 2)
+    plan = tnlayers.plan(spec, 5, [(0, 1), (0, 1), (0, 1)])
+    rng = np.random.default_rng(3)
+    cores = [rng.normal(size=shape) for shape in spec.core_shapes]
+    x, grad_out = rng.normal(size=(5, spec.in_features)), rng.normal(size=(5, spec.out_features))
+    needs = (True, False, False, False)
+    reads = backward_reads(plan.steps, 4, needs)
+    tape = replay(plan.steps, _operands(plan, x, cores), NUMPY, {}, reads)
+    grads = backprop(plan.steps, tape, grad_out.reshape(5, *spec.out_modes), NUMPY, 4, needs)
+    np.testing.assert_allclose(grads[0].reshape(5, -1), grad_out @ dense_reference(cores).T, rtol=1e-10)
+    assert grads[1:] == [None, None, None]
+    # x's gradient reads c1 and the (c2 c3) product, not the (x c1) one: keep only what x's path reads
+    assert keep_within(plan, 5, needs, None) == {5}
+    assert keep_within(plan, 5, (True,) * 4, None) == {4, 5}
+
+
+def test_keep_within_adds_up_what_it_keeps() -> None:
+    """Four intermediates read (zipper over four cores): a budget one short of the three smallest keeps two."""
+    spec = tnlayers.MPOSpec((2, 2, 2, 2), (2, 2, 2, 2), 2)
+    plan = tnlayers.plan(spec, 8, "zipper")
+    needs = (True,) * 5
+    sizes = intermediate_sizes(plan, 8)
+    reads = sorted((k for k in backward_reads(plan.steps, 5, needs) if k >= 5), key=lambda k: sizes[k])
+    assert len(reads) >= 3
+    budget = sum(sizes[k] for k in reads[:3]) - 1
+    assert keep_within(plan, 8, needs, budget) == set(reads[:2])
+    assert keep_within(plan, 8, (True, False, False, False, False), None) == frozenset()  # x's path reads cores only
