@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
@@ -726,7 +727,8 @@ def compress(
     - ``budget``: the whole model's parameters after compression, as a fraction of before (embeddings and
       layers left dense included). Each layer's bond cap is chosen from :data:`tnlayers.calibrate.RANK_LADDER`
       (up to ``rank`` where given) by :func:`tnlayers.calibrate.allocate`, from the TT-SVD error of each
-      cap (the output error where calibrated): the layers that lose least give most; a layer may stay dense.
+      cap (the output error where calibrated; for an embedding, the bound its TT-SVD spectra give): the
+      layers that lose least give most; a layer may stay dense.
 
     A layer whose MPO would not be smaller is kept, and listed in the report's ``skipped``, as is the
     output projection of ``nn.MultiheadAttention`` (which reads its ``.weight``). An
@@ -932,27 +934,27 @@ def _budget_caps(
         pairs: list[tuple[int, float]] = [(dense_sizes[name], 0.0)]
         chosen_caps: list[Any] = [None]
         seen = set()
-        # one TT-SVD at the largest cap, then TT-rounding to each smaller one (cheap: no SVD of W's unfoldings)
-        if isinstance(module, nn.Embedding):
-            widest, _ = kit.embedding_cores(matrix, max(ladder), tol, n_cores, in_modes, out_modes)
+        embedding = isinstance(module, nn.Embedding)
+        if embedding:  # one TT-SVD gives every bond's spectrum; a cap's error is bounded by the tails cut
+            cores, report = kit.embedding_cores(matrix, max(ladder), tol, n_cores, in_modes, out_modes)
+            spec, spectra = report.spec, report.singular_values
+            total = float(np.sum(matrix**2))
         else:
-            widest, _ = tnlayers.from_dense(matrix, in_modes, out_modes, max(ladder), tol, n_cores=n_cores)
-        gram = grams.get(name)
-        norm = float(np.linalg.norm(matrix))
-        widest_bond = max(core.shape[3] for core in widest)
+            spec = kit.layer_spec(matrix.shape[0], matrix.shape[1], in_modes, out_modes, 1, n_cores)
         for cap in ladder:
-            cores = tnlayers.truncate(widest, cap)[0] if cap < widest_bond else widest
-            params = tnlayers.decompose.spec_from_cores(cores).num_params
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", tnlayers.RankClippedWarning)
+                params = tnlayers.MPOSpec(spec.in_modes, spec.out_modes, cap).num_params
             if params >= dense_sizes[name] or params in seen:
                 continue
             seen.add(params)
-            approx = tnlayers.to_dense(cores)[: matrix.shape[0]]
-            if gram is None:
-                error = float(np.linalg.norm(matrix - approx)) / norm if norm > 0 else 0.0
-            elif isinstance(module, nn.Embedding):  # token counts, plus one: rows unseen in calibration count too
-                error = tnlayers.calibrate.output_error(approx, matrix, np.asarray(gram) + 1.0)
+            if embedding:
+                lost = sum(float(np.sum(values[cap:] ** 2)) for values in spectra)
+                error = min(1.0, math.sqrt(lost / total)) if total > 0 else 0.0
             else:
-                error = tnlayers.calibrate.output_error(approx, matrix, gram)
+                cores, report = tnlayers.from_dense(matrix, spec.in_modes, spec.out_modes, cap, tol)
+                gram = grams.get(name)
+                error = report.relative_error if gram is None else tnlayers.calibrate.output_error(cores, matrix, gram)
             pairs.append((params, error))
             chosen_caps.append(cap)
         options[name], caps[name] = pairs, chosen_caps
