@@ -266,3 +266,38 @@ def test_a_backend_without_a_calibration_gets_the_default_cost_model() -> None:
 
     assert cost_model_for("cupy") is DEFAULT_COST_MODEL
     assert cost_model_for("torch") is COST_MODELS["torch"] and COST_MODELS["torch"] != DEFAULT_COST_MODEL
+
+
+def test_step_descriptions_name_the_legs_each_step_contracts() -> None:
+    """Written by hand from the paths: x is 0, core k is k; "i<k>" is core k's input leg, "b<k>" the bond
+    between cores k and k+1; two cores that share no leg make an outer product."""
+    from tnlayers.plan import contraction_steps, step_lines
+
+    spec = tnlayers.MPOSpec((2, 3, 2), (3, 2, 2), 2)
+    split = tnlayers.plan(spec, 5, [(0, 1), (0, 1), (0, 1)])  # (x G1), (G2 G3), then the two
+    assert [(sorted(a), sorted(b), edges) for a, b, edges in contraction_steps(split)] == [
+        ([0], [1], ["i1"]),
+        ([2], [3], ["b2"]),
+        ([0, 1], [2, 3], ["i2", "i3", "b1"]),
+    ]
+    outer = tnlayers.plan(spec, 5, [(1, 3), (0, 1), (0, 1)])  # G1 and G3 first: nothing to contract
+    assert [(sorted(a), sorted(b), edges) for a, b, edges in contraction_steps(outer)] == [
+        ([3], [1], []),
+        ([0], [2], ["i2"]),
+        ([0, 2], [1, 3], ["i1", "i3", "b1", "b2"]),
+    ]
+    assert step_lines(outer)[0] == "1. G3 * G1 over nothing (outer product): (8 x 1) @ (1 x 12) product"
+    assert step_lines(split)[1] == "2. G2 * G3 over b2: (12 x 2) @ (2 x 4) product"
+
+
+def test_a_path_optimiser_registered_with_opt_einsum_is_accepted_by_name() -> None:
+    import opt_einsum
+
+    name = "tnlayers-test-greedy"
+    if name not in opt_einsum.paths._PATH_OPTIONS:
+        opt_einsum.paths.register_path_fn(name, opt_einsum.paths.greedy)
+    spec = tnlayers.MPOSpec((2, 3, 2), (3, 2, 2), 2)
+    chosen = tnlayers.plan(spec, 16, name)
+    assert chosen.path == tnlayers.plan(spec, 16, "greedy").path and chosen.strategy == name
+    with pytest.raises(ValueError, match="unknown strategy 'tnlayers-test-unregistered'"):
+        tnlayers.plan(spec, 16, "tnlayers-test-unregistered")
