@@ -440,7 +440,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 mpo_reports[calibrated] = report
                 replaced_after = report.params_after
-                errors = [r.output_error if calibrated else r.relative_error for r in report.layers]
+                errors = [r.relative_error if r.output_error is None else r.output_error for r in report.layers]
             else:
                 source = mpo_reports.get(True) or mpo_reports.get(False)
                 if source is None:
