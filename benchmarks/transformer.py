@@ -363,7 +363,9 @@ def recover(
     for module in compressed:
         for parameter in module.parameters():
             parameter.requires_grad_(True)
-    trainable_cores, frozen_cores = freeze_cores(student, "central" if freeze == "central" else [])
+    trainable_cores, frozen_cores = 0, 0
+    if any(isinstance(module, MPOLinear) for module in compressed):  # the low-rank pairs have no cores
+        trainable_cores, frozen_cores = freeze_cores(student, "central" if freeze == "central" else [])
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(batches)))
@@ -436,7 +438,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             started = time.perf_counter()
             if method.startswith("mpo"):
                 report = compress_encoder(
-                    student, budget, args.cores, calibration=grams if calibrated else None, embeddings=args.embeddings
+                    student,
+                    budget,
+                    args.cores,
+                    args.min_features,
+                    calibration=grams if calibrated else None,
+                    embeddings=args.embeddings,
                 )
                 mpo_reports[calibrated] = report
                 replaced_after = report.params_after
@@ -605,6 +612,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--cores", type=int, default=4, help="cores per MPO (modes balanced per layer)")
+    parser.add_argument("--min-features", type=int, default=256, help="compress layers with at least this a side")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("results/transformer"))
     parser.add_argument("--quick", action="store_true", help="one budget (0.75), 150 + 100 + 150 sentences, one epoch")

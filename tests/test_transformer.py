@@ -227,6 +227,10 @@ def test_a_model_budget_counts_every_parameter_and_replaces_embeddings() -> None
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match=r"budget must be a fraction of the model's parameters in \(0, 1\)"):
             compress(copy.deepcopy(original), budget=bad)
+    with pytest.raises(
+        ValueError, match=r"a budget of 203 of the model's 20,288 parameters cannot be met: the parts compress"
+    ):
+        compress(copy.deepcopy(original), budget=0.01, min_features=1)
 
 
 def test_the_low_rank_baseline_gets_the_mpo_parameters_layer_by_layer() -> None:
@@ -308,3 +312,41 @@ def test_collect_grams_counts_embedding_rows_and_sums_linear_inputs() -> None:
     assert grams[name].rows == len(x)
     with pytest.raises(TypeError, match=r"collect_grams reads nn\.Linear and nn\.Embedding inputs; 'encoder' is a"):
         collect_grams(encoder.bert, batches, ["encoder"])
+
+
+class _WordTokenizer:
+    """Enough of a Hugging Face tokenizer for the benchmark's code: words hashed into the tiny vocabulary."""
+
+    def __call__(self, sentences: Any, padding: bool = False, return_tensors: str | None = None, **_: Any) -> dict:
+        single = isinstance(sentences, str)
+        rows = [
+            [1, *(2 + sum(map(ord, w)) % 60 for w in s.split()[:20]), 3] for s in ([sentences] if single else sentences)
+        ]
+        if return_tensors != "pt":
+            return {"input_ids": rows[0] if single else rows}
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_the_benchmark_runs_every_method_at_a_budget_on_a_tiny_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run`` end to end (MiniLM swapped for the tiny BERT, texts for stdlib ones): four methods, one row
+    each, the low-rank rows within the calibrated MPO's parameters, and recovery measured after."""
+    encoder = _tiny_encoder(low_rank=False)
+    monkeypatch.setattr(transformer, "load_minilm", lambda: (_WordTokenizer(), encoder))
+    monkeypatch.setattr(transformer, "package_sentences", lambda n: transformer.stdlib_sentences(40 + n)[40:])
+    monkeypatch.setattr(transformer, "TARGETS", ["*intermediate.dense", "*output.dense"])
+    args = transformer.argparse.Namespace(
+        budgets=[transformer.parse_budget("0.8")], methods=list(transformer.METHODS), eval=24, calibration=16,
+        train=16, epochs=1, lr=1e-3, batch_size=8, cores=2, freeze="none", hidden_loss=True, embeddings=True,
+        min_features=1,
+    )  # fmt: skip
+    result = transformer.run(args)
+    rows = {row["method"]: row for row in result["rows"]}
+    assert sorted(rows) == sorted(transformer.METHODS)
+    assert all(row["model_ratio"] <= 0.8 + 1e-9 for row in rows.values())
+    assert rows["low-rank"]["replaced_params_after"] <= rows["mpo-calibrated"]["replaced_params_after"]
+    assert all("after" in row and 0 < row["after"]["mean_cosine"] <= 1 + 1e-6 for row in rows.values())
+    table = transformer.markdown(result)
+    assert table.count("\n") == 1 + len(rows) and "| 0.8x | mpo-calibrated |" in table
