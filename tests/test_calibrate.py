@@ -7,10 +7,12 @@ import math
 import numpy as np
 import pytest
 
+import tnlayers
 from tnlayers import calibrate
 from tnlayers.calibrate import Gram, calibrated_fit, low_rank_fit, output_error
 
 IN_MODES, OUT_MODES = (2, 3, 2), (3, 2, 2)
+LSTSQ = np.linalg.lstsq
 
 
 def _dense(cores: list[np.ndarray]) -> np.ndarray:
@@ -223,3 +225,92 @@ def test_output_error_with_row_weights_is_the_error_on_one_hot_rows() -> None:
     one_hot = np.eye(7)[tokens]
     expected = np.linalg.norm(one_hot @ (table - approx)) / np.linalg.norm(one_hot @ table)
     assert output_error(approx, table, np.bincount(tokens, minlength=7)) == pytest.approx(expected, rel=1e-12)
+
+
+def _design(x: np.ndarray, cores: list[np.ndarray], k: int) -> np.ndarray:
+    """Columns: X W' for each unit entry of core k (the others fixed), built by plain einsum."""
+    columns = []
+    for index in np.ndindex(cores[k].shape):
+        unit = [c.copy() for c in cores]
+        unit[k] = np.zeros_like(cores[k])
+        unit[k][index] = 1.0
+        columns.append((x @ _dense(unit)).ravel())
+    return np.stack(columns, axis=1)
+
+
+@pytest.mark.parametrize("solver", ["direct", "conjugate-gradients"])
+@pytest.mark.parametrize("scale", [1.0, 1e-3], ids=["unit inputs", "tiny inputs"])
+def test_the_ridge_is_the_given_fraction_of_the_normal_matrix_mean_diagonal(
+    problem, monkeypatch, solver, scale
+) -> None:  # type: ignore[no-untyped-def]
+    """With ridge r, the update minimises ||X W - X W'||^2 + r * (tr K / dim K) * ||g||^2: compared with lstsq
+    on the design matrix stacked over sqrt(lambda) I (inputs scaled so that tr K is below 1 too)."""
+    x, w, cores = problem
+    x = x * scale
+    monkeypatch.setattr(calibrate, "DIRECT_SOLVE_LIMIT", 10**9 if solver == "direct" else 0)
+    monkeypatch.setattr(calibrate, "CG_ITERATIONS", 3000)
+    monkeypatch.setattr(calibrate, "CG_TOLERANCE", 1e-13)
+    k, ridge = 1, 0.3
+    design = _design(x, cores, k)
+    a, i, j, c = cores[k].shape
+    normal_trace = np.sum(design**2) / j  # tr K: K is the design's Gram matrix, one block per output index
+    lam = ridge * normal_trace / (a * i * c)
+    stacked = np.vstack([design, np.sqrt(lam) * np.eye(design.shape[1])])
+    target = np.concatenate([(x @ w).ravel(), np.zeros(design.shape[1])])
+    best = np.linalg.lstsq(stacked, target, rcond=None)[0].reshape(cores[k].shape)
+    site = calibrate._Site(
+        x.T @ x, x.T @ x @ w, calibrate._left_env(cores, k), calibrate._right_env(cores, k + 1), 3, 2
+    )
+    solved = site.solve(cores[k].transpose(0, 1, 3, 2), ridge).transpose(0, 1, 3, 2)
+    np.testing.assert_allclose(solved, best, rtol=1e-6, atol=1e-8 * np.abs(best).max())
+
+
+def test_a_singular_site_falls_back_to_the_least_norm_solution(problem, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Inputs that never use some features make K exactly singular; without a ridge the factorisation
+    fails and the least-squares solution is taken: its outputs are the best ones (lstsq on the design)."""
+    x, w, cores = problem
+    x = x.copy()
+    x[:, :6] = 0.0  # the first mode's first value never occurs: K's rows for it are exactly zero
+    monkeypatch.setattr(calibrate, "DIRECT_SOLVE_LIMIT", 10**9)
+    fallbacks = []
+    monkeypatch.setattr(np.linalg, "lstsq", lambda *a, **k: fallbacks.append(a) or LSTSQ(*a, **k))
+    site = calibrate._Site(x.T @ x, x.T @ x @ w, calibrate._left_env(cores, 0), calibrate._right_env(cores, 1), 2, 3)
+    solved = site.solve(cores[0].transpose(0, 1, 3, 2), 0.0).transpose(0, 1, 3, 2)
+    assert len(fallbacks) == 1  # the factorisation failed: K is exactly singular
+    design = _design(x, cores, 0)
+    best = LSTSQ(design, (x @ w).ravel(), rcond=None)[0].reshape(cores[0].shape)
+    got = x @ _dense([solved, *cores[1:]])
+    np.testing.assert_allclose(got, x @ _dense([best, *cores[1:]]), atol=1e-8 * np.abs(x @ w).max())
+    assert np.all(np.isfinite(solved))
+
+
+def test_calibrated_fit_reports_and_returns_what_it_was_given(problem) -> None:  # type: ignore[no-untyped-def]
+    """Dtype, modes, core count, ranks from tol, the ridge, the weight error and the progress calls."""
+    x, w, _ = problem
+    calls: list[tuple[int, float]] = []
+    cores, report = calibrated_fit(
+        w.astype(np.float32), x.T @ x, (3, 2, 2), (2, 2, 3), tol=0.5, sweeps=2, ridge=1e-4,
+        progress=lambda sweep, error: calls.append((sweep, error)),
+    )  # fmt: skip
+    assert all(c.dtype == np.float32 for c in cores)
+    assert [c.shape[1] for c in cores] == [3, 2, 2] and [c.shape[2] for c in cores] == [2, 2, 3]
+    assert report.spec.ranks == tnlayers.from_dense(w, (3, 2, 2), (2, 2, 3), tol=0.5)[1].spec.ranks
+    assert report.ridge == 1e-4 and report.sweeps == ("one-site", "one-site")
+    assert calls == [(1, report.errors[1]), (2, report.errors[2])]
+    dense = _dense([c.astype(np.float64) for c in cores])
+    assert report.weight_error == pytest.approx(np.linalg.norm(w - dense) / np.linalg.norm(w), rel=1e-5)
+    four, _ = calibrated_fit(w, x.T @ x, sweeps=0)
+    three, report3 = calibrated_fit(np.arange(144.0).reshape(12, 12), x.T @ x, n_cores=3, sweeps=0)
+    assert len(four) == 4 and len(three) == 3 and report3.errors == (report3.svd_error,)
+    integers, _ = calibrated_fit(np.arange(144).reshape(12, 12), x.T @ x, n_cores=2, sweeps=1)
+    assert all(c.dtype == np.float64 for c in integers)
+    _, zero = calibrated_fit(np.zeros((12, 12)), x.T @ x, n_cores=2, sweeps=1)
+    assert zero.weight_error == 0.0 and zero.errors == (0.0, 0.0)
+    single, report1 = calibrated_fit(w, x.T @ x, (12,), (12,), sweeps=1, two_site=True)
+    assert report1.sweeps == ("one-site",) and len(single) == 1
+    with pytest.raises(ValueError, match=r"max_rank must be an int or 2 inner bond dimensions, got \(2, 2, 2\)"):
+        calibrated_fit(w, x.T @ x, IN_MODES, OUT_MODES, max_rank=(2, 2, 2))
+    with pytest.raises(ValueError, match=r"matrix must be 2-D \(in_features, out_features\), got shape \(12,\)"):
+        calibrated_fit(w[0], x.T @ x)
+    with pytest.raises(ValueError, match="sweeps must be a non-negative int, got True"):
+        calibrated_fit(w, x.T @ x, sweeps=True)

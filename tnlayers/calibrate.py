@@ -216,7 +216,7 @@ class _Site:
         rhs = self.rhs()
         if a * i * c <= DIRECT_SOLVE_LIMIT:
             k = self.normal()
-            k[np.diag_indices_from(k)] += ridge * max(float(np.trace(k)), 0.0) / k.shape[0] + _TINY
+            k[np.diag_indices_from(k)] += ridge * max(float(np.trace(k)), 0.0) / k.shape[0]
             try:
                 return np.linalg.solve(k, rhs.reshape(-1, j)).reshape(self.shape)
             except np.linalg.LinAlgError:  # singular even with the ridge: the least-norm solution
