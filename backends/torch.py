@@ -1048,10 +1048,20 @@ def restructure(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> lis
     return replaced
 
 
-def _mpo_like(module: nn.Module, name: str, spec: tnlayers.MPOSpec, bias: bool) -> _MPOModule | None:
+def _mpo_like(module: nn.Module, name: str, spec: tnlayers.MPOSpec, bias: bool) -> nn.Module | None:
     """An MPO layer of ``spec`` in ``module``'s place (``None`` when ``module`` already is one)."""
     if isinstance(module, _MPOModule) and module.spec == spec and (module.bias is not None) == bias:
         return None
+    if isinstance(module, (nn.Embedding, MPOEmbedding)) and not bias:
+        rows, dim = module.num_embeddings, module.embedding_dim
+        if isinstance(module, MPOEmbedding) and module.spec == spec:
+            return None
+        if spec.out_features == dim and spec.in_features >= rows:
+            first = module.cores[0] if isinstance(module, MPOEmbedding) else module.weight
+            return MPOEmbedding(
+                rows, dim, spec.ranks, row_modes=spec.in_modes, dim_modes=spec.out_modes,
+                device=first.device, dtype=first.dtype,
+            )  # fmt: skip
     weight = module.cores[0] if isinstance(module, _MPOModule) else getattr(module, "weight", None)
     device, dtype = (weight.device, weight.dtype) if isinstance(weight, torch.Tensor) else (None, None)
     modes, ranks = (spec.in_modes, spec.out_modes), spec.ranks

@@ -138,3 +138,23 @@ def test_embedding_spec_and_index_checks_name_what_was_given() -> None:
         kit.check_indices(np.array([1.0]), 10)
     with pytest.raises(ValueError, match="num_embeddings must be >= 1, got 0"):
         kit.embedding_spec(0, 8, 2)
+
+
+def test_a_compressed_embedding_reloads_into_the_original_architecture() -> None:
+    """compress, save the state_dict, rebuild the dense model, restructure, load: the same outputs."""
+    torch = pytest.importorskip("torch")
+    from tnlayers.backends.torch import MPOEmbedding, compress, restructure
+
+    def build() -> Any:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Embedding(101, 48), torch.nn.Linear(48, 48))
+
+    model = build()
+    report = compress(model, rank=4, n_cores=2, include="0")
+    assert [row.kind for row in report.layers] == ["Embedding"] and isinstance(model[0], MPOEmbedding)
+    state = model.state_dict()
+    fresh = build()
+    assert restructure(fresh, state) == ["0"]
+    fresh.load_state_dict(state)
+    indices = torch.tensor([[0, 100, 7]])
+    torch.testing.assert_close(fresh(indices), model(indices), rtol=0, atol=0)
