@@ -958,11 +958,12 @@ def _budget_caps(
             pairs.append((params, error))
             chosen_caps.append(cap)
         options[name], caps[name] = pairs, chosen_caps
-    if target < fixed + sum(min(params for params, _ in pairs) for pairs in options.values()):
+    smallest = sum(min(params for params, _ in pairs) for pairs in options.values())
+    if target < fixed + smallest:
         raise ValueError(
             f"a budget of {target:,} of the model's {params_before:,} parameters cannot be met: the parts compress "
             f"leaves alone hold {fixed:,}, and the {len(options)} layers it may replace need at least "
-            f"{sum(min(params for params, _ in pairs) for pairs in options.values()):,} more"
+            f"{smallest:,} more"
         )
     picked = tnlayers.calibrate.allocate(options, target - fixed)
     return {name: caps[name][k] for name, k in picked.items() if caps[name][k] is not None}

@@ -26,6 +26,17 @@ def _dense(cores: list[np.ndarray]) -> np.ndarray:
     return w.reshape(math.prod(c.shape[1] for c in cores), -1)
 
 
+def _design(x: np.ndarray, cores: list[np.ndarray], k: int) -> np.ndarray:
+    """Columns: X W' for each unit entry of core k (the others fixed), built by plain einsum."""
+    columns = []
+    for index in np.ndindex(cores[k].shape):
+        unit = [c.copy() for c in cores]
+        unit[k] = np.zeros_like(cores[k])
+        unit[k][index] = 1.0
+        columns.append((x @ _dense(unit)).ravel())
+    return np.stack(columns, axis=1)
+
+
 def _anisotropic_rows(rng: np.random.Generator, rows: int, features: int) -> np.ndarray:
     """Calibration rows whose feature scales span about three decades, as activations do."""
     return rng.normal(size=(rows, features)) * np.exp(rng.normal(size=features) * 1.5)
@@ -77,14 +88,7 @@ def test_one_site_update_is_the_least_squares_minimiser(problem, monkeypatch, so
     monkeypatch.setattr(calibrate, "DIRECT_SOLVE_LIMIT", 10**9 if solver == "direct" else 0)
     monkeypatch.setattr(calibrate, "CG_ITERATIONS", 2000)
     monkeypatch.setattr(calibrate, "CG_TOLERANCE", 1e-12)
-    columns = []
-    for index in np.ndindex(cores[k].shape):
-        unit = [c.copy() for c in cores]
-        unit[k] = np.zeros_like(cores[k])
-        unit[k][index] = 1.0
-        columns.append((x @ _dense(unit)).ravel())
-    design = np.stack(columns, axis=1)
-    best = np.linalg.lstsq(design, (x @ w).ravel(), rcond=None)[0].reshape(cores[k].shape)
+    best = np.linalg.lstsq(_design(x, cores, k), (x @ w).ravel(), rcond=None)[0].reshape(cores[k].shape)
     expected = [*cores[:k], best, *cores[k + 1 :]]
 
     c, cw = x.T @ x, x.T @ x @ w
@@ -225,17 +229,6 @@ def test_output_error_with_row_weights_is_the_error_on_one_hot_rows() -> None:
     one_hot = np.eye(7)[tokens]
     expected = np.linalg.norm(one_hot @ (table - approx)) / np.linalg.norm(one_hot @ table)
     assert output_error(approx, table, np.bincount(tokens, minlength=7)) == pytest.approx(expected, rel=1e-12)
-
-
-def _design(x: np.ndarray, cores: list[np.ndarray], k: int) -> np.ndarray:
-    """Columns: X W' for each unit entry of core k (the others fixed), built by plain einsum."""
-    columns = []
-    for index in np.ndindex(cores[k].shape):
-        unit = [c.copy() for c in cores]
-        unit[k] = np.zeros_like(cores[k])
-        unit[k][index] = 1.0
-        columns.append((x @ _dense(unit)).ravel())
-    return np.stack(columns, axis=1)
 
 
 @pytest.mark.parametrize("solver", ["direct", "conjugate-gradients"])

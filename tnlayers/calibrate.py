@@ -40,7 +40,7 @@ import numpy as np
 import opt_einsum
 from numpy.typing import NDArray
 
-from .decompose import _bond_caps, _check_tol, from_dense, spec_from_cores, to_dense
+from .decompose import _bond_caps, _check_tol, _truncated_svd, from_dense, spec_from_cores, to_dense
 from .spec import MPOSpec
 
 __all__ = ["CalibratedFit", "Gram", "LowRankFit", "allocate", "calibrated_fit", "low_rank_fit", "output_error"]
@@ -284,15 +284,11 @@ def _split(
     root_right, inverse_right = _root_and_inverse(factors[1])
     tensor = site.reshape(a, i1, i2, j1, j2, c).transpose(0, 1, 3, 4, 2, 5).reshape(a * i1, j1, j2, i2 * c)
     whitened = np.einsum("pq,qxyr,rs->pxys", root_left, tensor, root_right).reshape(a * i1 * j1, j2 * i2 * c)
-    u, s, vh = np.linalg.svd(whitened, full_matrices=False)
-    keep = max(1, int(np.count_nonzero(s > s[0] * max(whitened.shape) * 16 * np.finfo(np.float64).eps)))
-    if tol is not None:
-        tail = np.append(np.cumsum((s**2)[::-1])[::-1], 0.0)
-        keep = min(keep, max(1, int(np.nonzero(tail <= (tol**2) * tail[0])[0][0])))
-    if cap is not None:
-        keep = min(keep, cap)
-    left = np.einsum("qp,pxk->qxk", inverse_left, u[:, :keep].reshape(a * i1, j1, keep))
-    right = np.einsum("kys,sr->kyr", (s[:keep, None] * vh[:keep]).reshape(keep, j2, i2 * c), inverse_right)
+    allowed = None if tol is None else tol**2 * float(np.sum(whitened**2))
+    u, svh, _, _ = _truncated_svd(whitened, allowed, cap)  # the cut TT-SVD makes, in the whitened metric
+    keep = u.shape[1]
+    left = np.einsum("qp,pxk->qxk", inverse_left, u.reshape(a * i1, j1, keep))
+    right = np.einsum("kys,sr->kyr", svh.reshape(keep, j2, i2 * c), inverse_right)
     return left.reshape(a, i1, j1, keep), right.reshape(keep, j2, i2, c).transpose(0, 2, 1, 3)
 
 
