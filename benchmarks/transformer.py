@@ -267,9 +267,11 @@ def compress_encoder(
     min_features: int = 256,
     calibration: Any = None,
     embeddings: bool = False,
+    sweeps: int = 2,
 ) -> Any:
     """Replace the attention and feed-forward layers of every encoder layer (and, with ``embeddings``, the
-    word embedding); the report of ``compress``. ``calibration``: Gram matrices by layer name."""
+    word embedding); the report of ``compress``. ``calibration``: Gram matrices by layer name, fitted by
+    ``sweeps`` one-site sweeps."""
     return compress(
         encoder.bert,
         rank=budget["rank"],
@@ -279,6 +281,7 @@ def compress_encoder(
         min_features=min_features,
         budget=budget.get("fraction"),
         calibration=calibration,
+        sweeps=sweeps,
     )
 
 
@@ -445,6 +448,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     args.min_features,
                     calibration=grams if calibrated else None,
                     embeddings=args.embeddings,
+                    sweeps=args.sweeps,
                 )
                 mpo_reports[calibrated] = report
                 replaced_after = report.params_after
@@ -503,6 +507,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "freeze": args.freeze,
         "hidden_loss": args.hidden_loss,
         "cores": args.cores,
+        "sweeps": args.sweeps,
         "embeddings": args.embeddings,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -610,6 +615,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         default=True,
         help="compress the word embedding too (11.7M of the 22.6M parameters)",
     )
+    parser.add_argument("--sweeps", type=int, default=2, help="one-site sweeps of the calibrated fits")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--cores", type=int, default=4, help="cores per MPO (modes balanced per layer)")
@@ -617,12 +623,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("results/transformer"))
     parser.add_argument(
-        "--quick", action="store_true", help="bonds of 32, linear layers only, 150 + 100 + 150 sentences, one epoch"
+        "--quick",
+        action="store_true",
+        help="bonds of 32, linear layers only, 150 + 100 + 150 sentences, one sweep, one epoch",
     )
     args = parser.parse_args(argv)
     if args.quick:  # no cap ladder to search and no embedding table: minutes, not an hour
         args.budgets, args.eval, args.calibration, args.train, args.epochs = [parse_budget("rank:32")], 150, 100, 150, 1
-        args.embeddings = False
+        args.embeddings, args.sweeps = False, 1
     if args.eval < 11 or args.calibration < 1 or args.train < 1:
         parser.error("--eval needs at least 11 sentences (top-10), --calibration and --train at least 1")
     if args.threads:

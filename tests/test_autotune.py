@@ -7,6 +7,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -127,9 +128,33 @@ def test_an_unwritable_cache_still_tunes(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     tuner = autotune.Autotuner(blocker / "sub" / "autotune.json")  # a directory below a file cannot exist
-    with pytest.warns(UserWarning, match="could not write the autotune cache"):
+    with pytest.warns(UserWarning, match="could not write the autotune cache") as record:
         chosen = tuner.tune(SPEC, 4, _slow_except(_candidate_methods(4)[0]), KEY, repeats=1)
     assert chosen.strategy == "autotune"
+    assert record[0].filename == __file__  # at the caller's line
+
+
+def test_a_miss_is_silent_and_a_hit_is_planned_for_the_batch_asked(tuner: autotune.Autotuner) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tuner.cached(SPEC, 48, KEY) is None
+    chosen = tuner.tune(SPEC, 48, _slow_except(_candidate_methods(48)[0]), KEY, repeats=1)
+    assert tuner.cached(SPEC, 40, KEY) == chosen  # the same bucket (64), in memory
+    found = autotune.Autotuner(tuner.path).cached(SPEC, 40, KEY)  # from the file: planned for the batch asked
+    expected = tnlayers.plan(SPEC, 40, chosen.path)
+    assert found is not None and found.path == chosen.path
+    assert (found.batch_size, found.flops) == (expected.batch_size, expected.flops)
+
+
+def test_a_corrupt_file_warns_once_when_read_and_not_again_when_rewritten(tuner: autotune.Autotuner) -> None:
+    tuner.path.write_text("{not json")
+    with pytest.warns(UserWarning, match="corrupt autotune cache"):
+        assert tuner.cached(SPEC, 8, KEY) is None
+    tuner.path.write_text("{still not json")  # corrupt again when the winner is merged into it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tuner.tune(SPEC, 8, _slow_except(_candidate_methods(8)[0]), KEY, repeats=1)
+    assert len(json.loads(tuner.path.read_text())["entries"]) == 1
 
 
 def test_plan_accepts_autotune_as_the_model_choice() -> None:

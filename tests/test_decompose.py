@@ -161,3 +161,170 @@ def test_from_dense_factorises_the_modes_it_is_not_given() -> None:
     assert report.spec.in_modes == tnlayers.MPOSpec.auto(784, 256, 3, 4).in_modes
     _, report = tnlayers.from_dense(matrix, n_cores=2, max_rank=4)
     assert report.spec.n_cores == 2
+
+
+# From the mutation run (docs/mutation-survivors.md): the checks, warnings, dtypes and scales of TT-SVD and TT-rounding.
+
+
+def test_from_dense_rejects_what_is_not_numbers_and_names_it() -> None:
+    with pytest.raises(TypeError, match="matrix must hold numbers, got dtype object"):
+        tnlayers.from_dense(np.array([[1, 2], [3, 4]], dtype=object))
+    with pytest.raises(TypeError, match="matrix must hold numbers, got dtype bool"):
+        tnlayers.from_dense(np.ones((4, 4), dtype=bool))
+    with pytest.raises(ValueError, match=r"in_modes \(2, 2\) and out_modes \(4,\) must have the same length"):
+        tnlayers.from_dense(np.ones((4, 4)), (2, 2), (4,))
+    with pytest.raises(ValueError, match=r"^matrix contains NaN or infinite values$"):
+        tnlayers.from_dense(np.full((4, 4), np.nan), (2, 2), (2, 2))
+    for modes, name in (((2, 0), "in_modes"), ((2, 0), "out_modes")):
+        given = (modes, (2, 2)) if name == "in_modes" else ((2, 2), modes)
+        with pytest.raises(ValueError, match=rf"^{name}\[1\] must be >= 1, got 0"):
+            tnlayers.from_dense(np.ones((4, 4)), *given)
+
+
+def test_bond_caps_and_tol_are_checked_with_the_value_given() -> None:
+    matrix = np.ones((16, 16))
+    with pytest.raises(ValueError, match=r"max_rank must be an int or 3 inner bond dimensions, got \(2, 2\)"):
+        tnlayers.from_dense(matrix, max_rank=[2, 2])
+    with pytest.raises((TypeError, ValueError), match=r"max_rank\[1\]"):
+        tnlayers.from_dense(matrix, max_rank=[2, 0, 2])
+    for tol in (False, True, "0.1", 1, 1.0, -0.1):
+        with pytest.raises(ValueError, match=r"tol must be a relative error in \[0, 1\)"):
+            tnlayers.from_dense(matrix, tol=tol)
+
+
+def test_tol_zero_keeps_a_full_rank_matrix_exactly() -> None:
+    matrix = np.random.default_rng(21).normal(size=(16, 16))
+    cores, report = tnlayers.from_dense(matrix, (4, 4), (4, 4), tol=0.0)
+    assert report.ranks == (1, 16, 1)
+    np.testing.assert_allclose(dense_reference(cores), matrix, atol=1e-12)
+
+
+@pytest.mark.parametrize("tol", [0.02, 0.05, 0.1])
+def test_the_error_budget_is_shared_not_refilled(tol: float) -> None:
+    """Small entries (the budget ``tol**2 ||W||**2`` well under 1): every bond's cut stays within what is left."""
+    rng = np.random.default_rng(22)
+    matrix = rng.normal(size=(256, 256)) * 1e-3
+    matrix[0, 0] = 1.0  # the sweep runs on W / max|W|
+    cores, report = tnlayers.from_dense(matrix, (4, 4, 4, 4), (4, 4, 4, 4), tol=tol)
+    measured = np.linalg.norm(dense_reference(cores) - matrix) / np.linalg.norm(matrix)
+    assert measured <= tol and report.relative_error == pytest.approx(measured, rel=1e-8)
+    truncated, report = tnlayers.truncate(tnlayers.from_dense(matrix, (4, 4, 4, 4), (4, 4, 4, 4))[0], tol=tol)
+    measured = np.linalg.norm(dense_reference(truncated) - matrix) / np.linalg.norm(matrix)
+    assert measured <= tol and report.relative_error == pytest.approx(measured, rel=1e-8)
+
+
+def test_from_dense_warns_about_modes_it_chose_that_cannot_compress() -> None:
+    with pytest.warns(UserWarning, match=r"7 in features do not factorise into 2 modes") as record:
+        tnlayers.from_dense(np.ones((7, 4)), out_modes=(2, 2))
+    assert record[0].filename == __file__  # at the caller's line
+    with pytest.warns(UserWarning, match=r"2 in features do not factorise into 2 modes"):
+        tnlayers.from_dense(np.ones((2, 4)), n_cores=2)
+    with pytest.warns(UserWarning, match=r"7 out features do not factorise into 2 modes"):
+        tnlayers.from_dense(np.ones((4, 7)), (2, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tnlayers.from_dense(np.ones((1, 4)), n_cores=2)  # one feature: nothing to factorise
+        tnlayers.from_dense(np.ones((7, 4)), n_cores=1)  # one core: the dense matrix by request
+        tnlayers.from_dense(np.ones((7, 4)), (7, 1), (2, 2))  # modes the caller gave
+
+
+def _complex_dense(cores: list[np.ndarray]) -> np.ndarray:
+    """``W`` of complex cores by one explicit einsum (``dense_reference`` is real)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    n = len(cores)
+    terms = [f"{letters[k]}{letters[n + 1 + k]}{letters[2 * n + 1 + k]}{letters[k + 1]}" for k in range(n)]
+    rows, cols = letters[n + 1 : 2 * n + 1], letters[2 * n + 1 : 3 * n + 1]
+    full = np.einsum(f"{','.join(terms)}->{rows}{cols}", *cores)
+    return full.reshape(int(np.prod(full.shape[:n])), -1)
+
+
+def test_complex_and_integer_matrices() -> None:
+    rng = np.random.default_rng(23)
+    spec = tnlayers.MPOSpec((2, 3, 2), (3, 2, 2), 2)
+    cores = [rng.normal(size=s) + 1j * rng.normal(size=s) for s in spec.core_shapes]
+    matrix = _complex_dense(cores)
+    found, report = tnlayers.from_dense(matrix, spec.in_modes, spec.out_modes)
+    assert all(c.dtype == np.complex128 for c in found) and report.ranks == spec.ranks
+    np.testing.assert_allclose(_complex_dense(found), matrix, atol=1e-12)
+    rounded, report = tnlayers.truncate(cores, max_rank=1)
+    assert all(c.dtype == np.complex128 for c in rounded)
+    measured = np.linalg.norm(_complex_dense(rounded) - matrix) / np.linalg.norm(matrix)
+    assert report.relative_error == pytest.approx(measured, rel=1e-8) and measured > 0.01
+    integers = np.arange(16).reshape(4, 4)
+    found, _ = tnlayers.from_dense(integers, (2, 2), (2, 2))
+    assert all(c.dtype == np.float64 for c in found)
+    np.testing.assert_allclose(dense_reference(found), integers, atol=1e-12)
+
+
+def test_truncate_keeps_float32_and_warns_about_nothing() -> None:
+    cores = [c.astype(np.float32) for c in _random_cores(tnlayers.MPOSpec((4, 4), (4, 4), 4), 24)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a complex detour would warn when cast back
+        rounded, _ = tnlayers.truncate(cores, max_rank=2)
+    assert all(c.dtype == np.float32 for c in rounded)
+
+
+def test_truncate_singular_values_are_those_of_the_dense_matrix() -> None:
+    """At every cut, the Schmidt values of ``W`` reshaped across it (NumPy's SVD of the dense tensor)."""
+    spec = tnlayers.MPOSpec((2, 3, 2), (2, 2, 3), (1, 3, 4, 1))
+    for scale in (1e-3, 1.0, 1e3):
+        cores = [c * scale for c in _random_cores(spec, 25)]
+        weight = dense_reference(cores).reshape(*spec.in_modes, *spec.out_modes).transpose(0, 3, 1, 4, 2, 5)
+        _, report = tnlayers.truncate(cores)
+        for k, found in enumerate(report.singular_values):
+            cut = weight.reshape(int(np.prod(weight.shape[: 2 * (k + 1)])), -1)
+            expected = np.linalg.svd(cut, compute_uv=False)[: len(found)]
+            np.testing.assert_allclose(found, expected, rtol=1e-9, atol=1e-12 * expected[0])
+
+
+def test_truncate_reports_zero_for_directions_that_are_zero() -> None:
+    spec = tnlayers.MPOSpec((2, 2), (2, 2), 2)
+    cores = _random_cores(spec, 26)
+    cores[0][..., 1] = 0.0  # the second bond direction carries nothing
+    _, report = tnlayers.truncate(cores)
+    assert report.singular_values[0][0] > 0 and report.singular_values[0][-1] == 0.0
+
+
+def test_truncate_reports_the_error_of_a_small_matrix() -> None:
+    """Cores whose largest entries do not meet in any product (``W``'s norm well under the cores' scale)."""
+    spec = tnlayers.MPOSpec((2, 2), (2, 2), 2)
+    cores = [0.1 * c for c in _random_cores(spec, 29)]
+    cores[0][0, 0, 0, 0], cores[1][1, 0, 0, 0] = 1.0, 1.0  # on different bond directions
+    weight = dense_reference(cores)
+    rounded, report = tnlayers.truncate(cores, max_rank=1)
+    measured = np.linalg.norm(dense_reference(rounded) - weight) / np.linalg.norm(weight)
+    assert measured > 0.01 and report.relative_error == pytest.approx(measured, rel=1e-8)
+
+
+def test_truncate_rejects_cores_that_are_not_finite() -> None:
+    cores = _random_cores(tnlayers.MPOSpec((2, 2), (2, 2), 2), 28)
+    cores[1][0, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"^cores contain NaN or infinite values$"):
+        tnlayers.truncate(cores)
+
+
+def test_truncate_of_zero_cores() -> None:
+    cores = [np.zeros(s) for s in tnlayers.MPOSpec((2, 2), (2, 2), 2).core_shapes]
+    rounded, report = tnlayers.truncate(cores, tol=0.1)
+    assert report.relative_error == 0.0 and not np.any(dense_reference(rounded))
+
+
+@pytest.mark.parametrize("scale", [1e-120, 1e120])
+def test_truncate_of_cores_far_from_one(scale: float) -> None:
+    """Each core's entries near 1e-120 or 1e120 (their product under- or overflows float64): the same result as
+    for the unscaled cores, times the scale per core, with no floating-point warning."""
+    spec = tnlayers.MPOSpec((2, 3, 2), (2, 2, 3), 3)
+    cores = _random_cores(spec, 27)
+    rounded, report = tnlayers.truncate(cores, max_rank=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scaled, scaled_report = tnlayers.truncate([c * scale for c in cores], max_rank=2)
+    share = scale  # every core was scaled by ``scale``: the product by ``scale**3``, given back shared
+    for got, expected in zip(scaled, rounded):
+        np.testing.assert_allclose(got, expected * share, rtol=1e-9, atol=1e-12 * share * np.abs(expected).max())
+    assert scaled_report.relative_error == pytest.approx(report.relative_error, rel=1e-9)
+
+
+def test_cores_of_rejects_a_single_array() -> None:
+    with pytest.raises(TypeError, match="expected an MPO layer or a list of cores"):
+        tnlayers.decompose.cores_of(np.zeros((1, 2, 2, 1)))
