@@ -307,3 +307,67 @@ def test_calibrated_fit_reports_and_returns_what_it_was_given(problem) -> None: 
         calibrated_fit(w[0], x.T @ x)
     with pytest.raises(ValueError, match="sweeps must be a non-negative int, got True"):
         calibrated_fit(w, x.T @ x, sweeps=True)
+
+
+# From the mutation run (docs/mutation-survivors.md).
+
+
+@pytest.mark.parametrize(
+    ("options", "budget", "expected"),
+    [
+        # the same added parameters: the larger drop of error**2 wins, not of error or error**3 or lower**3
+        ({"a": [(10, 0.5), (20, 0.0)], "b": [(10, 0.9), (20, 0.75)]}, 30, {"a": 1, "b": 0}),
+        # per added parameter: 0.09 / 10 beats 0.25 / 100
+        ({"a": [(10, 0.5), (110, 0.0)], "b": [(10, 0.5), (20, 0.4)]}, 120, {"a": 0, "b": 1}),
+        ({"a": [(10, 0.5), (11, 0.0)]}, 11, {"a": 1}),  # one parameter more is still more
+        ({"a": [(10, 0.5), (20, 0.5)]}, 100, {"a": 0}),  # nothing gained: nothing spent
+        ({"a": [(10, 0.5)], "b": [(10, 0.2)]}, 20, {"a": 0, "b": 0}),  # exactly the budget
+        ({"a": [(20, 0.1), (10, 0.5)]}, 10, {"a": 1}),  # options in any order: the smallest first
+    ],
+)
+def test_allocate_by_hand(options: dict, budget: int, expected: dict) -> None:
+    assert calibrate.allocate(options, budget) == expected
+
+
+def test_allocate_takes_options_of_equal_size() -> None:
+    chosen = calibrate.allocate({"a": [(10, 0.5), (10, 0.2), (30, 0.0)]}, 100)
+    assert chosen == {"a": 2}
+
+
+def test_gram_objects_vectors_and_matrices_are_one_input(problem) -> None:  # type: ignore[no-untyped-def]
+    x, w, _ = problem
+    gram = Gram(12)
+    gram.add(x)
+    fitted, report = calibrated_fit(w, gram, IN_MODES, OUT_MODES, 2)
+    same, same_report = calibrated_fit(w, x.T @ x, IN_MODES, OUT_MODES, 2)
+    assert report.errors == same_report.errors
+    for a, b in zip(fitted, same):
+        np.testing.assert_array_equal(a, b)
+    assert low_rank_fit(w, 3, gram).error == low_rank_fit(w, 3, x.T @ x).error
+    counts = np.arange(1.0, 13.0)  # per-row weights: a diagonal C
+    by_vector = calibrated_fit(w, counts, IN_MODES, OUT_MODES, 2)[1].errors
+    assert by_vector == pytest.approx(calibrated_fit(w, np.diag(counts), IN_MODES, OUT_MODES, 2)[1].errors, rel=1e-12)
+    with pytest.raises(ValueError, match=r"^gram contains NaN or infinite values$"):
+        calibrated_fit(w, np.full((12, 12), np.inf), IN_MODES, OUT_MODES)
+
+
+@pytest.mark.parametrize("ridge", [False, 1, 1.0, -1e-9, "0.1"])
+def test_calibrated_fit_rejects_a_ridge_outside_zero_to_one(problem, ridge) -> None:  # type: ignore[no-untyped-def]
+    x, w, _ = problem
+    with pytest.raises(ValueError, match=r"ridge must be a number in \[0, 1\)"):
+        calibrated_fit(w, x.T @ x, IN_MODES, OUT_MODES, ridge=ridge)
+
+
+@pytest.mark.parametrize("tol", [0.0, 0.1, 0.2, 0.3, 0.45, 0.6])
+def test_two_site_tol_cuts_where_the_singular_values_say(tol: float) -> None:
+    """Two cores and C = I: the merged site is all of W, so the bond is the smallest r whose tail of squared
+    singular values (NumPy's SVD of W regrouped as (i1 j1, i2 j2)) is within tol**2 of the total."""
+    rng = np.random.default_rng(8)
+    w = rng.normal(size=(12, 12)) @ np.diag(0.7 ** np.arange(12))
+    s = np.linalg.svd(w.reshape(3, 4, 3, 4).transpose(0, 2, 1, 3).reshape(9, 16), compute_uv=False)
+    tails = np.append(np.cumsum((s**2)[::-1])[::-1], 0.0)
+    expected = int(np.nonzero(tails <= tol**2 * np.sum(s**2))[0][0])
+    _, report = calibrated_fit(w, np.eye(12), (3, 4), (3, 4), tol=tol, sweeps=1, two_site=True, ridge=0.0)
+    assert report.spec.ranks == (1, expected, 1)
+    assert expected == 9 if tol == 0.0 else 1 < expected < 9  # the tolerances cut inside the spectrum
+    assert report.errors[-1] <= tol + 1e-12

@@ -136,6 +136,29 @@ def test_ascii_diagram_and_numbered_steps() -> None:
     assert tnlayers.draw_ascii(tnlayers.init_cores(spec, seed=0)) == text
 
 
+def test_ascii_diagram_exactly() -> None:
+    """The whole picture and step list of a small uneven MPO, worked out by hand: step 1 is ``(8*13*3, 2) @
+    (2, 3*4)``, step 2 ``(8*3*3, 13*4) @ (13*4, 2*6)``, step 3 ``(8*3*2, 3*6) @ (3*6, 2)``; flops twice their
+    multiply-adds."""
+    spec = tnlayers.MPOSpec((2, 13, 3), (3, 2, 2), (1, 4, 6, 1))
+    picture = [
+        "i1=2     i2=13     i3=3",
+        " |         |        |",
+        "[G1]--4---[G2]--6--[G3]",
+        " |         |        |",
+        "j1=3      j2=2     j3=2",
+    ]
+    assert tnlayers.draw_ascii(spec) == "\n".join(picture)
+    steps = [
+        "",
+        "zipper -> zipper at batch 8: 108,288 flops",
+        "  1. x * G1 over i1: (312 x 2) @ (2 x 12) product",
+        "  2. (x G1) * G2 over i2, b1: (72 x 52) @ (52 x 12) product",
+        "  3. (x G1 G2) * G3 over i3, b2: (48 x 18) @ (18 x 2) product",
+    ]
+    assert tnlayers.draw_ascii(spec, tnlayers.plan(spec, 8, "zipper")) == "\n".join(picture + steps)
+
+
 def test_matplotlib_diagram(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     import matplotlib
