@@ -371,3 +371,53 @@ def test_two_site_tol_cuts_where_the_singular_values_say(tol: float) -> None:
     assert report.spec.ranks == (1, expected, 1)
     assert expected == 9 if tol == 0.0 else 1 < expected < 9  # the tolerances cut inside the spectrum
     assert report.errors[-1] <= tol + 1e-12
+
+
+def test_output_error_at_small_scales_and_of_a_zero_matrix() -> None:
+    """Against ``||X D|| / ||X W||`` with ``X`` built here, where every squared norm is far below 1."""
+    rng = np.random.default_rng(9)
+    x, w = 1e-3 * rng.normal(size=(30, 6)), 1e-3 * rng.normal(size=(6, 4))
+    approx = w + 1e-4 * rng.normal(size=(6, 4))
+    expected = np.linalg.norm(x @ (w - approx)) / np.linalg.norm(x @ w)
+    assert output_error(approx, w, x.T @ x) == pytest.approx(expected, rel=1e-10)
+    tokens = np.array([0, 1, 1, 5])
+    one_hot = 1e-3 * np.eye(6)[tokens]  # rows weighted by 1e-6: C = diag(counts) * 1e-6
+    expected = np.linalg.norm(one_hot @ (w - approx)) / np.linalg.norm(one_hot @ w)
+    assert output_error(approx, w, 1e-6 * np.bincount(tokens, minlength=6)) == pytest.approx(expected, rel=1e-10)
+    zero = np.zeros((6, 4))
+    assert output_error(zero, zero, x.T @ x) == 0.0 and output_error(zero, zero, np.ones(6)) == 0.0
+    with pytest.raises(ValueError, match=r"^matrix must be 2-D \(in_features, out_features\), got shape \(6,\)$"):
+        output_error(zero[:, 0], zero[:, 0], np.ones(6))
+    with pytest.raises(ValueError, match=r"^approximation of shape \(4, 6\) does not match the matrix's \(6, 4\)$"):
+        output_error(zero.T, zero, np.ones(6))
+
+
+def test_low_rank_fit_dtypes_ranks_and_scales() -> None:
+    rng = np.random.default_rng(10)
+    w = rng.normal(size=(8, 5))
+    fit = low_rank_fit(w.astype(np.float32), 2)
+    assert fit.first.dtype == np.float32 and fit.second.dtype == np.float32
+    integers = low_rank_fit(np.arange(40).reshape(8, 5), 2)
+    assert integers.first.dtype == np.float64 and integers.error < 1e-12  # an arithmetic table has rank 2
+    full = low_rank_fit(w, 5)  # the full rank is allowed, and exact
+    np.testing.assert_allclose(full.first @ full.second, w, atol=1e-12)
+    tiny = low_rank_fit(1e-3 * w, 2)  # squared norm far below 1
+    s = np.linalg.svd(w, compute_uv=False)
+    assert tiny.error == pytest.approx(math.sqrt(np.sum(s[2:] ** 2) / np.sum(s**2)), rel=1e-9)
+    assert low_rank_fit(np.zeros((8, 5)), 2).error == 0.0
+    for rank in (True, 0, 6):
+        with pytest.raises(ValueError, match=r"rank must be an int in \[1, 5\]"):
+            low_rank_fit(w, rank)
+    with pytest.raises(ValueError, match=r"^matrix must be 2-D \(in_features, out_features\), got shape \(8,\)$"):
+        low_rank_fit(w[:, 0], 1)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-4], ids=["unit", "trace below 1"])
+def test_low_rank_ridge_is_a_shift_of_c(scale: float) -> None:
+    """``ridge`` adds ``ridge * mean(diag C)`` to ``C``'s diagonal: the same fit as that ``C`` with no ridge."""
+    rng = np.random.default_rng(11)
+    x, w = scale * rng.normal(size=(4, 8)), rng.normal(size=(8, 5))  # 4 rows: C is singular
+    c = x.T @ x
+    ridged = low_rank_fit(w, 2, c, ridge=0.3)
+    shifted = low_rank_fit(w, 2, c + 0.3 * np.trace(c) / 8 * np.eye(8), ridge=0.0)
+    np.testing.assert_allclose(ridged.first @ ridged.second, shifted.first @ shifted.second, rtol=1e-8, atol=1e-12)
