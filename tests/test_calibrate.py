@@ -421,3 +421,35 @@ def test_low_rank_ridge_is_a_shift_of_c(scale: float) -> None:
     ridged = low_rank_fit(w, 2, c, ridge=0.3)
     shifted = low_rank_fit(w, 2, c + 0.3 * np.trace(c) / 8 * np.eye(8), ridge=0.0)
     np.testing.assert_allclose(ridged.first @ ridged.second, shifted.first @ shifted.second, rtol=1e-8, atol=1e-12)
+
+
+def test_gram_takes_rows_of_any_leading_shape() -> None:
+    rng = np.random.default_rng(12)
+    rows = rng.normal(size=(2, 3, 4))  # (batch, tokens, features)
+    gram = Gram(4)
+    gram.add(rows)
+    gram.add(rows[0, 0])  # one row, as a vector
+    flat = np.concatenate([rows.reshape(6, 4), rows[0, :1]])
+    np.testing.assert_allclose(gram.matrix, flat.T @ flat, rtol=1e-12)
+    assert gram.rows == 7 and Gram(1).features == 1
+    with pytest.raises(ValueError, match=r"^calibration rows contain NaN or infinite values$"):
+        gram.add(np.full(4, np.nan))
+    for features in (True, 0, 2.0):
+        with pytest.raises(ValueError, match="features must be a positive int"):
+            Gram(features)
+
+
+def test_calibrated_fit_types_caps_and_weight_error() -> None:
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(50, 12))
+    integers = rng.integers(-3, 4, size=(12, 12))
+    cores, _ = calibrated_fit(integers, x.T @ x, IN_MODES, OUT_MODES, 2)
+    assert all(core.dtype == np.float64 for core in cores)
+    start = [np.ones((1, 2, 2, 2), dtype=np.int64), np.ones((2, 3, 3, 2), dtype=np.int64), np.ones((2, 2, 2, 1), int)]
+    assert all(core.dtype == np.float64 for core in calibrated_fit(integers, x.T @ x, start=start)[0])
+    _, report = calibrated_fit(integers, x.T @ x, IN_MODES, OUT_MODES, (2, 3))  # one cap per bond
+    assert report.spec.ranks == (1, 2, 3, 1)
+    small = 1e-3 * rng.normal(size=(12, 12))  # ||W|| below 1
+    cores, report = calibrated_fit(small, x.T @ x, IN_MODES, OUT_MODES, 2)
+    expected = np.linalg.norm(small - _dense(cores)) / np.linalg.norm(small)
+    assert report.weight_error == pytest.approx(expected, rel=1e-9) and expected > 0.1
