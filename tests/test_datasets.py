@@ -163,3 +163,99 @@ def test_synthetic_digits_are_deterministic_and_learnable() -> None:
     means = np.stack([x[:1000][y[:1000] == c].mean(0) for c in range(10)])
     predicted = np.argmin(((x[1000:, None, :] - means[None]) ** 2).sum(-1), axis=1)
     assert (predicted == y[1000:]).mean() > 0.3
+
+
+# From the mutation run (docs/mutation-survivors.md).
+
+
+def test_idx_files_named_with_a_dot_are_found(tiny_mnist: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    """Some mirrors unpack to ``train-images.idx3-ubyte``: found and read like the ``-idx`` names."""
+    folder, images, labels = tiny_mnist
+    dotted = tmp_path / "dotted"
+    dotted.mkdir()
+    for path in folder.glob("*.gz"):
+        (dotted / path.name[:-3].replace("-idx", ".idx")).write_bytes(gzip.decompress(path.read_bytes()))
+    x, y = load_mnist(dotted, "train")
+    np.testing.assert_array_equal(np.rint(x * 255).astype(np.uint8), images.reshape(5, 784))
+    np.testing.assert_array_equal(y, labels)
+    assert datasets.find_folder("mnist", dotted) == dotted
+    with pytest.raises(FileNotFoundError, match=r"^train-images-idx3-ubyte\(\.gz\) not found in "):
+        datasets._find(tmp_path / "nowhere", "train-images-idx3-ubyte")
+
+
+def test_find_folder_defaults_to_mnist_and_names_the_datasets(
+    tiny_mnist: tuple[Path, np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TNLAYERS_DATA", str(tiny_mnist[0]))
+    assert datasets.find_folder() == tiny_mnist[0]
+    expected = ", ".join(datasets.DATASETS)
+    for call in (datasets.find_folder, lambda name: download(None, name)):
+        with pytest.raises(ValueError, match=rf"^unknown dataset 'digits'; expected one of {expected}$"):
+            call("digits")
+
+
+def test_resolve_folder_says_where_it_looked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(datasets, "KNOWN_FOLDERS", {"mnist": (tmp_path / "a", tmp_path / "b")})
+    monkeypatch.setenv("TNLAYERS_DATA", str(tmp_path / "c"))
+    looked = f"{tmp_path / 'c'}, {tmp_path / 'a'}, {tmp_path / 'b'}"
+    with pytest.raises(FileNotFoundError, match=rf"^no mnist IDX files found; looked in {looked}; pass a folder$"):
+        datasets.resolve_folder()
+
+
+def test_download_into_the_environment_folder_and_what_it_needs(
+    mirror: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TNLAYERS_DATA", raising=False)
+    with pytest.raises(ValueError, match=r"^pass the folder to download into, or set TNLAYERS_DATA$"):
+        download(None, "tiny", base_url=mirror.as_uri())
+    nested = tmp_path / "a" / "b"  # folders made as needed
+    monkeypatch.setenv("TNLAYERS_DATA", str(nested))
+    assert download(None, "tiny", base_url=mirror.as_uri() + "/") == nested
+    assert sorted(p.name for p in nested.iterdir()) == sorted(p.name for p in mirror.glob("*.gz"))
+
+
+def test_download_fetches_what_is_missing_after_a_file_it_keeps(mirror: Path, tmp_path: Path) -> None:
+    target = tmp_path / "partial"
+    target.mkdir()
+    first = sorted(mirror.glob("*.gz"))[0]
+    (target / first.name).write_bytes(first.read_bytes())  # already there and verified
+    download(target, "tiny", base_url=mirror.as_uri())
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in mirror.glob("*.gz"))
+
+
+def test_labels_above_nine_and_magic_bytes_are_rejected(tiny_mnist: tuple[Path, np.ndarray, np.ndarray]) -> None:
+    folder, _, labels = tiny_mnist
+    bad = labels.copy()
+    bad[0] = 10
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(bad)))
+    with pytest.raises(ValueError, match="labels must be digits 0-9, found 10"):
+        load_mnist(folder, "train")
+    for magic in (b"\x01\x00\x08\x01", b"\x00\x01\x08\x01"):
+        path = folder / "magic-idx1-ubyte"
+        path.write_bytes(magic + (1).to_bytes(4, "big") + b"\x05")
+        with pytest.raises(ValueError, match="bad magic"):
+            read_idx(path)
+
+
+def test_read_idx_messages_and_the_size_limit(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"^no IDX file at "):
+        read_idx(tmp_path / "missing-idx1-ubyte")
+    path = tmp_path / "short-idx3-ubyte"
+    path.write_bytes(b"\x00\x00\x08\x03" + (2).to_bytes(4, "big") + (3).to_bytes(4, "big"))  # 2 of 3 dimensions
+    with pytest.raises(ValueError, match="its header ends after 2 of 3 dimensions"):
+        read_idx(path)
+    exact = tmp_path / "exact-idx1-ubyte"
+    exact.write_bytes(_idx_bytes(np.arange(6, dtype=np.uint8)))
+    np.testing.assert_array_equal(read_idx(exact, max_bytes=6), np.arange(6))  # the data at the limit is allowed
+
+
+def test_synthetic_digits_stay_in_the_frame() -> None:
+    images, labels = synthetic_digits(300)
+    assert images.dtype == np.float32 and labels.dtype == np.int64
+    np.testing.assert_array_equal(images, synthetic_digits(300, seed=0)[0])  # the default seed is 0
+    assert set(labels.tolist()) == set(range(10)) and images.min() >= 0.0 and images.max() <= 1.0
+    strokes = images.reshape(300, 28, 28) > 0.7  # ink, above most of the noise
+    rows = strokes.sum(axis=2) >= 2
+    for inked in rows:  # one band of rows: the glyph is drawn top to bottom, never wrapped around
+        found = np.flatnonzero(inked)
+        assert found.size >= 5 and found[-1] - found[0] <= 22

@@ -213,3 +213,20 @@ def test_the_rendered_tutorial_shows_the_notebook_code() -> None:
             assert cell.source in rendered  # regenerate with: python docs/make_tutorial.py
     for image in ("tutorial_files/" + name for name in os.listdir(DOCS / "tutorial_files")):
         assert image in rendered
+
+
+def test_tensornetwork_names_and_what_is_not_a_node() -> None:
+    pytest.importorskip("tensornetwork")
+    network = tnlayers.to_tensornetwork(tnlayers.init_cores(tnlayers.MPOSpec((2, 3, 2), (2, 2, 3), 2), seed=0))
+    assert [node.name for node in network.nodes] == ["core1", "core2", "core3"]
+    assert [node[f"bond{k + 1}"].name for k, node in enumerate(network.nodes[:-1])] == ["bond1", "bond2"]
+    assert network.nodes[0].backend.name == "numpy"
+
+    class Stranger:  # neither axis names nor a name: named by its repr, not a TypeError
+        def __repr__(self) -> str:
+            return "<stranger>"
+
+    with pytest.raises(ValueError, match=r"^node 0 \(<stranger>\) has axes \[\], expected \['in1', 'out1'\]"):
+        tnlayers.from_tensornetwork([Stranger()])
+    with pytest.raises(ValueError, match=r"^from_tensornetwork needs at least one node, got none$"):
+        tnlayers.from_tensornetwork([])
