@@ -105,6 +105,15 @@ def pytest_report_header() -> str:
     return f"tnlayers: {found}; TNLAYERS_REQUIRE_ALL={'1' if REQUIRE_ALL else 'unset'}"
 
 
+def assert_at_callers_line(warning: Any, test_file: str) -> None:
+    """The warning points at the test's own line (``stacklevel`` right), not into tnlayers; under ``make mutate``
+    the first frame outside tnlayers is mutmut's trampoline, which sits between a mutated function and its caller."""
+    trampoline = os.path.join("mutmut", "mutation", "trampoline.py")
+    if "MUTANT_UNDER_TEST" in os.environ and warning.filename.endswith(trampoline):
+        return
+    assert warning.filename == test_file
+
+
 def dense_reference(cores: list[np.ndarray]) -> np.ndarray:
     """W of shape (in_features, out_features) from one explicit einsum over all indices (not tnlayers code)."""
     n = len(cores)

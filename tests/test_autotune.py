@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 import warnings
@@ -14,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import dense_reference, reference_core_gradients
+from conftest import assert_at_callers_line, dense_reference, reference_core_gradients
 
 import tnlayers
 from tnlayers import autotune
@@ -131,7 +130,7 @@ def test_an_unwritable_cache_still_tunes(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="could not write the autotune cache") as record:
         chosen = tuner.tune(SPEC, 4, _slow_except(_candidate_methods(4)[0]), KEY, repeats=1)
     assert chosen.strategy == "autotune"
-    assert record[0].filename == __file__  # at the caller's line
+    assert_at_callers_line(record[0], __file__)
 
 
 def test_a_miss_is_silent_and_a_hit_is_planned_for_the_batch_asked(tuner: autotune.Autotuner) -> None:
@@ -239,7 +238,7 @@ def test_a_malformed_entry_warning_names_the_spec_and_the_fault_at_the_callers_l
     with pytest.warns(UserWarning, match=expected + " again$") as caught:
         assert autotune.Autotuner(tuner.path).cached(SPEC, 16, KEY) is None
     (warning,) = caught.list
-    _assert_at_callers_line(warning)  # the line that asked the cache, not tnlayers
+    assert_at_callers_line(warning, __file__)  # the line that asked the cache, not tnlayers
 
 
 def test_an_entry_without_a_method_name_is_served_as_a_path(tuner: autotune.Autotuner) -> None:
@@ -309,15 +308,6 @@ def test_a_stored_entry_records_every_candidate_time_and_the_winner(tuner: autot
     assert again.batch_size == 16 and again.path == chosen.path
 
 
-def _assert_at_callers_line(warning: Any) -> None:
-    """The warning points at this test file's line; under mutmut the first frame outside tnlayers is the
-    trampoline that sits between every mutated function and its caller (when autotune is mutated)."""
-    trampoline = os.path.join("mutmut", "mutation", "trampoline.py")
-    if "MUTANT_UNDER_TEST" in os.environ and warning.filename.endswith(trampoline):
-        return
-    assert warning.filename == __file__
-
-
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
@@ -336,4 +326,4 @@ def test_a_corrupt_cache_file_is_ignored_with_its_fault_at_the_callers_line(
     with pytest.warns(UserWarning, match=expected) as caught:
         assert autotune.Autotuner(path).cached(SPEC, 16, KEY) is None
     (warning,) = caught.list
-    _assert_at_callers_line(warning)
+    assert_at_callers_line(warning, __file__)

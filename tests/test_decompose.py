@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import dense_reference
+from conftest import assert_at_callers_line, dense_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -216,7 +216,7 @@ def test_the_error_budget_is_shared_not_refilled(tol: float) -> None:
 def test_from_dense_warns_about_modes_it_chose_that_cannot_compress() -> None:
     with pytest.warns(UserWarning, match=r"7 in features do not factorise into 2 modes") as record:
         tnlayers.from_dense(np.ones((7, 4)), out_modes=(2, 2))
-    assert record[0].filename == __file__  # at the caller's line
+    assert_at_callers_line(record[0], __file__)
     with pytest.warns(UserWarning, match=r"2 in features do not factorise into 2 modes"):
         tnlayers.from_dense(np.ones((2, 4)), n_cores=2)
     with pytest.warns(UserWarning, match=r"7 out features do not factorise into 2 modes"):
