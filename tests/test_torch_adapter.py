@@ -51,6 +51,8 @@ def test_conv_from_and_to_nn_conv2d_keep_every_setting() -> None:
     back = conv.to_conv()
     assert back.padding == (1, 2) and back.bias is None and back.weight.dtype == torch.float64
     torch.testing.assert_close(back(x), source(x), rtol=1e-9, atol=1e-12)
+    assert MPOConv2d.from_conv(nn.Conv2d(16, 32, 3)).spec.n_cores == 4  # 144 features could take 5 modes
+    assert MPOConv2d.from_conv(nn.Conv2d(16, 32, 3), n_cores=2).spec.n_cores == 2
     cut = MPOConv2d.from_conv(source, tol=0.5)
     assert cut.decomposition is not None and 0.01 < cut.decomposition.relative_error <= 0.5
     with pytest.raises(TypeError, match=r"^from_conv expects an nn.Conv2d, got Linear$"):
@@ -90,6 +92,10 @@ def test_embedding_conversions_settings_and_messages(tmp_path: Path) -> None:
         exact(torch.ones(2))
     with pytest.raises(ValueError, match=r"-1"):
         exact(torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match=r"^embedding index 30 is out of range"):  # not the smallest index
+        exact(torch.tensor([0, 30]))
+    with pytest.raises(TypeError, match=r"^MPOEmbedding expects integer indices"):
+        exact(torch.tensor([True, False]))
     with pytest.raises(TypeError, match=r"^from_embedding expects an nn.Embedding, got Linear$"):
         MPOEmbedding.from_embedding(nn.Linear(2, 2))
 
