@@ -230,3 +230,78 @@ def test_tensornetwork_names_and_what_is_not_a_node() -> None:
         tnlayers.from_tensornetwork([Stranger()])
     with pytest.raises(ValueError, match=r"^from_tensornetwork needs at least one node, got none$"):
         tnlayers.from_tensornetwork([])
+
+
+def test_matplotlib_diagram_geometry() -> None:
+    """Where things are drawn, read back from the Axes: boxes in a row, input legs and labels above them,
+    output legs below, bond labels between, step numbers on the edges they contract, all inside the view."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    spec = tnlayers.MPOSpec((2, 3, 2), (3, 2, 2), (1, 3, 4, 1))  # bonds told apart by their labels
+    plan = tnlayers.plan(spec, 16, "zipper")
+    for drawn_plan in (None, plan):
+        ax = tnlayers.draw(spec, drawn_plan)
+        texts = {t.get_text(): t.get_position() for t in ax.texts if not t.get_text().isdigit()}
+        centres = [texts[f"G{k + 1}"] for k in range(3)]
+        assert all(y == 0 for _, y in centres)
+        xs = [x for x, _ in centres]
+        assert xs[0] < xs[1] < xs[2] and xs[1] - xs[0] == pytest.approx(xs[2] - xs[1])
+        boxes = [p for p in ax.patches if abs(p.get_y() + p.get_height() / 2) < 1e-9]
+        assert len(boxes) == 3
+        for box, x in zip(boxes, xs):
+            assert box.get_x() + box.get_width() / 2 == pytest.approx(x)
+            assert box.get_width() < xs[1] - xs[0]  # boxes do not touch
+        top, bottom = boxes[0].get_y() + boxes[0].get_height(), boxes[0].get_y()
+        for k, x in enumerate(xs):
+            above, below = texts[f"i{k + 1}={spec.in_modes[k]}"], texts[f"j{k + 1}={spec.out_modes[k]}"]
+            assert abs(above[0] - x) < 0.3 and above[1] > top
+            assert abs(below[0] - x) < 0.3 and below[1] < bottom
+        for k in range(2):
+            label = texts[f"D={spec.ranks[k + 1]}"]
+            assert xs[k] < label[0] < xs[k + 1] and abs(label[1]) < 0.3
+        legs = [line for line in ax.lines if line.get_xdata()[0] == line.get_xdata()[1]]
+        assert sorted({round(float(line.get_xdata()[0]), 9) for line in legs}) == [round(float(x), 9) for x in xs]
+        ups = [line for line in legs if min(line.get_ydata()) >= top - 1e-9]
+        downs = [line for line in legs if max(line.get_ydata()) <= bottom + 1e-9]
+        assert len(ups) == 3 and len(downs) == 3
+        assert all(min(line.get_ydata()) == pytest.approx(top, abs=0.05) for line in ups)  # from the box's edge
+        assert all(max(line.get_ydata()) == pytest.approx(bottom, abs=0.05) for line in downs)
+        for k, line in enumerate(sorted(downs, key=lambda line: line.get_xdata()[0])):  # its label just below it
+            end, label = min(line.get_ydata()), texts[f"j{k + 1}={spec.out_modes[k]}"][1]
+            assert end - 0.3 < label < end and end < bottom - 0.3
+        bonds = [line for line in ax.lines if list(line.get_ydata()) == [0, 0]]
+        assert len(bonds) == 2
+        for k, bond in enumerate(sorted(bonds, key=lambda line: line.get_xdata()[0])):
+            left, right = bond.get_xdata()
+            assert left == pytest.approx(xs[k] + boxes[k].get_width() / 2)
+            assert right == pytest.approx(xs[k + 1] - boxes[k + 1].get_width() / 2)
+        (x_low, x_high), (y_low, y_high) = ax.get_xlim(), ax.get_ylim()
+        for x, y in [t.get_position() for t in ax.texts]:
+            assert x_low < x < x_high and y_low < y < y_high
+        if drawn_plan is None:
+            assert ax.get_title() == str(spec) and max(line.get_ydata().max() for line in ups) < y_high
+            continue
+        x_box = texts["x  (batch 16)"]
+        assert x_box[0] == pytest.approx((xs[0] + xs[2]) / 2)
+        assert x_box[1] > max(y for text, (_, y) in texts.items() if text != "x  (batch 16)")  # x above it all
+        (frame,) = [p for p in ax.patches if p not in boxes]  # x's box spans the row and meets the input legs
+        assert frame.get_x() == pytest.approx(boxes[0].get_x()) and frame.get_y() < x_box[1]
+        assert frame.get_x() + frame.get_width() == pytest.approx(boxes[2].get_x() + boxes[2].get_width())
+        assert all(max(line.get_ydata()) == pytest.approx(frame.get_y(), abs=0.05) for line in ups)
+        numbers = sorted((int(t.get_text()), t.get_position()) for t in ax.texts if t.get_text().isdigit())
+        expected = []
+        for number, (_, _, edges) in enumerate(tnlayers.diagram.contraction_steps(plan), start=1):
+            for edge in edges:
+                k = int(edge[1:]) - 1
+                expected.append((number, edge[0], k))
+        assert len(numbers) == len(expected)
+        for number, kind, k in expected:  # on the input leg between the box and x, or under the bond
+            assert any(
+                n == number
+                and (
+                    (abs(x - xs[k]) < 0.3 and top < y < x_box[1]) if kind == "i" else (xs[k] < x < xs[k + 1] and y < 0)
+                )
+                for n, (x, y) in numbers
+            ), (number, kind, k, numbers)
