@@ -98,3 +98,13 @@ def test_report_leaves_out_optimal_beyond_six_cores_and_checks_the_backend() -> 
         tnlayers.report(six, 8, backend="cuda")
     cores = tnlayers.init_cores(six, seed=0)
     assert tnlayers.report(cores, 8).spec == six and tnlayers.report(cores, 3).batch_size == 4
+
+
+def test_report_defaults_and_its_cost_model() -> None:
+    spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 16)
+    assert tnlayers.report(spec).batch_size == 1 and tnlayers.report(spec).backend == "numpy"
+    torch_model = tnlayers.cost.cost_model_for("torch")
+    for found in tnlayers.report(spec, 1000, backend="torch").plans:
+        assert found.cost == tnlayers.plan(spec, 1000, found.strategy, cost_model=torch_model).cost
+    long_kind = LayerReport("emb", "Embedding", 4, 2, (2, 2), (1, 2), (1, 1, 1), 8, 4, 0.5)
+    assert str(CompressionReport((long_kind,), 8, 4)).splitlines()[2].startswith("emb" + " " * 22 + "Embeddi ")
