@@ -312,9 +312,11 @@ def test_entropy_and_the_entanglement_table() -> None:
 
     assert _entropy(np.full(4, 0.5)) == pytest.approx(math.log(4), rel=1e-15)  # the sum of s^2 is exactly 1
     assert _entropy(np.zeros(3)) == 0.0
-    report = EntanglementReport((np.array([3.0, 2.0, 1.0, 0.5, 0.25]), np.array([1.0])), (0.5, 0.0), (5, 1))
+    spectra = (np.array([3.0, 2.0, 1.0, 0.5, 0.25]), np.array([1.0]), np.array([4.0, 3.0, 2.0, 1.0]))
+    report = EntanglementReport(spectra, (0.5, 0.0, 1.25), (5, 1, 4))
     assert str(report).splitlines() == [
         "bond | dimension | entropy | bound log(D) | largest singular values",
         "   1 |         5 |  0.5000 |       1.6094 | 3, 2, 1, 0.5, ...",
         "   2 |         1 |  0.0000 |       0.0000 | 1",
+        "   3 |         4 |  1.2500 |       1.3863 | 4, 3, 2, 1",
     ]
