@@ -244,4 +244,4 @@ def test_numpy_embedding_settings_save_and_repr(tmp_path: Path) -> None:
     layer.save(tmp_path / "table.safetensors")
     cores, bias = tnlayers.load(tmp_path / "table.safetensors")
     assert bias is None and all(np.array_equal(a, b) for a, b in zip(cores, layer.cores))
-    assert repr(layer).startswith("MPOEmbedding(30, 8, ")
+    assert repr(layer).startswith("MPOEmbedding(30, 8, modes=2x4x4->4x2x1,") and repr(layer).endswith(", bias=False)")
