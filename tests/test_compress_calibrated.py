@@ -140,3 +140,24 @@ def test_a_whole_model_budget_counts_every_parameter() -> None:
     for budget in (1.0, 0.0, True, "0.5"):
         with pytest.raises(ValueError, match=r"budget must be a fraction of the model's parameters in \(0, 1\)"):
             compress(copy.deepcopy(model), budget=budget)
+
+
+def test_the_budget_goes_where_the_outputs_lose_least() -> None:
+    """Two 16 x 16 layers, one an exact Kronecker product (a bond of 1 holds it) and one random, and a budget
+    with room for one dense layer beside a small MPO: the exact one becomes the MPO, at no output error, and
+    the random one stays dense; with ``rank=2`` no bond beyond 2 is tried."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)).double()
+    a, b = torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.kron(a, b).T)  # W = x -> x @ kron(a, b): one bond of 1 between (4, 4) modes
+    batches = [torch.randn(32, 16, dtype=torch.float64) for _ in range(2)]
+    before = sum(p.numel() for p in model.parameters())  # 544
+    report = compress(model, budget=0.75, n_cores=2, min_features=1, calibration=batches)
+    assert [row.name for row in report.layers] == ["0"] and report.layers[0].ranks == (1, 1, 1)
+    assert report.layers[0].output_error < 1e-5  # exact but for the fit's ridge (1e-6 of the mean diagonal)
+    assert report.skipped == (("1", "the budget keeps it dense"),)
+    assert isinstance(model[1], nn.Linear) and sum(p.numel() for p in model.parameters()) <= 0.75 * before
+    capped = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)).double()
+    report = compress(capped, budget=0.5, rank=2, n_cores=2, min_features=1, calibration=batches)
+    assert [max(row.ranks) for row in report.layers] == [2, 2]
