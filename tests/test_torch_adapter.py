@@ -37,7 +37,9 @@ def test_conv_from_cores_of_any_framework() -> None:
     plain = MPOConv2d.from_cores(cores, kernel_size=(3, 3))
     assert plain.bias is None
     torch.testing.assert_close(plain(x), F.conv2d(x, _kernel(cores, 8, 2, (3, 3))), rtol=1e-10, atol=1e-12)
-    assert "padding=(0, 0, 0, 0)" in repr(plain) and "bias" not in repr(plain).split("dilation")[1].split(",")[1]
+    geometry = "2, 8, kernel_size=(3, 3), stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), "
+    assert plain.extra_repr().startswith(geometry)
+    assert plain.extra_repr().endswith(", bias=False") and conv.extra_repr().endswith(", bias=True")
 
 
 def test_conv_from_and_to_nn_conv2d_keep_every_setting() -> None:
