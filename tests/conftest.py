@@ -114,13 +114,20 @@ def assert_at_callers_line(warning: Any, test_file: str) -> None:
     assert warning.filename == test_file
 
 
+def _widened(core: Any) -> np.ndarray:
+    """A core in float64, or complex128 for complex NumPy cores."""
+    complex_core = isinstance(core, np.ndarray) and np.iscomplexobj(core)
+    return np.asarray(core, dtype=np.complex128 if complex_core else np.float64)
+
+
 def dense_reference(cores: list[np.ndarray]) -> np.ndarray:
-    """W of shape (in_features, out_features) from one explicit einsum over all indices (not tnlayers code)."""
+    """W of shape (in_features, out_features) from one explicit einsum over all indices (not tnlayers code),
+    in float64 (complex128 for complex cores)."""
     n = len(cores)
     if 3 * n + 1 > len(string.ascii_letters):  # too many indices for one einsum: chain tensordots instead
-        chain = np.asarray(cores[0], dtype=np.float64)
+        chain = _widened(cores[0])
         for core in cores[1:]:
-            chain = np.tensordot(chain, np.asarray(core, dtype=np.float64), axes=([-1], [0]))
+            chain = np.tensordot(chain, _widened(core), axes=([-1], [0]))
         chain = chain.reshape(chain.shape[1:-1])  # (i1, j1, i2, j2, ...): the outer bonds are 1
         chain = chain.transpose([*range(0, 2 * n, 2), *range(1, 2 * n, 2)])
         return chain.reshape(int(np.prod([c.shape[1] for c in cores])), -1)
@@ -130,7 +137,7 @@ def dense_reference(cores: list[np.ndarray]) -> np.ndarray:
     outs = [next(letters) for _ in range(n)]
     terms = [bonds[k] + ins[k] + outs[k] + bonds[k + 1] for k in range(n)]
     equation = ",".join(terms) + "->" + bonds[0] + "".join(ins) + "".join(outs) + bonds[n]
-    full = np.einsum(equation, *[np.asarray(c, dtype=np.float64) for c in cores], optimize="greedy")
+    full = np.einsum(equation, *[_widened(c) for c in cores], optimize="greedy")
     rows = int(np.prod([c.shape[1] for c in cores]))
     return full.reshape(rows, -1)
 

@@ -48,6 +48,13 @@ def _inputs(model: Tagger, batches: list[torch.Tensor]) -> dict[str, np.ndarray]
     return {"up": embedded.numpy(), "down": hidden.numpy(), "tokens": tokens.numpy()}
 
 
+def _relu_model() -> nn.Module:
+    model = nn.Sequential()
+    model.add_module("lin", nn.Linear(4, 4))
+    model.add_module("act", nn.ReLU())
+    return model
+
+
 def test_collect_grams_is_x_transpose_x_of_each_layers_inputs() -> None:
     model, batches = _model_and_batches()
     rows = _inputs(model, batches)
@@ -62,13 +69,6 @@ def test_collect_grams_is_x_transpose_x_of_each_layers_inputs() -> None:
         collect_grams(_relu_model(), [torch.ones(2, 4)], ["act"])
     with pytest.raises(ValueError, match=r"^the calibration batches reached none of the layers to compress"):
         collect_grams(model, [], ["up"])
-
-
-def _relu_model() -> nn.Module:
-    model = nn.Sequential()
-    model.add_module("lin", nn.Linear(4, 4))
-    model.add_module("act", nn.ReLU())
-    return model
 
 
 def _output_error(x: np.ndarray, w: np.ndarray, approx: np.ndarray) -> float:

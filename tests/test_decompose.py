@@ -228,27 +228,17 @@ def test_from_dense_warns_about_modes_it_chose_that_cannot_compress() -> None:
         tnlayers.from_dense(np.ones((7, 4)), (7, 1), (2, 2))  # modes the caller gave
 
 
-def _complex_dense(cores: list[np.ndarray]) -> np.ndarray:
-    """``W`` of complex cores by one explicit einsum (``dense_reference`` is real)."""
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    n = len(cores)
-    terms = [f"{letters[k]}{letters[n + 1 + k]}{letters[2 * n + 1 + k]}{letters[k + 1]}" for k in range(n)]
-    rows, cols = letters[n + 1 : 2 * n + 1], letters[2 * n + 1 : 3 * n + 1]
-    full = np.einsum(f"{','.join(terms)}->{rows}{cols}", *cores)
-    return full.reshape(int(np.prod(full.shape[:n])), -1)
-
-
 def test_complex_and_integer_matrices() -> None:
     rng = np.random.default_rng(23)
     spec = tnlayers.MPOSpec((2, 3, 2), (3, 2, 2), 2)
     cores = [rng.normal(size=s) + 1j * rng.normal(size=s) for s in spec.core_shapes]
-    matrix = _complex_dense(cores)
+    matrix = dense_reference(cores)
     found, report = tnlayers.from_dense(matrix, spec.in_modes, spec.out_modes)
     assert all(c.dtype == np.complex128 for c in found) and report.ranks == spec.ranks
-    np.testing.assert_allclose(_complex_dense(found), matrix, atol=1e-12)
+    np.testing.assert_allclose(dense_reference(found), matrix, atol=1e-12)
     rounded, report = tnlayers.truncate(cores, max_rank=1)
     assert all(c.dtype == np.complex128 for c in rounded)
-    measured = np.linalg.norm(_complex_dense(rounded) - matrix) / np.linalg.norm(matrix)
+    measured = np.linalg.norm(dense_reference(rounded) - matrix) / np.linalg.norm(matrix)
     assert report.relative_error == pytest.approx(measured, rel=1e-8) and measured > 0.01
     integers = np.arange(16).reshape(4, 4)
     found, _ = tnlayers.from_dense(integers, (2, 2), (2, 2))

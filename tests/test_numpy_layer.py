@@ -144,8 +144,9 @@ def test_layer_without_bias_one_core_and_its_settings() -> None:
     one = MPOLinear((12,), (6,), 1, seed=4, dtype=np.float64)  # a single core: W itself
     np.testing.assert_allclose(one(x), x @ one.cores[0][0, :, :, 0] + one.bias, rtol=1e-12)
     assert MPOLinear(784, 256, n_cores=2).spec.n_cores == 2
-    same = [MPOLinear((3, 4), (2, 3), 2, seed=9).cores[k] for k in range(2)]
-    np.testing.assert_array_equal(same[0], MPOLinear((3, 4), (2, 3), 2, seed=9).cores[0])
+    np.testing.assert_array_equal(
+        MPOLinear((3, 4), (2, 3), 2, seed=9).cores[0], MPOLinear((3, 4), (2, 3), 2, seed=9).cores[0]
+    )
     layer = MPOLinear((3, 4), (2, 3), 2)
     assert repr(layer) == f"MPOLinear({layer.spec}, bias=True, dtype=float32, strategy='auto')"
     assert layer.decomposition is None and MPOLinear.from_cores(layer.cores).strategy == "auto"

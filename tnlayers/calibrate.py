@@ -296,7 +296,8 @@ def _split(
     root_left, inverse_left = _root_and_inverse(factors[0])
     root_right, inverse_right = _root_and_inverse(factors[1])
     tensor = site.reshape(a, i1, i2, j1, j2, c).transpose(0, 1, 3, 4, 2, 5).reshape(a * i1, j1, j2, i2 * c)
-    whitened = np.einsum("pq,qxyr,rs->pxys", root_left, tensor, root_right).reshape(a * i1 * j1, j2 * i2 * c)
+    whitened = np.einsum("pq,qxyr,rs->pxys", root_left, tensor, root_right, optimize=True)  # pairwise, by BLAS
+    whitened = whitened.reshape(a * i1 * j1, j2 * i2 * c)
     allowed = None if tol is None else tol**2 * float(np.sum(whitened**2))
     u, svh, _, _ = _truncated_svd(whitened, allowed, cap)  # the cut TT-SVD makes, in the whitened metric
     keep = u.shape[1]
