@@ -238,7 +238,9 @@ class MPOEmbedding:
 
     Looks rows up by contracting only their slices of the cores (the table is never formed); rows are
     padded to factorable modes (:func:`tnlayers.layer.embedding_spec`) and the padded rows are never
-    returned. Forward only (train it in torch or Keras; the cores are portable).
+    returned. Forward only (train it in torch or Keras; the cores are portable). A count-weighted table
+    (``from_dense(..., counts=)``) also holds ``row_order`` and ``row_scale``: row ``t`` is
+    ``row_scale[t] * mpo_row(row_order[t])`` (:func:`tnlayers.layer.weighted_embedding_cores`).
     """
 
     def __init__(
@@ -256,16 +258,24 @@ class MPOEmbedding:
         self.spec = kit.embedding_spec(num_embeddings, embedding_dim, rank, n_cores, row_modes, dim_modes)
         self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
         self.cores = tnlayers.init_cores(self.spec, "normal", seed, dtype, std=std)
+        self.row_order: Array | None = None
+        self.row_scale: Array | None = None
         self.decomposition: DecompositionReport | None = None
 
     @classmethod
-    def from_cores(cls, cores: Sequence[Any], num_embeddings: int | None = None) -> MPOEmbedding:
-        """A layer holding copies of the cores (rows: the "in" side); ``num_embeddings`` defaults to all rows."""
+    def from_cores(
+        cls, cores: Sequence[Any], num_embeddings: int | None = None, row_order: Any = None, row_scale: Any = None
+    ) -> MPOEmbedding:
+        """A layer holding copies of the cores (rows: the "in" side); ``num_embeddings`` defaults to all rows.
+        ``row_order`` and ``row_scale`` (see the class) are copied too where given."""
         arrays = [np.array(c) for c in cores]
         spec = spec_from_cores(arrays)
         rows = spec.in_features if num_embeddings is None else num_embeddings
         layer = cls(rows, spec.out_features, spec.ranks, row_modes=spec.in_modes, dim_modes=spec.out_modes)
         layer.cores = arrays
+        kit.check_row_weights(row_order, row_scale, rows, spec.in_features)
+        layer.row_order = None if row_order is None else np.array(row_order, dtype=np.int64)
+        layer.row_scale = None if row_scale is None else np.array(row_scale, dtype=arrays[0].dtype)
         return layer
 
     @classmethod
@@ -277,10 +287,19 @@ class MPOEmbedding:
         n_cores: int = 4,
         row_modes: Sequence[int] | None = None,
         dim_modes: Sequence[int] | None = None,
+        counts: Any = None,
+        smoothing: float = kit.DEFAULT_SMOOTHING,
     ) -> MPOEmbedding:
-        """TT-SVD of a ``(num_embeddings, embedding_dim)`` table (rows padded); the report is in ``.decomposition``."""
-        cores, report = kit.embedding_cores(table, max_rank, tol, n_cores, row_modes, dim_modes)
-        layer = cls.from_cores(cores, np.shape(table)[0])
+        """TT-SVD of a ``(num_embeddings, embedding_dim)`` table (rows padded); the report is in ``.decomposition``.
+        With ``counts`` (lookups per row), the count-weighted fit of :func:`tnlayers.layer.weighted_embedding_cores`
+        (the report then is the weighted table's)."""
+        if counts is None:
+            cores, report = kit.embedding_cores(table, max_rank, tol, n_cores, row_modes, dim_modes)
+            layer = cls.from_cores(cores, np.shape(table)[0])
+        else:
+            fit = kit.weighted_embedding_cores(table, counts, max_rank, tol, n_cores, row_modes, dim_modes, smoothing)
+            cores, report = fit.cores, fit.report
+            layer = cls.from_cores(cores, np.shape(table)[0], fit.row_order, fit.row_scale)
         layer.decomposition = report
         return layer
 
@@ -290,14 +309,27 @@ class MPOEmbedding:
     def forward(self, indices: Any) -> Array:
         values = np.asarray(indices)
         kit.check_indices(values, self.num_embeddings)
-        rows = kit.embedding_rows(self.cores, values.reshape(-1), self.spec.in_modes, _gather_rows, np.reshape)
-        return np.asarray(rows).reshape(*values.shape, self.embedding_dim)
+        flat = values.reshape(-1)
+        positions = flat if self.row_order is None else self.row_order[flat]
+        rows = np.asarray(kit.embedding_rows(self.cores, positions, self.spec.in_modes, _gather_rows, np.reshape))
+        if self.row_scale is not None:
+            rows = rows * self.row_scale[flat, None]
+        return rows.reshape(*values.shape, self.embedding_dim)
 
     def to_dense(self) -> Array:
         """The ``(num_embeddings, embedding_dim)`` table."""
-        return tnlayers.to_dense(self.cores)[: self.num_embeddings]
+        table = tnlayers.to_dense(self.cores)
+        table = table[: self.num_embeddings] if self.row_order is None else table[self.row_order]
+        return table if self.row_scale is None else table * self.row_scale[:, None]
 
     def save(self, path: str | os.PathLike[str], name: str = "mpo") -> None:
+        """Write the cores to a :func:`tnlayers.save` checkpoint; a count-weighted table (``row_order``,
+        ``row_scale``) is refused, since the format holds cores and a bias only."""
+        if self.row_order is not None or self.row_scale is not None:
+            raise ValueError(
+                "this MPOEmbedding has row_order/row_scale (a count-weighted fit), which the tnlayers.save format "
+                "does not hold; keep them beside the cores (np.save with allow_pickle=False)"
+            )
         tnlayers.save(path, self.cores, None, name=name)
 
     def __repr__(self) -> str:

@@ -578,7 +578,15 @@ class MPOEmbedding(nn.Module):
     12 * 14 * 14 * 13 over 4 cores); the padded rows are never returned, and an index outside
     ``[0, num_embeddings)`` is a ``ValueError``. Entries start with variance ``std**2`` (``nn.Embedding``: 1).
     ``padding_idx`` is not supported: its row is one of the MPO's like any other.
+
+    Fitted to lookup counts (``from_embedding(..., counts=)``, or ``compress`` with calibration), the
+    layer also holds ``row_order`` (a buffer: the MPO row of each table row, most-looked-up first) and
+    ``row_scale`` (a parameter: each row's factor); row ``t`` is ``row_scale[t] * mpo_row(row_order[t])``
+    (:func:`tnlayers.layer.weighted_embedding_cores`). Both are ``None`` otherwise.
     """
+
+    row_order: torch.Tensor | None
+    row_scale: nn.Parameter | None
 
     def __init__(
         self,
@@ -599,11 +607,21 @@ class MPOEmbedding(nn.Module):
         dtype = dtype or torch.get_default_dtype()
         cores = tnlayers.init_cores(self.spec, "normal", seed, np.float64, std=std)
         self.cores = nn.ParameterList([nn.Parameter(torch.as_tensor(c, dtype=dtype, device=device)) for c in cores])
+        self.register_buffer("row_order", None)
+        self.register_parameter("row_scale", None)
         self.decomposition: tnlayers.decompose.DecompositionReport | None = None
 
     @classmethod
-    def from_cores(cls, cores: Sequence[Any], num_embeddings: int | None = None, device: Any = None) -> MPOEmbedding:
-        """A layer holding copies of the cores (rows: the "in" side); ``num_embeddings`` defaults to all rows."""
+    def from_cores(
+        cls,
+        cores: Sequence[Any],
+        num_embeddings: int | None = None,
+        device: Any = None,
+        row_order: Any = None,
+        row_scale: Any = None,
+    ) -> MPOEmbedding:
+        """A layer holding copies of the cores (rows: the "in" side); ``num_embeddings`` defaults to all rows.
+        ``row_order`` and ``row_scale`` (see the class) are copied too where given."""
         arrays = [np.asarray(c.detach().cpu() if isinstance(c, torch.Tensor) else c) for c in cores]
         spec = tnlayers.decompose.spec_from_cores(arrays)
         rows = spec.in_features if num_embeddings is None else num_embeddings
@@ -619,7 +637,20 @@ class MPOEmbedding(nn.Module):
         with torch.no_grad():
             for core, array in zip(layer.cores, arrays):
                 core.copy_(torch.as_tensor(array))
+        layer.set_row_weights(row_order, row_scale)
         return layer
+
+    def set_row_weights(self, row_order: Any = None, row_scale: Any = None) -> None:
+        """Set ``row_order`` and ``row_scale`` (see the class; ``None`` removes one), checked, on the cores'
+        device and (the scale) dtype."""
+        order, scale = (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for v in (row_order, row_scale))
+        kit.check_row_weights(order, scale, self.num_embeddings, self.spec.in_features)
+        first = self.cores[0]
+        self.row_order = (
+            None if order is None else torch.as_tensor(np.asarray(order), dtype=torch.int64).to(first.device)
+        )
+        scale = None if scale is None else torch.as_tensor(np.asarray(scale)).to(first.device, first.dtype)
+        self.row_scale = None if scale is None else nn.Parameter(scale)
 
     @classmethod
     def from_embedding(
@@ -630,14 +661,30 @@ class MPOEmbedding(nn.Module):
         n_cores: int = 4,
         row_modes: Sequence[int] | None = None,
         dim_modes: Sequence[int] | None = None,
+        counts: Any = None,
+        smoothing: float = kit.DEFAULT_SMOOTHING,
     ) -> MPOEmbedding:
-        """TT-SVD of a trained ``nn.Embedding``'s table (rows padded); the report is in ``.decomposition``."""
+        """TT-SVD of a trained ``nn.Embedding``'s table (rows padded); the report is in ``.decomposition``.
+
+        With ``counts`` (how often each row is looked up, as :func:`collect_grams` gives them), the fit is
+        count-weighted and the rows reordered (:func:`tnlayers.layer.weighted_embedding_cores`); the
+        report's singular values are then the weighted table's, its error the plain ``||E - E'|| / ||E||``."""
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"from_embedding expects an nn.Embedding, got {type(embedding).__name__}")
         weight = embedding.weight.detach()
         table = weight.cpu().double().numpy()
-        cores, report = kit.embedding_cores(table, max_rank, tol, n_cores, row_modes, dim_modes)
-        layer = cls.from_cores(cores, embedding.num_embeddings, weight.device).to(weight.dtype)
+        if counts is None:
+            cores, report = kit.embedding_cores(table, max_rank, tol, n_cores, row_modes, dim_modes)
+            order = scale = None
+        else:
+            counts = counts.detach().cpu().numpy() if isinstance(counts, torch.Tensor) else counts
+            fit = kit.weighted_embedding_cores(table, counts, max_rank, tol, n_cores, row_modes, dim_modes, smoothing)
+            cores, weighted, order, scale = fit
+            approximation = tnlayers.to_dense(cores)[order] * scale[:, None]
+            norm = float(np.linalg.norm(table))
+            error = float(np.linalg.norm(table - approximation)) / norm if norm > 0 else 0.0
+            report = tnlayers.decompose.DecompositionReport(weighted.spec, error, weighted.singular_values)
+        layer = cls.from_cores(cores, embedding.num_embeddings, weight.device, order, scale).to(weight.dtype)
         layer.decomposition = report
         return layer
 
@@ -651,14 +698,18 @@ class MPOEmbedding(nn.Module):
             if low < 0 or high >= self.num_embeddings:
                 bad = low if low < 0 else high
                 raise ValueError(f"embedding index {bad} is out of range: expected 0 <= index < {self.num_embeddings}")
-        rows = kit.embedding_rows(
-            list(self.cores), indices.reshape(-1), self.spec.in_modes, _gather_rows, _reshape_tensor
-        )
+        flat = indices.reshape(-1)
+        positions = flat if self.row_order is None else self.row_order[flat]
+        rows = kit.embedding_rows(list(self.cores), positions, self.spec.in_modes, _gather_rows, _reshape_tensor)
+        if self.row_scale is not None:
+            rows = rows * self.row_scale[flat].unsqueeze(-1)
         return cast(torch.Tensor, rows).reshape(*indices.shape, self.embedding_dim)
 
     def to_dense(self) -> torch.Tensor:
         """The ``(num_embeddings, embedding_dim)`` table (differentiable), what ``nn.Embedding.weight`` holds."""
-        return cast(torch.Tensor, dense_weight(list(self.cores), _OPS))[: self.num_embeddings]
+        table = cast(torch.Tensor, dense_weight(list(self.cores), _OPS))
+        table = table[: self.num_embeddings] if self.row_order is None else table[self.row_order]
+        return table if self.row_scale is None else table * self.row_scale.unsqueeze(-1)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -675,11 +726,20 @@ class MPOEmbedding(nn.Module):
 
     def save(self, path: str | os.PathLike[str], name: str = "mpo") -> None:
         """Write the cores to a :func:`tnlayers.save` checkpoint (``from_cores(tnlayers.load(...)[0],
-        num_embeddings)`` reads it back)."""
+        num_embeddings)`` reads it back). A count-weighted layer (``row_order``/``row_scale``) is saved
+        with the model's ``state_dict`` instead (:func:`restructure` rebuilds it): the portable format
+        holds cores and a bias only, so ``save`` refuses it rather than drop its rows' order and scales."""
+        if self.row_order is not None or self.row_scale is not None:
+            raise ValueError(
+                "this MPOEmbedding has row_order/row_scale (a count-weighted fit), which the tnlayers.save format "
+                "does not hold; save the model's state_dict (restructure() rebuilds the layer to load it)"
+            )
         tnlayers.save(path, [c.detach().cpu().numpy() for c in self.cores], None, name=name)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, {kit.describe(self.spec, False)}"
+        weighted = ", rows ordered" if self.row_order is not None else ""
+        weighted += ", rows scaled" if self.row_scale is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, {kit.describe(self.spec, False)}{weighted}"
 
 
 def _gather_rows(core: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
@@ -723,7 +783,10 @@ def compress(
       by layer name. One pass under ``no_grad`` collects each
       candidate ``nn.Linear``'s input Gram matrix ``X^T X`` (float64, never ``X``), and those layers are
       fitted to their outputs (:func:`tnlayers.calibrated_fit`: TT-SVD, then ``sweeps`` DMRG-style sweeps);
-      the report gives each one's relative output error. Convs and embeddings use TT-SVD.
+      the report gives each one's relative output error. Each candidate ``nn.Embedding``'s lookups are
+      counted, and its table is fitted to them (:func:`tnlayers.layer.weighted_embedding_cores`: rows
+      reordered by count, a count-weighted TT-SVD, one scale per row); its report error is the
+      count-weighted one. Convs use TT-SVD.
     - ``budget``: the whole model's parameters after compression, as a fraction of before (embeddings and
       layers left dense included). Each layer's bond cap is chosen from :data:`tnlayers.calibrate.RANK_LADDER`
       (up to ``rank`` where given) by :func:`tnlayers.calibrate.allocate`, from the TT-SVD error of each
@@ -759,7 +822,7 @@ def compress(
     if budget is None:
         caps: dict[str, Any] = {name: rank for name, *_ in candidates}
     else:
-        caps = _budget_caps(candidates, grams, round(budget * params_before), params_before, rank, tol, n_cores)
+        caps = _budget_caps(candidates, grams, math.floor(budget * params_before), params_before, rank, tol, n_cores)
     rows = []
     for name, module, in_modes, out_modes in _bar(candidates, progress, "fitting"):
         if name not in caps:
@@ -767,7 +830,7 @@ def compress(
             continue
         replacement, report, output_error = _fitted(
             module,
-            grams.get(name) if isinstance(module, nn.Linear) else None,
+            grams.get(name) if isinstance(module, (nn.Linear, nn.Embedding)) else None,
             in_modes,
             out_modes,
             caps[name],
@@ -784,7 +847,9 @@ def compress(
         replacement.train(module.training)
         for alias in aliases[id(module)]:
             _replace(model, alias, replacement)
-        rows.append(kit.layer_report(name, type(module).__name__, report, output_error))
+        scales = getattr(replacement, "row_scale", None)
+        extra = 0 if scales is None else scales.numel()
+        rows.append(kit.layer_report(name, type(module).__name__, report, output_error, extra))
     params_after = sum(p.numel() for p in model.parameters())
     return CompressionReport(tuple(rows), params_before, params_after, tuple(skipped))
 
@@ -935,16 +1000,23 @@ def _budget_caps(
         chosen_caps: list[Any] = [None]
         seen = set()
         embedding = isinstance(module, nn.Embedding)
+        counts = grams.get(name) if embedding else None
+        extra = 0 if counts is None else matrix.shape[0]  # a count-weighted table's row scales
         if embedding:  # one TT-SVD gives every bond's spectrum; a cap's error is bounded by the tails cut
-            cores, report = kit.embedding_cores(matrix, max(ladder), tol, n_cores, in_modes, out_modes)
+            if counts is None:
+                cores, report = kit.embedding_cores(matrix, max(ladder), tol, n_cores, in_modes, out_modes)
+                total = float(np.sum(matrix**2))
+            else:  # the count-weighted table's spectra: its errors are the lookups' (output) errors
+                fit = kit.weighted_embedding_cores(matrix, counts, max(ladder), tol, n_cores, in_modes, out_modes)
+                report = fit.report
+                total = float(np.sum((np.asarray(counts) + kit.DEFAULT_SMOOTHING)[:, None] * matrix**2))
             spec, spectra = report.spec, report.singular_values
-            total = float(np.sum(matrix**2))
         else:
             spec = kit.layer_spec(matrix.shape[0], matrix.shape[1], in_modes, out_modes, 1, n_cores)
         for cap in ladder:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", tnlayers.RankClippedWarning)
-                params = tnlayers.MPOSpec(spec.in_modes, spec.out_modes, cap).num_params
+                params = tnlayers.MPOSpec(spec.in_modes, spec.out_modes, cap).num_params + extra
             if params >= dense_sizes[name] or params in seen:
                 continue
             seen.add(params)
@@ -971,7 +1043,7 @@ def _budget_caps(
 
 def _fitted(
     module: nn.Module,
-    gram: tnlayers.calibrate.Gram | None,
+    gram: Any,
     in_modes: Any,
     out_modes: Any,
     cap: Any,
@@ -981,10 +1053,16 @@ def _fitted(
     two_site: bool,
     ridge: float,
 ) -> tuple[nn.Module, tnlayers.decompose.DecompositionReport, float | None]:
-    """The MPO layer for ``module``, its decomposition report and (calibrated) relative output error."""
+    """The MPO layer for ``module``, its decomposition report and (calibrated) relative output error;
+    ``gram``: a linear layer's :class:`tnlayers.calibrate.Gram`, an embedding's lookup counts, or ``None``."""
     if isinstance(module, nn.Embedding):
-        embedding = MPOEmbedding.from_embedding(module, cap, tol, n_cores, in_modes, out_modes)
-        return embedding, cast(tnlayers.decompose.DecompositionReport, embedding.decomposition), None
+        embedding = MPOEmbedding.from_embedding(module, cap, tol, n_cores, in_modes, out_modes, counts=gram)
+        found = cast(tnlayers.decompose.DecompositionReport, embedding.decomposition)
+        if gram is None:
+            return embedding, found, None
+        table = _matrix(module)
+        lookups = tnlayers.calibrate.output_error(embedding.to_dense().detach().double().cpu().numpy(), table, gram)
+        return embedding, found, lookups
     if isinstance(module, nn.Conv2d):
         conv = MPOConv2d.from_conv(module, in_modes, out_modes, cap, tol, n_cores)
         return conv, cast(tnlayers.decompose.DecompositionReport, conv.decomposition), None
@@ -1041,6 +1119,14 @@ def restructure(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> lis
         except AttributeError:
             raise ValueError(f"the state_dict has MPO cores for {name!r}, which the model does not have") from None
         replacement = _mpo_like(module, name, spec, f"{prefix}bias" in state_dict)
+        target = module if replacement is None else replacement
+        if isinstance(target, MPOEmbedding):  # a count-weighted table: its rows' order and scales
+            weights = [state_dict.get(f"{prefix}{key}") for key in ("row_order", "row_scale")]
+            if any(
+                (w is None) != (getattr(target, key) is None) for w, key in zip(weights, ("row_order", "row_scale"))
+            ):
+                target.set_row_weights(*weights)
+                replacement = target
         if replacement is None:
             continue
         for alias in aliases[id(module)]:

@@ -41,6 +41,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: everything is read from a local folder
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np
 import torch
 from tnlayers.backends.torch import MPOEmbedding, MPOLinear, collect_grams, compress, freeze_cores
 from torch import nn
@@ -49,6 +50,7 @@ from tqdm.auto import tqdm
 import tnlayers
 
 PACKAGE_SENTENCES = 30_000
+WORD_EMBEDDING = "embeddings.word_embeddings"
 DEFAULT_BUDGETS = ("0.75", "0.5")
 TARGETS = [
     "*attention.self.query",
@@ -276,7 +278,7 @@ def compress_encoder(
         encoder.bert,
         rank=budget["rank"],
         tol=budget["tol"],
-        include=TARGETS + (["embeddings.word_embeddings"] if embeddings else []),
+        include=TARGETS + ([WORD_EMBEDDING] if embeddings else []),
         n_cores=n_cores,
         min_features=min_features,
         budget=budget.get("fraction"),
@@ -326,8 +328,9 @@ def low_rank_like(encoder: SentenceEncoder, report: Any, grams: dict[str, Any] |
         module = encoder.bert.get_submodule(row.name)
         n, m = row.in_features, row.out_features
         rank = max(1, row.params_after // (n + m))
-        if isinstance(module, nn.Embedding):
-            fit = tnlayers.low_rank_fit(module.weight.detach().double().numpy(), rank)
+        if isinstance(module, nn.Embedding):  # calibrated: weighted by how often each row is looked up
+            counts = None if grams is None else grams.get(row.name)
+            fit = tnlayers.low_rank_fit(module.weight.detach().double().numpy(), rank, counts)
             replacement: nn.Module = LowRankEmbedding(
                 torch.from_numpy(fit.first).float(), torch.from_numpy(fit.second).float()
             )
@@ -420,8 +423,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     tokenizer, original = load_minilm()
     held_out = stdlib_sentences(args.eval)
-    pool = package_sentences(args.calibration + args.train)
-    calibration_text, train_text = pool[: args.calibration], pool[args.calibration :]
+    pool = package_sentences(max(args.calibration + args.train, args.count_sentences if args.embeddings else 0))
+    calibration_text, train_text = pool[: args.calibration], pool[args.calibration : args.calibration + args.train]
     eval_batches = tokenize(tokenizer, held_out, args.batch_size)
     train_batches = tokenize(tokenizer, train_text, args.batch_size)
     calibration_batches = tokenize_unpadded(tokenizer, calibration_text, args.batch_size)
@@ -432,6 +435,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     names = [n for n, m in original.bert.named_modules() if isinstance(m, nn.Linear) and _targeted(n)]
     grams = collect_grams(original.bert, calibration_batches, names, progress=True)
+    if args.embeddings:  # lookups are counted on more text than the Gram pass reads: it needs no forward pass
+        grams[WORD_EMBEDDING] = token_counts(tokenizer, pool[: args.count_sentences], original.bert)
     gram_s = time.perf_counter() - started
     rows = []
     for budget in tqdm(args.budgets, desc="budgets"):
@@ -476,6 +481,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "mean_layer_error": statistics.fmean(errors) if errors else None,
                 "fit_s": fit_s,
                 "layers": report.as_dicts() if method.startswith("mpo") else [],
+                "embedding_weighted": calibrated and args.embeddings,
             }
             row["before"] = agreement(reference, embed(student, eval_batches))
             row["before"]["time_per_batch_s"] = time_per_batch(student, eval_batches)
@@ -509,11 +515,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cores": args.cores,
         "sweeps": args.sweeps,
         "embeddings": args.embeddings,
+        "count_sentences": min(args.count_sentences, len(pool)) if args.embeddings else 0,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "tnlayers": tnlayers.__version__,
         "rows": rows,
     }
+
+
+def token_counts(tokenizer: Any, sentences: Sequence[str], bert: nn.Module) -> Any:
+    """How often each row of the word embedding is looked up on ``sentences`` (what ``collect_grams``
+    counts in a forward pass, from the tokenizer alone): the calibrated embedding fits' weights."""
+    rows = int(cast(nn.Embedding, bert.get_submodule(WORD_EMBEDDING)).num_embeddings)
+    counts = np.zeros(rows)
+    for ids in tokenizer(list(sentences), truncation=True, max_length=256)["input_ids"]:
+        counts += np.bincount(ids, minlength=rows)
+    return counts
 
 
 def _targeted(name: str) -> bool:
@@ -614,6 +631,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="compress the word embedding too (11.7M of the 22.6M parameters)",
+    )
+    parser.add_argument(
+        "--count-sentences",
+        type=int,
+        default=PACKAGE_SENTENCES,
+        help="package sentences whose tokens are counted for the calibrated embedding fits",
     )
     parser.add_argument("--sweeps", type=int, default=2, help="one-site sweeps of the calibrated fits")
     parser.add_argument("--lr", type=float, default=2e-3)

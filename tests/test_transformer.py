@@ -228,7 +228,7 @@ def test_a_model_budget_counts_every_parameter_and_replaces_embeddings() -> None
         with pytest.raises(ValueError, match=r"budget must be a fraction of the model's parameters in \(0, 1\)"):
             compress(copy.deepcopy(original), budget=bad)
     with pytest.raises(
-        ValueError, match=r"a budget of 203 of the model's 20,288 parameters cannot be met: the parts compress"
+        ValueError, match=r"a budget of 202 of the model's 20,288 parameters cannot be met: the parts compress"
     ):
         compress(copy.deepcopy(original), budget=0.01, min_features=1)
 
@@ -242,7 +242,7 @@ def test_the_low_rank_baseline_gets_the_mpo_parameters_layer_by_layer() -> None:
 
     original = _tiny_encoder(low_rank=False)
     names = [n for n, m in original.bert.named_modules() if isinstance(m, torch.nn.Linear)]
-    grams = collect_grams(original.bert, _batches(), names)
+    grams = collect_grams(original.bert, _batches(), [*names, "embeddings.word_embeddings"])
     mpo = copy.deepcopy(original)
     report = transformer.compress_encoder(
         mpo, {"rank": None, "tol": None, "fraction": 0.6}, 2, min_features=1, calibration=grams, embeddings=True
@@ -257,8 +257,17 @@ def test_the_low_rank_baseline_gets_the_mpo_parameters_layer_by_layer() -> None:
     for row in report.layers:
         pair = plain.bert.get_submodule(row.name)
         rank = row.params_after // (row.in_features + row.out_features)
-        if row.kind == "Embedding":
+        if row.kind == "Embedding":  # whitened: fitted to the rows' lookup counts
             assert isinstance(pair, transformer.LowRankEmbedding) and pair.table.weight.shape[1] == rank
+            table = original.bert.get_submodule(row.name).weight.detach().double().numpy()
+            counts = grams[row.name]
+
+            def lookup_error(model: Any, name: str) -> float:
+                product = model.bert.get_submodule(name)
+                approximation = product.project(product.table.weight).detach().double().numpy()
+                return float(np.sum(counts[:, None] * (table - approximation) ** 2))  # noqa: B023
+
+            assert lookup_error(whitened, row.name) < lookup_error(plain, row.name)
             continue
         assert isinstance(pair, transformer.LowRankLinear) and pair.first.weight.shape[0] == rank
         x, w = inputs[row.name], original.bert.get_submodule(row.name).weight.detach().double().numpy().T
@@ -340,9 +349,10 @@ def test_the_benchmark_runs_every_method_at_a_budget_on_a_tiny_model(monkeypatch
     args = transformer.argparse.Namespace(
         budgets=[transformer.parse_budget("0.8")], methods=list(transformer.METHODS), eval=24, calibration=16,
         train=16, epochs=1, lr=1e-3, batch_size=8, cores=2, freeze="none", hidden_loss=True, embeddings=True,
-        min_features=1, sweeps=1,
+        min_features=1, sweeps=1, count_sentences=48,
     )  # fmt: skip
     result = transformer.run(args)
+    assert result["count_sentences"] == 48
     rows = {row["method"]: row for row in result["rows"]}
     assert sorted(rows) == sorted(transformer.METHODS)
     assert all(row["model_ratio"] <= 0.8 + 1e-9 for row in rows.values())

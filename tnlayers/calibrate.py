@@ -88,6 +88,14 @@ def _check_gram(gram: Any, features: int) -> Array:
     return (matrix + matrix.T) / 2
 
 
+def _check_weights(gram: Any, features: int) -> Array:
+    """Per-row weights (a diagonal ``C``), checked: finite and non-negative."""
+    weights = np.asarray(gram.matrix if isinstance(gram, Gram) else gram, dtype=np.float64)
+    if weights.shape != (features,) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise ValueError(f"per-row weights must be {features} finite numbers >= 0, got shape {weights.shape}")
+    return weights
+
+
 def output_error(approximation: Any, matrix: Any, gram: Any) -> float:
     """``sqrt(tr(D^T C D) / tr(W^T C W))`` with ``D = W - approximation``: the relative error of the layer's
     outputs on the calibration rows (``approximation`` a dense matrix or a list of cores). ``gram`` may be
@@ -451,7 +459,9 @@ def low_rank_fit(matrix: Any, rank: int, gram: Any = None, ridge: float = 1e-6) 
     """The best rank-``rank`` ``W' = first @ second`` for ``matrix`` (``(N, M)``): truncated SVD of ``W``
     (``gram=None``), or, given ``C = X^T X``, the minimiser of ``||X (W - W')||_F`` (activation-whitened,
     the SVD-LLM/ASVD family): with ``C + ridge = S S^T``, ``W' = S^-T U_q Sigma_q V_q^T`` from the SVD of
-    ``S^T W``. It costs ``rank * (N + M)`` parameters, as two ``nn.Linear`` layers would."""
+    ``S^T W``. ``gram`` may also be a vector of per-row weights (a diagonal ``C``: an embedding's lookup
+    counts), then ``S = sqrt(C)`` and no ``N x N`` matrix is formed. It costs ``rank * (N + M)``
+    parameters, as two ``nn.Linear`` layers would."""
     dense = np.asarray(matrix, dtype=np.float64)
     if dense.ndim != 2:
         raise ValueError(f"matrix must be 2-D (in_features, out_features), got shape {dense.shape}")
@@ -466,6 +476,12 @@ def low_rank_fit(matrix: Any, rank: int, gram: Any = None, ridge: float = 1e-6) 
         first, second = u[:, :rank] * s[:rank], vh[:rank]
         norm = float(np.linalg.norm(dense))
         error = float(np.linalg.norm(dense - first @ second)) / norm if norm > 0 else 0.0
+    elif np.shape(gram.matrix if isinstance(gram, Gram) else gram) == (dense.shape[0],):
+        weights = _check_weights(gram, dense.shape[0])  # a diagonal C (an embedding's lookup counts): S = sqrt(C)
+        root = np.sqrt(weights + ridge * float(weights.mean()) + np.finfo(np.float64).tiny)
+        u, s, vh = np.linalg.svd(root[:, None] * dense, full_matrices=False)
+        first, second = u[:, :rank] / root[:, None], s[:rank, None] * vh[:rank]
+        error = output_error(first @ second, dense, weights)
     else:
         c = _check_gram(gram, dense.shape[0])
         c = c + (ridge * max(float(np.trace(c)), 0.0) / c.shape[0] + np.finfo(np.float64).tiny) * np.eye(c.shape[0])

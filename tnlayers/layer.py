@@ -26,9 +26,10 @@ import numbers
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+from numpy.typing import NDArray
 
 from .autotune import Autotuner, default_tuner
 from .checkpoint import load
@@ -54,16 +55,18 @@ __all__ = [
     "ConvGeometry",
     "LayerPlanner",
     "MPOLayerMixin",
+    "WeightedEmbedding",
     "check_indices",
     "check_init",
     "check_input",
+    "check_row_weights",
     "compress_choice",
     "conv_route",
     "describe",
+    "draw_seed",
     "embedding_cores",
     "embedding_rows",
     "embedding_spec",
-    "draw_seed",
     "freeze_flags",
     "gradients_needed",
     "layer_report",
@@ -72,6 +75,7 @@ __all__ = [
     "no_saving",
     "pair",
     "tune_key",
+    "weighted_embedding_cores",
 ]
 
 #: Seeds drawn for a layer lie in ``[0, SEED_LIMIT)``: a signed 32-bit int, which every framework's
@@ -487,8 +491,11 @@ def no_saving(report: DecompositionReport) -> str | None:
     return None
 
 
-def layer_report(name: str, kind: str, report: DecompositionReport, output_error: float | None = None) -> LayerReport:
-    """The report row of one replaced layer (``output_error``: on calibration inputs, where fitted to them)."""
+def layer_report(
+    name: str, kind: str, report: DecompositionReport, output_error: float | None = None, extra_params: int = 0
+) -> LayerReport:
+    """The report row of one replaced layer (``output_error``: on calibration inputs, where fitted to them;
+    ``extra_params``: parameters beside the cores, as a count-weighted embedding's row scales)."""
     spec = report.spec
     return LayerReport(
         name=name,
@@ -499,7 +506,7 @@ def layer_report(name: str, kind: str, report: DecompositionReport, output_error
         out_modes=spec.out_modes,
         ranks=report.ranks,
         params_before=report.dense_params,
-        params_after=report.num_params,
+        params_after=report.num_params + extra_params,
         relative_error=report.relative_error,
         output_error=output_error,
     )
@@ -544,6 +551,87 @@ def embedding_cores(
     padded = np.zeros((spec.in_features, dense.shape[1]), dtype=dense.dtype)
     padded[: dense.shape[0]] = dense
     return from_dense(padded, spec.in_modes, spec.out_modes, max_rank, tol)
+
+
+#: Pseudo-count added to every row's lookup count in :func:`weighted_embedding_cores` (rows never seen in
+#: the calibration text keep a small weight, so their scale stays bounded).
+DEFAULT_SMOOTHING = 0.1
+
+
+class WeightedEmbedding(NamedTuple):
+    """A count-weighted MPO table: row ``t`` is ``row_scale[t] * mpo_row(row_order[t])``."""
+
+    cores: list[Any]
+    report: DecompositionReport
+    """TT-SVD's report on the weighted, reordered, padded table: its error is the count-weighted one."""
+    row_order: NDArray[np.int64]
+    """``(num_embeddings,)``: the MPO row of each table row (a permutation; most-looked-up rows first)."""
+    row_scale: NDArray[np.float64]
+    """``(num_embeddings,)``: ``1 / sqrt(count + smoothing)`` of each table row."""
+
+
+def weighted_embedding_cores(
+    table: Any,
+    counts: Any,
+    max_rank: int | Sequence[int] | None = None,
+    tol: float | None = None,
+    n_cores: int = 4,
+    row_modes: Sequence[int] | None = None,
+    dim_modes: Sequence[int] | None = None,
+    smoothing: float = DEFAULT_SMOOTHING,
+) -> WeightedEmbedding:
+    """TT-SVD of a ``(num_embeddings, embedding_dim)`` table fitted to how often each row is looked up.
+
+    ``counts[t]`` is how often row ``t`` was looked up on calibration text (``collect_grams`` gives it:
+    the diagonal of ``X^T X`` for one-hot inputs ``X``). The rows are reordered by descending count
+    (ties by index), so the most significant row digit groups frequency bands; each row is multiplied by
+    ``sqrt(count + smoothing)`` before the TT-SVD and divided by it again through ``row_scale``. The
+    truncation thus minimises the count-weighted error ``sum_t (count_t + smoothing) ||E_t - E'_t||^2``
+    (the embedding's output error on the calibration text) instead of treating every row alike. Costs
+    ``num_embeddings`` more parameters (the scales) and a stored permutation.
+    """
+    dense = np.asarray(table)
+    if dense.ndim != 2:
+        raise ValueError(f"an embedding table must be 2-D (num_embeddings, embedding_dim), got shape {dense.shape}")
+    weights = np.asarray(counts, dtype=np.float64)
+    if weights.shape != (dense.shape[0],):
+        raise ValueError(
+            f"counts must have one entry per table row, shape ({dense.shape[0]},), got shape {weights.shape}"
+        )
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise ValueError("counts must be finite and >= 0 (how often each row was looked up)")
+    if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real) or not 0 < smoothing < math.inf:
+        raise ValueError(f"smoothing must be a positive number (a pseudo-count per row), got {smoothing!r}")
+    order = np.argsort(-weights, kind="stable")  # order[p]: the table row at MPO row p
+    position = np.empty(len(order), dtype=np.int64)
+    position[order] = np.arange(len(order), dtype=np.int64)
+    root = np.sqrt(weights + float(smoothing))
+    cores, report = embedding_cores((dense * root[:, None])[order], max_rank, tol, n_cores, row_modes, dim_modes)
+    return WeightedEmbedding(cores, report, position, 1.0 / root)
+
+
+def check_row_weights(row_order: Any, row_scale: Any, num_embeddings: int, mpo_rows: int) -> None:
+    """A ``ValueError``/``TypeError`` unless ``row_order`` (``None`` or a permutation of table rows into
+    ``[0, mpo_rows)``) and ``row_scale`` (``None`` or finite numbers) hold one entry per table row
+    (NumPy views of them; see :class:`WeightedEmbedding`)."""
+    if row_order is not None:
+        order = np.asarray(row_order)
+        if not np.issubdtype(order.dtype, np.integer):
+            raise TypeError(f"row_order must hold integers (the MPO row of each table row), got dtype {order.dtype}")
+        if order.shape != (num_embeddings,):
+            raise ValueError(f"row_order must have shape ({num_embeddings},), got {order.shape}")
+        if order.size and (int(order.min()) < 0 or int(order.max()) >= mpo_rows):
+            raise ValueError(
+                f"row_order must lie in [0, {mpo_rows}) (the MPO's rows), got {int(order.min())} .. {int(order.max())}"
+            )
+        if len(np.unique(order)) != order.size:
+            raise ValueError("row_order must not send two table rows to one MPO row")
+    if row_scale is not None:
+        scale = np.asarray(row_scale)
+        if scale.shape != (num_embeddings,):
+            raise ValueError(f"row_scale must have shape ({num_embeddings},), got {scale.shape}")
+        if not np.issubdtype(scale.dtype, np.floating) or not np.all(np.isfinite(scale)):
+            raise ValueError(f"row_scale must hold finite floating-point numbers, got dtype {scale.dtype}")
 
 
 def check_indices(indices: Any, num_embeddings: int) -> None:
