@@ -39,7 +39,16 @@ from tnlayers.contract import (
 from tnlayers.plan import ContractionPlan, batch_bucket
 from tnlayers.reports import CompressionReport
 
-__all__ = ["MPOConv2d", "MPOEmbedding", "MPOLinear", "collect_grams", "compress", "freeze_cores", "restructure"]
+__all__ = [
+    "MPOConv2d",
+    "MPOEmbedding",
+    "MPOLinear",
+    "collect_grams",
+    "compress",
+    "freeze_cores",
+    "output_sensitivity",
+    "restructure",
+]
 
 _OPS = get_ops("torch")
 
@@ -769,6 +778,7 @@ def compress(
     two_site: bool = False,
     ridge: float = 1e-6,
     progress: bool = False,
+    sensitivity: Mapping[str, float] | None = None,
 ) -> CompressionReport:
     """Replace, in place, the ``nn.Linear``, ``nn.Conv2d`` and ``nn.Embedding`` layers of a trained model
     by MPO layers (:class:`MPOLinear`, :class:`MPOConv2d`, :class:`MPOEmbedding`).
@@ -792,6 +802,9 @@ def compress(
       (up to ``rank`` where given) by :func:`tnlayers.calibrate.allocate`, from the TT-SVD error of each
       cap (the output error where calibrated; for an embedding, the bound its TT-SVD spectra give): the
       layers that lose least give most; a layer may stay dense.
+    - ``sensitivity``: per layer name, how much the model's output moves per unit of that layer's relative
+      error (:func:`output_sensitivity` measures it); the budget then weighs each layer's squared error by
+      it, so that errors of layers that matter more downstream cost more. Every candidate needs an entry.
 
     A layer whose MPO would not be smaller is kept, and listed in the report's ``skipped``, as is the
     output projection of ``nn.MultiheadAttention`` (which reads its ``.weight``). An
@@ -804,6 +817,8 @@ def compress(
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
     if budget is None:
         kit.check_compress_budget(rank, tol)
+        if sensitivity is not None:
+            raise ValueError("sensitivity weighs the layers in a whole-model budget: give budget= as well")
     elif isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
         raise ValueError(f"budget must be a fraction of the model's parameters in (0, 1), got {budget!r}")
     params_before = sum(p.numel() for p in model.parameters())
@@ -822,7 +837,9 @@ def compress(
     if budget is None:
         caps: dict[str, Any] = {name: rank for name, *_ in candidates}
     else:
-        caps = _budget_caps(candidates, grams, math.floor(budget * params_before), params_before, rank, tol, n_cores)
+        weights = _check_sensitivity(sensitivity, [name for name, *_ in candidates])
+        target = math.floor(budget * params_before)
+        caps = _budget_caps(candidates, grams, target, params_before, rank, tol, n_cores, weights)
     rows = []
     for name, module, in_modes, out_modes in _bar(candidates, progress, "fitting"):
         if name not in caps:
@@ -917,6 +934,85 @@ def _bar(items: Sequence[Any], progress: bool, what: str) -> Iterable[Any]:
     return cast(Iterable[Any], tqdm(items, desc=f"compress: {what}", leave=False))
 
 
+def _check_sensitivity(sensitivity: Mapping[str, float] | None, names: Sequence[str]) -> dict[str, float] | None:
+    if sensitivity is None:
+        return None
+    if not isinstance(sensitivity, Mapping):
+        raise TypeError(f"sensitivity must map layer names to numbers, got {type(sensitivity).__name__}")
+    missing = [name for name in names if name not in sensitivity]
+    if missing:
+        raise ValueError(f"sensitivity has no entry for the layers {missing} (one number >= 0 per candidate layer)")
+    weights = {}
+    for name in names:
+        value = sensitivity[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"sensitivity[{name!r}] must be a finite number >= 0, got {value!r}")
+        weights[name] = float(value)
+    return weights
+
+
+def output_sensitivity(
+    model: nn.Module,
+    batches: Iterable[Any],
+    names: Sequence[str],
+    noise: float = 0.05,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, float]:
+    """How far the model's output moves per unit of relative error at each named layer's output.
+
+    For each layer in turn, a forward hook adds Gaussian noise to its output, of ``noise`` times the
+    output's RMS (a relative error of about ``noise``), and the whole model runs on ``batches`` (as
+    :func:`collect_grams` passes them); the result is ``||Δ out||² / ||out||²`` over all batches, divided
+    by ``noise²``. The model must return a tensor. A first-order measure of how a layer's error reaches
+    the output through everything after it (residual connections, normalisations, other branches):
+    what :func:`compress` needs (``sensitivity=``) to spread a budget by effect on the model's output.
+    """
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 < noise < math.inf:
+        raise ValueError(f"noise must be a positive number (a relative error), got {noise!r}")
+    batches = list(batches)
+    modules = {name: model.get_submodule(name) for name in names}
+
+    def run() -> list[torch.Tensor]:
+        outputs = []
+        with torch.no_grad():
+            for batch in batches:
+                if isinstance(batch, Mapping):
+                    out = model(**batch)
+                elif isinstance(batch, (tuple, list)):
+                    out = model(*batch)
+                else:
+                    out = model(batch)
+                if not isinstance(out, torch.Tensor):
+                    raise TypeError(
+                        f"output_sensitivity needs a model that returns a tensor, got {type(out).__name__}; "
+                        "wrap the model so that it returns the output to keep"
+                    )
+                outputs.append(out.double())
+        return outputs
+
+    reference = run()
+    scale = sum(float((out**2).sum()) for out in reference)
+    if scale == 0:
+        raise ValueError("the model's outputs on the batches are all zero: no relative change to measure")
+    found = {}
+    for name in _bar(list(names), progress, "sensitivity"):
+        generator = torch.Generator().manual_seed(seed)
+
+        def perturb(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+            rms = output.detach().double().pow(2).mean().sqrt()
+            draw = torch.randn(output.shape, generator=generator, dtype=torch.float64)  # noqa: B023
+            return output + (noise * rms * draw).to(output.device, output.dtype)
+
+        handle = modules[name].register_forward_hook(perturb)
+        try:
+            moved = sum(float(((out - ref) ** 2).sum()) for out, ref in zip(run(), reference))
+        finally:
+            handle.remove()
+        found[name] = moved / scale / noise**2
+    return found
+
+
 def collect_grams(
     model: nn.Module, batches: Iterable[Any], names: Sequence[str], progress: bool = False
 ) -> dict[str, Any]:
@@ -987,8 +1083,10 @@ def _budget_caps(
     rank: Any,
     tol: float | None,
     n_cores: int,
+    sensitivity: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The bond cap of each candidate under a whole-model parameter ``target`` (absent: kept dense)."""
+    """The bond cap of each candidate under a whole-model parameter ``target`` (absent: kept dense); each
+    layer's errors weighted by ``sqrt(sensitivity[name])`` where given."""
     dense_sizes = {name: math.prod(_matrix_shape(module)) for name, module, *_ in candidates}
     fixed = params_before - sum(dense_sizes.values())
     ladder = [r for r in tnlayers.calibrate.RANK_LADDER if not isinstance(rank, int) or r <= rank]
@@ -1027,7 +1125,7 @@ def _budget_caps(
                 cores, report = tnlayers.from_dense(matrix, spec.in_modes, spec.out_modes, cap, tol)
                 gram = grams.get(name)
                 error = report.relative_error if gram is None else tnlayers.calibrate.output_error(cores, matrix, gram)
-            pairs.append((params, error))
+            pairs.append((params, error if sensitivity is None else error * math.sqrt(sensitivity[name])))
             chosen_caps.append(cap)
         options[name], caps[name] = pairs, chosen_caps
     smallest = sum(min(params for params, _ in pairs) for pairs in options.values())

@@ -43,7 +43,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import torch
-from tnlayers.backends.torch import MPOEmbedding, MPOLinear, collect_grams, compress, freeze_cores
+from tnlayers.backends.torch import (
+    MPOEmbedding,
+    MPOLinear,
+    collect_grams,
+    compress,
+    freeze_cores,
+    output_sensitivity,
+)
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -270,6 +277,7 @@ def compress_encoder(
     calibration: Any = None,
     embeddings: bool = False,
     sweeps: int = 2,
+    sensitivity: dict[str, float] | None = None,
 ) -> Any:
     """Replace the attention and feed-forward layers of every encoder layer (and, with ``embeddings``, the
     word embedding); the report of ``compress``. ``calibration``: Gram matrices by layer name, fitted by
@@ -284,6 +292,7 @@ def compress_encoder(
         budget=budget.get("fraction"),
         calibration=calibration,
         sweeps=sweeps,
+        sensitivity=sensitivity,
     )
 
 
@@ -438,6 +447,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.embeddings:  # lookups are counted on more text than the Gram pass reads: it needs no forward pass
         grams[WORD_EMBEDDING] = token_counts(tokenizer, pool[: args.count_sentences], original.bert)
     gram_s = time.perf_counter() - started
+    sensitivity, sensitivity_s = None, 0.0
+    if args.sensitivity and any(b.get("fraction") for b in args.budgets):  # a budget's spread by effect on the output
+        started = time.perf_counter()
+        probe = tokenize(tokenizer, calibration_text[: args.sensitivity], args.batch_size)
+        layers = names + ([WORD_EMBEDDING] if args.embeddings else [])
+        found = output_sensitivity(original, probe, [f"bert.{n}" for n in layers], progress=True)
+        sensitivity = {name.removeprefix("bert."): value for name, value in found.items()}
+        sensitivity_s = time.perf_counter() - started
     rows = []
     for budget in tqdm(args.budgets, desc="budgets"):
         mpo_reports: dict[bool, Any] = {}
@@ -454,6 +471,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     calibration=grams if calibrated else None,
                     embeddings=args.embeddings,
                     sweeps=args.sweeps,
+                    sensitivity=sensitivity if calibrated and budget.get("fraction") else None,
                 )
                 mpo_reports[calibrated] = report
                 replaced_after = report.params_after
@@ -506,6 +524,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "source": "held out: Python standard library docstrings; calibration and recovery: installed packages'",
         },
         "gram_seconds": gram_s,
+        "sensitivity_sentences": args.sensitivity if sensitivity else 0,
+        "sensitivity_seconds": sensitivity_s,
+        "sensitivity": sensitivity,
         "original_time_per_batch_s": base_time,
         "batch_size": args.batch_size,
         "epochs": args.epochs,
@@ -637,6 +658,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         type=int,
         default=PACKAGE_SENTENCES,
         help="package sentences whose tokens are counted for the calibrated embedding fits",
+    )
+    parser.add_argument(
+        "--sensitivity",
+        type=int,
+        default=256,
+        help="calibration sentences on which each layer's effect on the output is measured, to spread a "
+        "whole-model budget of the calibrated MPO (0: weigh every layer's output error alike)",
     )
     parser.add_argument("--sweeps", type=int, default=2, help="one-site sweeps of the calibrated fits")
     parser.add_argument("--lr", type=float, default=2e-3)

@@ -161,3 +161,71 @@ def test_the_budget_goes_where_the_outputs_lose_least() -> None:
     capped = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)).double()
     report = compress(capped, budget=0.5, rank=2, n_cores=2, min_features=1, calibration=batches)
     assert [max(row.ranks) for row in report.layers] == [2, 2]
+
+
+class _Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lin(x), x
+
+
+class _Branches(nn.Module):
+    """``a(x) + 3 b(x) + 0 * dead(x)``: the branches' effect on the output is known in closed form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.dead = nn.Linear(32, 48), nn.Linear(32, 48), nn.Linear(32, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + 3 * self.b(x) + 0 * self.dead(x)
+
+
+def test_output_sensitivity_is_each_layers_share_of_the_output() -> None:
+    """Noise of relative size e at a branch moves the output by its weight times e times the branch's norm:
+    expected ``w^2 ||branch||^2 / ||output||^2`` (computed here), 0 for a branch multiplied by 0."""
+    from tnlayers.backends.torch import output_sensitivity
+
+    torch.manual_seed(0)
+    model = _Branches().double()
+    batches = [torch.randn(64, 32, dtype=torch.float64) for _ in range(3)]
+    found = output_sensitivity(model, batches, ["a", "b", "dead"], noise=0.01)
+    with torch.no_grad():
+        out = sum(float((model(x) ** 2).sum()) for x in batches)
+        share_a = sum(float((model.a(x) ** 2).sum()) for x in batches) / out
+        share_b = 9 * sum(float((model.b(x) ** 2).sum()) for x in batches) / out
+    assert found["dead"] == 0.0
+    assert found["a"] == pytest.approx(share_a, rel=0.05) and found["b"] == pytest.approx(share_b, rel=0.05)
+    assert found["b"] > 3 * found["a"]  # the branch weighed by 3 counts 9 times as much
+    assert output_sensitivity(model, batches, ["a"], noise=0.01) == {"a": found["a"]}  # seeded: the same draw
+    with pytest.raises(ValueError, match=r"noise must be a positive number .* got 0"):
+        output_sensitivity(model, batches, ["a"], noise=0)
+    with pytest.raises(TypeError, match="needs a model that returns a tensor, got tuple"):
+        output_sensitivity(_Pair(), [torch.ones(2)], ["lin"])
+
+
+def test_a_sensitive_layer_keeps_more_of_the_budget() -> None:
+    """Two alike random layers and room for one MPO beside a dense layer: the layer the sensitivity calls
+    a thousand times as sensitive stays dense, whichever it is."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)).double()
+    batches = [torch.randn(32, 16, dtype=torch.float64) for _ in range(2)]
+    for sensitive, cheap in (("0", "1"), ("1", "0")):
+        student = copy.deepcopy(model)
+        report = compress(
+            student, budget=0.75, n_cores=2, min_features=1, calibration=batches,
+            sensitivity={sensitive: 1000.0, cheap: 1.0},
+        )  # fmt: skip
+        assert [row.name for row in report.layers] == [cheap]
+        assert report.skipped == ((sensitive, "the budget keeps it dense"),)
+    for bad, message in (
+        ({"0": 1.0}, r"sensitivity has no entry for the layers \['1'\]"),
+        ({"0": 1.0, "1": -1.0}, r"sensitivity\['1'\] must be a finite number >= 0, got -1.0"),
+        ({"0": 1.0, "1": True}, r"sensitivity\['1'\] must be a finite number >= 0, got True"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            compress(copy.deepcopy(model), budget=0.75, n_cores=2, min_features=1, sensitivity=bad)
+    with pytest.raises(ValueError, match="sensitivity weighs the layers in a whole-model budget: give budget="):
+        compress(copy.deepcopy(model), rank=2, sensitivity={"0": 1.0, "1": 1.0})

@@ -349,7 +349,7 @@ def test_the_benchmark_runs_every_method_at_a_budget_on_a_tiny_model(monkeypatch
     args = transformer.argparse.Namespace(
         budgets=[transformer.parse_budget("0.8")], methods=list(transformer.METHODS), eval=24, calibration=16,
         train=16, epochs=1, lr=1e-3, batch_size=8, cores=2, freeze="none", hidden_loss=True, embeddings=True,
-        min_features=1, sweeps=1, count_sentences=48,
+        min_features=1, sweeps=1, count_sentences=48, sensitivity=8,
     )  # fmt: skip
     result = transformer.run(args)
     assert result["count_sentences"] == 48
