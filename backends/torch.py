@@ -857,15 +857,15 @@ def compress(
             two_site,
             ridge,
         )
-        reason = kit.no_saving(report)
+        scales = getattr(replacement, "row_scale", None)
+        extra = 0 if scales is None else scales.numel()
+        reason = kit.no_saving(report, extra)
         if reason is not None:
             skipped.append((name, reason))
             continue
         replacement.train(module.training)
         for alias in aliases[id(module)]:
             _replace(model, alias, replacement)
-        scales = getattr(replacement, "row_scale", None)
-        extra = 0 if scales is None else scales.numel()
         rows.append(kit.layer_report(name, type(module).__name__, report, output_error, extra))
     params_after = sum(p.numel() for p in model.parameters())
     return CompressionReport(tuple(rows), params_before, params_after, tuple(skipped))

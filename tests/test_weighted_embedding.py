@@ -286,3 +286,23 @@ def test_low_rank_with_row_weights_is_the_dense_gram_fit() -> None:
     assert fit.error == pytest.approx(_weighted_error(fit.first @ fit.second, table, counts), rel=1e-9)
     with pytest.raises(ValueError, match=r"per-row weights must be 40 finite numbers >= 0"):
         tnlayers.low_rank_fit(table, 3, -counts)
+
+
+def test_the_row_scales_count_when_deciding_whether_a_table_shrinks() -> None:
+    """40 x 16 at bond 12 over modes 5x8 -> 4x4: cores of 624 parameters shrink the 640-entry table, but not
+    with the 40 row scales a count-weighted fit adds, so calibration keeps it dense and says why."""
+    torch = pytest.importorskip("torch")
+    from tnlayers.backends.torch import MPOEmbedding, compress
+
+    def build() -> Any:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Embedding(40, 16))
+
+    options = {"rank": 12, "n_cores": 2, "min_features": 1, "modes": lambda *_: ((5, 8), (4, 4))}
+    plain = build()
+    compress(plain, **options)
+    assert isinstance(plain[0], MPOEmbedding) and sum(c.numel() for c in plain[0].cores) == 624
+    weighted = build()
+    report = compress(weighted, calibration=[torch.arange(40).reshape(4, 10)], **options)
+    assert report.skipped == (("0", "no saving at ranks (1, 12, 1): 664 >= 640"),)
+    assert isinstance(weighted[0], torch.nn.Embedding)

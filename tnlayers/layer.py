@@ -482,10 +482,12 @@ def compress_choice(
     return min(in_features, out_features) >= min_features
 
 
-def no_saving(report: DecompositionReport) -> str | None:
-    """Why a decomposed layer is kept dense (its MPO would not be smaller), or ``None``."""
-    if report.num_params >= report.dense_params:
-        reason = f"no saving at ranks {report.ranks}: {report.num_params} >= {report.dense_params}"
+def no_saving(report: DecompositionReport, extra_params: int = 0) -> str | None:
+    """Why a decomposed layer is kept dense (its MPO, with ``extra_params`` beside the cores, would not be
+    smaller), or ``None``."""
+    params = report.num_params + extra_params
+    if params >= report.dense_params:
+        reason = f"no saving at ranks {report.ranks}: {params} >= {report.dense_params}"
         trivial = trivial_modes(report.spec.in_modes, report.spec.out_modes)
         return reason if trivial is None else f"{reason}; {trivial}"
     return None
