@@ -311,7 +311,11 @@ class MPOEmbedding:
         kit.check_indices(values, self.num_embeddings)
         flat = values.reshape(-1)
         positions = flat if self.row_order is None else self.row_order[flat]
-        rows = np.asarray(kit.embedding_rows(self.cores, positions, self.spec.in_modes, _gather_rows, np.reshape))
+        distinct, repeated = np.unique(positions, return_inverse=True)  # each distinct row once
+        rows = np.asarray(
+            kit.embedding_rows(self.cores, distinct, self.spec.in_modes, _gather_rows, np.reshape, np.transpose)
+        )
+        rows = rows[repeated.reshape(-1)]
         if self.row_scale is not None:
             rows = rows * self.row_scale[flat, None]
         return rows.reshape(*values.shape, self.embedding_dim)

@@ -582,9 +582,10 @@ class MPOConv2d(_MPOModule):
 class MPOEmbedding(nn.Module):
     """An ``nn.Embedding`` whose ``(num_embeddings, embedding_dim)`` table is an MPO: ``(*) -> (*, embedding_dim)``.
 
-    A lookup contracts only the looked-up rows' slices of the cores (:func:`tnlayers.layer.embedding_rows`);
-    the table is never formed. A vocabulary of awkward factors is padded (30,522 rows to 30,576 =
-    12 * 14 * 14 * 13 over 4 cores); the padded rows are never returned, and an index outside
+    A lookup contracts only the looked-up rows' slices of the cores (:func:`tnlayers.layer.embedding_rows`),
+    each distinct row once per call (outside ``torch.compile``); the table is never formed. A vocabulary
+    of awkward factors is padded (30,522 rows to 30,576 = 12 * 14 * 14 * 13 over 4 cores); the padded
+    rows are never returned, and an index outside
     ``[0, num_embeddings)`` is a ``ValueError``. Entries start with variance ``std**2`` (``nn.Embedding``: 1).
     ``padding_idx`` is not supported: its row is one of the MPO's like any other.
 
@@ -709,7 +710,14 @@ class MPOEmbedding(nn.Module):
                 raise ValueError(f"embedding index {bad} is out of range: expected 0 <= index < {self.num_embeddings}")
         flat = indices.reshape(-1)
         positions = flat if self.row_order is None else self.row_order[flat]
-        rows = kit.embedding_rows(list(self.cores), positions, self.spec.in_modes, _gather_rows, _reshape_tensor)
+        repeated = None
+        if flat.numel() > 1 and not torch.compiler.is_compiling():  # each distinct row once (text repeats tokens)
+            positions, repeated = torch.unique(positions, return_inverse=True)
+        rows = kit.embedding_rows(
+            list(self.cores), positions, self.spec.in_modes, _gather_rows, _reshape_tensor, torch.permute
+        )
+        if repeated is not None:
+            rows = rows[repeated]
         if self.row_scale is not None:
             rows = rows * self.row_scale[flat].unsqueeze(-1)
         return cast(torch.Tensor, rows).reshape(*indices.shape, self.embedding_dim)

@@ -662,9 +662,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--sensitivity",
         type=int,
-        default=256,
-        help="calibration sentences on which each layer's effect on the output is measured, to spread a "
-        "whole-model budget of the calibrated MPO (0: weigh every layer's output error alike)",
+        default=0,
+        help="calibration sentences on which each layer's effect on the output is measured (output_sensitivity), "
+        "to spread a whole-model budget of the calibrated MPO by it (0, the default: weigh every layer's output "
+        "error alike; on MiniLM at 0.5x the noise-based spread lowered the cosine, see docs/transformer.md)",
     )
     parser.add_argument("--sweeps", type=int, default=2, help="one-site sweeps of the calibrated fits")
     parser.add_argument("--lr", type=float, default=2e-3)

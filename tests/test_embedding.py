@@ -103,6 +103,46 @@ def test_lookup_of_random_cores_matches_the_einsum_reference(adapter: _Adapter) 
     np.testing.assert_allclose(got, table[indices], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("ranks", [(1, 3, 7, 2, 1), (1, 6, 2, 2, 1), (1, 2, 2, 6, 1), (1, 4, 4, 4, 1)], ids=str)
+def test_lookups_meet_at_the_largest_bond_wherever_it_is(adapter: _Adapter, ranks: tuple[int, ...]) -> None:
+    """Four cores of uneven bonds (the lookup's two chains meet at the largest; the first of equal ones):
+    every row against the table built here by einsum, repeated indices included."""
+    rows, cols = (3, 4, 2, 5), (2, 3, 2, 2)
+    rng = np.random.default_rng(4)
+    cores = [rng.normal(size=(ranks[k], rows[k], cols[k], ranks[k + 1])) for k in range(4)]
+    table = np.einsum("aiAb,bjBc,ckCd,dlDe->ijklABCD", *cores).reshape(120, 24)
+    layer = adapter.from_cores(cores, 120)
+    indices = np.array([[0, 119, 37, 37], [64, 5, 0, 118]])
+    np.testing.assert_allclose(adapter.lookup(layer, indices), table[indices], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("count", [1, 3, 40], ids=lambda n: f"{n} rows")
+def test_both_lookup_routes_give_the_tables_rows(adapter: _Adapter, count: int) -> None:
+    """256 x 16 over four cores with a large middle bond: one row goes through the chains, many through the
+    table's two halves (the route is checked), and every row equals the table built here by einsum."""
+    rows, cols, ranks = (4, 4, 4, 4), (2, 2, 2, 2), (1, 8, 64, 8, 1)
+    shapes = tuple((ranks[k], rows[k], cols[k], ranks[k + 1]) for k in range(4))
+    assert kit.embedding_lookup_route(shapes, count)[0] == ("chains" if count == 1 else "halves")
+    rng = np.random.default_rng(5)
+    cores = [rng.normal(size=shape) / np.sqrt(shape[0]) for shape in shapes]
+    table = np.einsum("aiAb,bjBc,ckCd,dlDe->ijklABCD", *cores).reshape(256, 16)
+    layer = adapter.from_cores(cores, 256)
+    indices = rng.permutation(256)[:count]
+    np.testing.assert_allclose(adapter.lookup(layer, indices), table[indices], rtol=1e-5, atol=1e-5)
+
+
+def test_the_lookup_route_weighs_gathered_slices_against_the_halves_products() -> None:
+    """Few rows: the chains; many rows and a large middle bond: the halves; equal bonds put the split after
+    the first core, where one half is nearly the whole table, so the chains stay cheaper (the choices the
+    timings quoted in ``_GATHERED_CHAIN_WEIGHT``'s comment made)."""
+    bert = ((1, 12, 4, 48), (48, 14, 4, 768), (768, 14, 6, 52), (52, 13, 4, 1))
+    assert [kit.embedding_lookup_route(bert, n) for n in (1, 8, 64)] == [("chains", 2), ("chains", 2), ("halves", 2)]
+    even = ((1, 12, 4, 48), (48, 14, 4, 48), (48, 14, 6, 48), (48, 13, 4, 1))
+    assert kit.embedding_lookup_route(even, 200) == ("chains", 1)  # measured: 3.5 ms against 54 ms
+    assert kit.embedding_lookup_route(bert, None) == ("chains", 2)  # a symbolic batch
+    assert kit.embedding_lookup_route(((1, 6, 4, 3), (3, 5, 2, 1)), 10**6) == ("chains", 1)  # two cores
+
+
 def test_cores_are_portable_between_frameworks(adapter: _Adapter) -> None:
     """Cores written by NumPy give the same rows in every framework."""
     from tnlayers.backends.numpy import MPOEmbedding
