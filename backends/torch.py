@@ -803,8 +803,8 @@ def compress(
       fitted to their outputs (:func:`tnlayers.calibrated_fit`: TT-SVD, then ``sweeps`` DMRG-style sweeps);
       the report gives each one's relative output error. Each candidate ``nn.Embedding``'s lookups are
       counted, and its table is fitted to them (:func:`tnlayers.layer.weighted_embedding_cores`: rows
-      reordered by count, a count-weighted TT-SVD, one scale per row); its report error is the
-      count-weighted one. Convs use TT-SVD.
+      reordered by count, a count-weighted TT-SVD, one scale per row); its report row's ``output_error``
+      is the count-weighted error. Convs use TT-SVD.
     - ``budget``: the whole model's parameters after compression, as a fraction of before (embeddings and
       layers left dense included). Each layer's bond cap is chosen from :data:`tnlayers.calibrate.RANK_LADDER`
       (up to ``rank`` where given) by :func:`tnlayers.calibrate.allocate`, from the TT-SVD error of each
@@ -975,6 +975,9 @@ def output_sensitivity(
     by ``noise²``. The model must return a tensor. A first-order measure of how a layer's error reaches
     the output through everything after it (residual connections, normalisations, other branches):
     what :func:`compress` needs (``sensitivity=``) to spread a budget by effect on the model's output.
+    Isotropic noise is a crude stand-in for a compression error, which is structured: on MiniLM at half
+    the parameters it rated the word embedding low, and the spread it gave lost to the plain one
+    (docs/transformer.md).
     """
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 < noise < math.inf:
         raise ValueError(f"noise must be a positive number (a relative error), got {noise!r}")
