@@ -660,7 +660,7 @@ class MPOEmbedding(keras.layers.Layer):  # type: ignore[misc]
         indices = ops.cast(inputs, "int32")
         flat = ops.reshape(indices, (-1,))
         positions = flat if self.row_order is None else ops.take(self.row_order, flat)
-        rows = kit.embedding_rows(self.cores, positions, self.spec.in_modes, _gather_rows, ops.reshape, ops.transpose)
+        rows = kit.embedding_rows(self.cores, positions, self.spec.in_modes, _gather_rows, _OPS)
         if self.row_scale is not None:
             rows = rows * ops.expand_dims(ops.take(self.row_scale, flat), -1)
         return ops.reshape(rows, (*ops.shape(indices), self.output_dim))

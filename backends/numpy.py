@@ -312,9 +312,7 @@ class MPOEmbedding:
         flat = values.reshape(-1)
         positions = flat if self.row_order is None else self.row_order[flat]
         distinct, repeated = np.unique(positions, return_inverse=True)  # each distinct row once
-        rows = np.asarray(
-            kit.embedding_rows(self.cores, distinct, self.spec.in_modes, _gather_rows, np.reshape, np.transpose)
-        )
+        rows = np.asarray(kit.embedding_rows(self.cores, distinct, self.spec.in_modes, _gather_rows, _OPS))
         rows = rows[repeated.reshape(-1)]
         if self.row_scale is not None:
             rows = rows * self.row_scale[flat, None]

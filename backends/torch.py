@@ -713,9 +713,7 @@ class MPOEmbedding(nn.Module):
         repeated = None
         if flat.numel() > 1 and not torch.compiler.is_compiling():  # each distinct row once (text repeats tokens)
             positions, repeated = torch.unique(positions, return_inverse=True)
-        rows = kit.embedding_rows(
-            list(self.cores), positions, self.spec.in_modes, _gather_rows, _reshape_tensor, torch.permute
-        )
+        rows = kit.embedding_rows(list(self.cores), positions, self.spec.in_modes, _gather_rows, _OPS)
         if repeated is not None:
             rows = rows[repeated]
         if self.row_scale is not None:
@@ -761,10 +759,6 @@ class MPOEmbedding(nn.Module):
 
 def _gather_rows(core: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
     return core.permute(1, 0, 2, 3)[digits]
-
-
-def _reshape_tensor(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    return x.reshape(shape)
 
 
 Candidate = tuple[str, nn.Module, Any, Any]  # name, module, in_modes, out_modes

@@ -487,13 +487,14 @@ def dense_weight(cores: Sequence[Any], ops: ArrayOps) -> Any:
     return weight_from_halves(cores, weight_halves(cores, ops), ops)
 
 
-def weight_halves(cores: Sequence[Any], ops: ArrayOps) -> tuple[Any, ...]:
+def weight_halves(cores: Sequence[Any], ops: ArrayOps, split: int | None = None) -> tuple[Any, ...]:
     """``(L, R)`` of :func:`dense_weight`: the left cores as ``(IL*JL, r)`` and the right ones as ``(r, IR*JR)``
-    (``()`` for one core). Small (about ``sqrt(W)`` times the bond), so a planned backward may keep them."""
+    (``()`` for one core). Small (about ``sqrt(W)`` times the bond), so a planned backward may keep them.
+    ``split``: the first core of the right half (default :func:`tnlayers.plan.weight_split`'s)."""
     shapes = [tuple(core.shape) for core in cores]  # lists, not generators: torch.compile traces this
     if len(shapes) == 1:
         return ()
-    k = weight_split(shapes)
+    k = weight_split(shapes) if split is None else split
     left = _grouped(_chain(cores[:k], shapes[:k], ops), shapes[:k], ops, bond_first=False)  # (IL*JL, r)
     right = _grouped(_chain(cores[k:], shapes[k:], ops), shapes[k:], ops, bond_first=True)  # (r, IR*JR)
     return left, right

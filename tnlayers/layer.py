@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 
 from .autotune import Autotuner, default_tuner
 from .checkpoint import load
-from .contract import backward_reads, keep_within
+from .contract import ArrayOps, backward_reads, keep_within, weight_halves
 from .cost import CostModel, cost_model_for
 from .decompose import DecompositionReport, from_dense, trivial_modes
 from .init import INITIALIZERS
@@ -648,39 +648,35 @@ def check_indices(indices: Any, num_embeddings: int) -> None:
 
 
 def embedding_rows(
-    cores: Sequence[Any],
-    indices: Any,
-    row_modes: Sequence[int],
-    gather: Callable[[Any, Any], Any],
-    reshape: Callable[[Any, tuple[int, ...]], Any],
-    transpose: Callable[[Any, tuple[int, ...]], Any] | None = None,
+    cores: Sequence[Any], indices: Any, row_modes: Sequence[int], gather: Callable[[Any, Any], Any], ops: ArrayOps
 ) -> Any:
     """The table rows of flat ``indices`` (shape ``(B,)``), never forming the ``(rows, dim)`` table.
 
     Index ``n`` has digits ``(i_1 .. i_n)`` in the row modes (``i_1`` most significant, as in
-    ``to_dense``); ``gather(core, digits)`` returns ``core[:, digits]`` as ``(B, r, j, r')``. Two routes,
-    whichever moves and multiplies fewer numbers (:func:`embedding_lookup_route`):
+    ``to_dense``); ``gather(core, digits)`` returns ``core[:, digits]`` as ``(B, r, j, r')``; ``ops`` are
+    the framework's (:class:`tnlayers.contract.ArrayOps`). Two routes, whichever moves and multiplies
+    fewer numbers (:func:`embedding_lookup_route`):
 
     - ``"chains"``: each row's slices of the cores, gathered and contracted by two chains of batched
       products that meet at the largest bond (that bond is contracted once, in the last product);
-    - ``"halves"`` (with ``transpose``): the two halves of the table, split at the largest bond
-      (``(I_left, J_left, r)`` and ``(r, I_right, J_right)``, each far smaller than the table), then one
-      batched product of each row's two slices. Pays for many rows and large inner bonds: a 30,522 x 384
-      table at bond 768 looks 523 distinct rows up with 1.6 GMAC of slices gathered by the chains, 0.2
-      by the halves.
+    - ``"halves"``: the two halves of the table, split at the largest bond
+      (:func:`tnlayers.contract.weight_halves`, each far smaller than the table), then one batched
+      product of each row's two slices. Pays for many rows and large inner bonds: a 30,522 x 384 table
+      at bond 768 looks 523 distinct rows up with 1.6 GMAC of slices gathered by the chains, 0.2 by the
+      halves.
 
     Returns ``(B, dim)``.
     """
+    reshape = ops.reshape
     shapes = [tuple(int(d) for d in core.shape) for core in cores]
     strides = [math.prod(row_modes[k + 1 :]) for k in range(len(row_modes))]
     digits = [(indices // stride) % mode for mode, stride in zip(row_modes, strides)]
     rows = int(indices.shape[0]) if isinstance(indices.shape[0], int) else None
     route, split = embedding_lookup_route(tuple(shapes), rows)
-    if route == "halves" and transpose is not None:
-        return _rows_from_halves(cores, shapes, digits, split, gather, reshape, transpose)
+    if route == "halves":
+        return _rows_from_halves(cores, shapes, digits, split, gather, ops)
     pieces = [gather(core, digit) for core, digit in zip(cores, digits)]
-    first = pieces[0]  # (B, 1, j, r')
-    left = reshape(first, (-1, shapes[0][2], shapes[0][3]))  # (B, J, r)
+    left = reshape(pieces[0], (-1, shapes[0][2], shapes[0][3]))  # (B, J, r)
     for piece, (r, _, cols, r_next) in zip(pieces[1:split], shapes[1:split]):
         left = reshape(left @ reshape(piece, (-1, r, cols * r_next)), (-1, int(left.shape[1]) * cols, r_next))
     if split == len(pieces):
@@ -703,15 +699,13 @@ def embedding_lookup_route(shapes: tuple[tuple[int, ...], ...], rows: int | None
         return "chains", split
     cols = [shape[2] for shape in shapes]
     j_left, j_right, bond = math.prod(cols[:split]), math.prod(cols[split:]), shapes[split][0]
-    moved = sum(math.prod(shape) for shape in shapes)  # per row, every core's slice of it: sum r j r'
-    chain_macs = sum(math.prod(cols[:k]) * math.prod(shapes[k][:1] + shapes[k][2:]) for k in range(1, split))
-    chain_macs += sum(
-        math.prod(cols[k + 1 :]) * shapes[k][0] * shapes[k][2] * shapes[k][3] for k in range(split, len(shapes) - 1)
-    )
-    per_row_chains = sum(s[0] * s[2] * s[3] for s in shapes) + chain_macs + j_left * bond * j_right
+    slices = [r * j * r_next for r, _, j, r_next in shapes]  # one row's slice of each core
+    chain_macs = sum(math.prod(cols[:k]) * slices[k] for k in range(1, split))
+    chain_macs += sum(math.prod(cols[k + 1 :]) * slices[k] for k in range(split, len(shapes) - 1))
+    per_row_chains = sum(slices) + chain_macs + j_left * bond * j_right
     i_left, i_right = math.prod(s[1] for s in shapes[:split]), math.prod(s[1] for s in shapes[split:])
     halves = (i_left * j_left + i_right * j_right) * bond  # the two halves, built once a call
-    build = _half_macs(shapes[:split]) + _half_macs(shapes[split:]) + moved
+    build = _half_macs(shapes[:split]) + _half_macs(shapes[split:]) + sum(math.prod(s) for s in shapes)
     per_row_halves = (j_left + j_right) * bond + j_left * bond * j_right
     chains = _GATHERED_CHAIN_WEIGHT * rows * per_row_chains
     by_halves = build + halves + _HALVES_PRODUCT_WEIGHT * rows * per_row_halves
@@ -741,39 +735,25 @@ def _rows_from_halves(
     digits: Sequence[Any],
     split: int,
     gather: Callable[[Any, Any], Any],
-    reshape: Callable[[Any, tuple[int, ...]], Any],
-    transpose: Callable[[Any, tuple[int, ...]], Any],
+    ops: ArrayOps,
 ) -> Any:
     """The rows as the product of their slices of the table's two halves (see :func:`embedding_rows`)."""
-
-    def half(part: Sequence[Any], part_shapes: Sequence[tuple[int, ...]]) -> Any:
-        """``(r_first, i1 j1 ... ik jk, r_last)`` regrouped as ``(r_first, I, J, r_last)``."""
-        chain = reshape(part[0], (-1, part_shapes[0][3]))
-        for core, (r, i, j, r_next) in zip(part[1:], part_shapes[1:]):
-            chain = reshape(chain @ reshape(core, (r, i * j * r_next)), (-1, r_next))
-        k = len(part_shapes)
-        modes = [d for s in part_shapes for d in s[1:3]]
-        grouped = transpose(reshape(chain, (part_shapes[0][0], *modes, part_shapes[-1][3])), (
-            0, *range(1, 2 * k + 1, 2), *range(2, 2 * k + 1, 2), 2 * k + 1
-        ))  # fmt: skip
-        ins, outs = math.prod(s[1] for s in part_shapes), math.prod(s[2] for s in part_shapes)
-        return reshape(grouped, (part_shapes[0][0], ins, outs, part_shapes[-1][3]))
-
-    left, right = (
-        half(cores[:split], shapes[:split]),
-        half(cores[split:], shapes[split:]),
-    )  # (1, I, J, r), (r, I', J', 1)
-    index_left = digits[0]
+    left, right = weight_halves(cores, ops, split)  # (IL*JL, r) and (r, IR*JR)
+    i_left, i_right = math.prod(s[1] for s in shapes[:split]), math.prod(s[1] for s in shapes[split:])
+    j_left, j_right, bond = (
+        math.prod(s[2] for s in shapes[:split]),
+        math.prod(s[2] for s in shapes[split:]),
+        shapes[split][0],
+    )
+    index_left, index_right = digits[0], digits[split]
     for digit, shape in zip(digits[1:split], shapes[1:split]):
         index_left = index_left * shape[1] + digit
-    index_right = digits[split]
     for digit, shape in zip(digits[split + 1 :], shapes[split + 1 :]):
         index_right = index_right * shape[1] + digit
-    first = gather(left, index_left)  # (B, 1, J, r)
-    second = gather(right, index_right)  # (B, r, J', 1)
-    j_left, bond, j_right = int(left.shape[2]), int(left.shape[3]), int(right.shape[2])
-    product = reshape(first, (-1, j_left, bond)) @ reshape(second, (-1, bond, j_right))
-    return reshape(product, (-1, j_left * j_right))
+    first = gather(ops.reshape(left, (1, i_left, j_left, bond)), index_left)  # (B, 1, J, r)
+    second = gather(ops.reshape(right, (bond, i_right, j_right, 1)), index_right)  # (B, r, J', 1)
+    product = ops.reshape(first, (-1, j_left, bond)) @ ops.reshape(second, (-1, bond, j_right))
+    return ops.reshape(product, (-1, j_left * j_right))
 
 
 # --- what every layer class shares ---------------------------------------------------------------
