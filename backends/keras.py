@@ -481,14 +481,17 @@ class MPODense(_MPOLayer):
         tol: float | None = None,
         n_cores: int = 4,
         strategy: Any = "auto",
+        **kwargs: Any,
     ) -> MPODense:
-        """TT-SVD of a trained ``keras.layers.Dense`` (bias and activation copied); report in ``.decomposition``."""
+        """TT-SVD of a trained ``keras.layers.Dense`` (bias and activation copied); report in ``.decomposition``.
+        ``kwargs`` go to the layer (``name=``, for one)."""
         if not isinstance(dense, keras.layers.Dense) or not dense.built:
             raise TypeError(f"from_dense expects a built keras.layers.Dense, got {type(dense).__name__}")
         matrix = np.asarray(ops.convert_to_numpy(dense.kernel), dtype=np.float64)
         cores, report = tnlayers.from_dense(matrix, in_modes, out_modes, max_rank, tol, n_cores=n_cores)
         bias = ops.convert_to_numpy(dense.bias) if dense.use_bias else None
-        layer = cls.from_cores(cores, bias, activation=dense.activation, strategy=strategy, dtype=dense.dtype_policy)
+        kwargs.setdefault("dtype", dense.dtype_policy)
+        layer = cls.from_cores(cores, bias, activation=dense.activation, strategy=strategy, **kwargs)
         layer.decomposition = report
         return layer
 
@@ -726,20 +729,22 @@ class MPOEmbedding(keras.layers.Layer):  # type: ignore[misc]
         dim_modes: Sequence[int] | None = None,
         counts: Any = None,
         smoothing: float = kit.DEFAULT_SMOOTHING,
+        **kwargs: Any,
     ) -> MPOEmbedding:
         """TT-SVD of a built ``keras.layers.Embedding``'s table (rows padded); the report in ``.decomposition``.
         With ``counts`` (lookups per row), the count-weighted fit of :func:`tnlayers.layer.weighted_embedding_cores`
-        (the report then is the weighted table's)."""
+        (the report then is the weighted table's). ``kwargs`` go to the layer (``name=``, for one)."""
         if not isinstance(embedding, keras.layers.Embedding) or not embedding.built:
             raise TypeError(f"from_dense expects a built keras.layers.Embedding, got {type(embedding).__name__}")
         table = np.asarray(ops.convert_to_numpy(embedding.embeddings), dtype=np.float64)
+        kwargs.setdefault("dtype", embedding.dtype_policy)
         if counts is None:
             cores, report = kit.embedding_cores(table, max_rank, tol, n_cores, row_modes, dim_modes)
-            layer = cls.from_cores(cores, table.shape[0], dtype=embedding.dtype_policy)
+            layer = cls.from_cores(cores, table.shape[0], **kwargs)
         else:
             fit = kit.weighted_embedding_cores(table, counts, max_rank, tol, n_cores, row_modes, dim_modes, smoothing)
             cores, report = fit.cores, fit.report
-            layer = cls.from_cores(cores, table.shape[0], fit.row_order, fit.row_scale, dtype=embedding.dtype_policy)
+            layer = cls.from_cores(cores, table.shape[0], fit.row_order, fit.row_scale, **kwargs)
         layer.decomposition = report
         return layer
 
@@ -759,10 +764,115 @@ def _conv_from_keras(
     bias = ops.convert_to_numpy(conv.bias) if conv.use_bias else None
     layer = MPOConv2D.from_cores(
         cores, bias, kernel_size=(kh, kw), strides=conv.strides, padding=conv.padding,
-        dilation_rate=conv.dilation_rate, activation=conv.activation, dtype=conv.dtype_policy,
+        dilation_rate=conv.dilation_rate, activation=conv.activation, dtype=conv.dtype_policy, name=conv.name,
     )  # fmt: skip
     layer.decomposition = report
     return layer, report
+
+
+def collect_grams(model: Any, batches: Any, names: Sequence[str]) -> dict[str, Any]:
+    """``X^T X`` (float64) of the inputs of the named ``Dense`` layers of a built Sequential or functional
+    model over one pass of ``batches`` (each what ``model(batch)`` takes); for a named ``Embedding``, how
+    often each row is looked up. What the PyTorch ``collect_grams`` gives, from a model that returns the
+    layers' inputs; ``X`` itself is never kept."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"collect_grams expects a keras.Model, got {type(model).__name__}")
+    layers = [model.get_layer(name) for name in names]
+    for layer in layers:
+        if type(layer) not in (keras.layers.Dense, keras.layers.Embedding):
+            raise TypeError(
+                f"collect_grams reads Dense and Embedding inputs; {layer.name!r} is a {type(layer).__name__}"
+            )
+    if not layers:
+        return {}
+    try:
+        probe = keras.Model(model.input, [layer.input for layer in layers])
+    except (AttributeError, ValueError) as error:  # a subclassed model has no graph to read inputs from
+        raise ValueError(
+            f"calibration reads the layers' inputs from the model's graph; {model.name!r} has none that gives "
+            f"them (a Sequential or functional model, each layer called once): {error}"
+        ) from error
+    sums: dict[str, np.ndarray] = {}
+    rows: dict[str, int] = {}
+    for batch in batches:
+        found = probe(batch)
+        for layer, value in zip(layers, found if isinstance(found, (list, tuple)) else [found]):
+            array = ops.convert_to_numpy(value)
+            if isinstance(layer, keras.layers.Embedding):
+                total = np.bincount(array.reshape(-1).astype(np.int64), minlength=layer.input_dim).astype(np.float64)
+            else:
+                x = array.reshape(-1, array.shape[-1]).astype(np.float64)
+                total = x.T @ x
+            sums[layer.name] = sums[layer.name] + total if layer.name in sums else total
+            rows[layer.name] = rows.get(layer.name, 0) + int(array.size // (1 if total.ndim == 1 else array.shape[-1]))
+    if not sums:
+        raise ValueError("the calibration batches reached none of the layers to compress (was it empty?)")
+    grams: dict[str, Any] = {}
+    for name, total in sums.items():
+        if total.ndim == 1:
+            grams[name] = total
+            continue
+        gram = tnlayers.calibrate.Gram(total.shape[0])
+        gram.matrix, gram.rows = total, rows[name]
+        grams[name] = gram
+    return grams
+
+
+def _kernel_matrix(layer: Any) -> np.ndarray:
+    """The float64 ``(in, out)`` matrix an MPO of a ``Dense``, ``Conv2D`` (rows: channel, kernel row, kernel
+    column) or ``Embedding`` (its table) stands for."""
+    if isinstance(layer, keras.layers.Embedding):
+        return np.asarray(ops.convert_to_numpy(layer.embeddings), dtype=np.float64)
+    kernel = np.asarray(ops.convert_to_numpy(layer.kernel), dtype=np.float64)
+    if kernel.ndim == 4:  # (kh, kw, channels, filters)
+        return kernel.transpose(2, 0, 1, 3).reshape(-1, kernel.shape[-1])
+    return kernel
+
+
+def _fitted_keras(
+    layer: Any, gram: Any, cap: Any, tol: float | None, n_cores: int, sweeps: int, two_site: bool, ridge: float
+) -> tuple[Any, DecompositionReport, float | None]:
+    """The MPO layer for ``layer``, its decomposition report and (calibrated) relative output error."""
+    if isinstance(layer, keras.layers.Embedding):
+        embedding = MPOEmbedding.from_dense(layer, cap, tol, n_cores, counts=gram, name=layer.name)
+        report = cast(DecompositionReport, embedding.decomposition)
+        if gram is None:
+            return embedding, report, None
+        table = np.asarray(ops.convert_to_numpy(embedding.to_dense()), dtype=np.float64)
+        return embedding, report, tnlayers.calibrate.output_error(table, _kernel_matrix(layer), gram)
+    if isinstance(layer, keras.layers.Conv2D):
+        return (*_conv_from_keras(layer, cap, tol, n_cores), None)
+    if gram is None:
+        dense = MPODense.from_dense(layer, max_rank=cap, tol=tol, n_cores=n_cores, name=layer.name)
+        return dense, cast(DecompositionReport, dense.decomposition), None
+    matrix = _kernel_matrix(layer)
+    cores, fit = tnlayers.calibrated_fit(
+        matrix, gram, None, None, cap, tol, n_cores=n_cores, sweeps=sweeps, two_site=two_site, ridge=ridge
+    )
+    bias = ops.convert_to_numpy(layer.bias) if layer.use_bias else None
+    dense = MPODense.from_cores(cores, bias, activation=layer.activation, dtype=layer.dtype_policy, name=layer.name)
+    report = DecompositionReport(fit.spec, fit.weight_error, ())
+    dense.decomposition = report
+    return dense, report, fit.error
+
+
+def _candidate_shape(layer: Any, skipped: list[tuple[str, str]]) -> tuple[int, int] | None:
+    """``(in, out)`` of the matrix an MPO of ``layer`` would stand for, or ``None`` (not one ``compress``
+    replaces; a reason joins ``skipped`` where it is a kind it replaces in other settings)."""
+    if isinstance(layer, keras.layers.Dense) and not isinstance(layer, _MPOLayer):
+        return int(layer.kernel.shape[0]), int(layer.kernel.shape[1])
+    if isinstance(layer, keras.layers.Conv2D) and type(layer) is keras.layers.Conv2D:
+        if layer.data_format != "channels_last" or layer.groups != 1:
+            skipped.append((layer.name, f"data_format={layer.data_format!r}, groups={layer.groups} not supported"))
+            return None
+        kh, kw, channels, filters = (int(d) for d in layer.kernel.shape)
+        return channels * kh * kw, filters
+    if type(layer) is keras.layers.Embedding:
+        if layer.mask_zero:
+            skipped.append((layer.name, "mask_zero=True is not supported by MPOEmbedding"))
+            return None
+        return int(layer.input_dim), int(layer.output_dim)
+    return None
 
 
 def compress(
@@ -773,51 +883,87 @@ def compress(
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     n_cores: int = 4,
+    *,
+    budget: float | None = None,
+    calibration: Any = None,
+    sweeps: int = 2,
+    two_site: bool = False,
+    ridge: float = 1e-6,
+    sensitivity: Any = None,
 ) -> tuple[Any, tnlayers.reports.CompressionReport]:
-    """A copy of a built Keras model (Sequential or functional) whose ``Dense`` and ``Conv2D`` layers are MPOs.
+    """A copy of a built Keras model (Sequential or functional) whose ``Dense``, ``Conv2D`` and ``Embedding``
+    layers are MPOs (:class:`MPODense`, :class:`MPOConv2D`, :class:`MPOEmbedding`).
 
     The rules and the report are those of the PyTorch ``compress`` (:func:`tnlayers.layer.compress_choice`:
     the smaller side has at least ``min_features``, names matched by the ``include``/``exclude`` globs;
     TT-SVD with bond cap ``rank`` and/or relative error ``tol``; a layer that would not shrink stays dense
     and is listed in ``skipped``). Keras models cannot swap layers in place, so a new model comes back,
     built with ``keras.models.clone_model``: the layers left alone are shared with ``model``.
+
+    - ``calibration``: batches of the model's inputs (each what ``model(batch)`` takes), or the Gram
+      matrices :func:`collect_grams` gave, by layer name. Each candidate ``Dense`` is then fitted to its
+      outputs on them (:func:`tnlayers.calibrated_fit`: TT-SVD, then ``sweeps`` DMRG-style sweeps) and each
+      ``Embedding`` to its lookup counts (:func:`tnlayers.layer.weighted_embedding_cores`); the report gives
+      their relative output errors. Convs use TT-SVD.
+    - ``budget``: the whole model's parameters after (``count_params``: a count-weighted embedding's row
+      order and scales count), as a fraction of before; each layer's bond cap is chosen by
+      :func:`tnlayers.layer.budget_caps` (the layers that lose least give most), optionally weighted by
+      ``sensitivity`` (layer name -> number).
+
     Returns ``(compressed_model, report)``.
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"compress expects a keras.Model, got {type(model).__name__}")
     if not model.built:
         raise ValueError(f"compress needs a built model (call it on an input first); {model.name!r} is not built")
-    kit.check_compress_budget(rank, tol)
-    rows: list[Any] = []
+    if budget is None:
+        kit.check_compress_budget(rank, tol)
+        if sensitivity is not None:
+            raise ValueError("sensitivity weighs the layers in a whole-model budget: give budget= as well")
+    else:
+        kit.check_model_budget(budget)
     skipped: list[tuple[str, str]] = []
+    candidates: dict[str, tuple[Any, tuple[int, int]]] = {}
+    for layer in model.layers:
+        shape = _candidate_shape(layer, skipped)
+        if shape is not None and kit.compress_choice(layer.name, *shape, include, exclude, min_features):
+            candidates[layer.name] = (layer, shape)
+    observed = [name for name, (layer, _) in candidates.items() if not isinstance(layer, keras.layers.Conv2D)]
+    if isinstance(calibration, dict):  # Gram matrices collected before (collect_grams), by layer name
+        grams = {name: calibration[name] for name in observed if name in calibration}
+    else:
+        grams = collect_grams(model, calibration, observed) if calibration is not None else {}
+    params_before = int(model.count_params())
+    if budget is None:
+        caps: dict[str, Any] = {name: rank for name in candidates}
+    else:
+        weights = kit.check_sensitivity(sensitivity, list(candidates))
+        described = [
+            kit.BudgetCandidate(name, shape, isinstance(layer, keras.layers.Embedding), None, None,
+                                functools.partial(_kernel_matrix, layer))
+            for name, (layer, shape) in candidates.items()
+        ]  # fmt: skip
+        target = math.floor(budget * params_before)
+        caps = kit.budget_caps(described, grams, target, params_before, rank, tol, n_cores, weights, values_per_row=2)
+    rows: list[Any] = []
 
     def replace(layer: Any) -> Any:
-        if isinstance(layer, keras.layers.Dense) and not isinstance(layer, _MPOLayer):
-            shape = tuple(int(d) for d in layer.kernel.shape)
-        elif isinstance(layer, keras.layers.Conv2D) and type(layer) is keras.layers.Conv2D:
-            kh, kw, channels, filters = (int(d) for d in layer.kernel.shape)
-            shape = (channels * kh * kw, filters)
-            if layer.data_format != "channels_last" or layer.groups != 1:
-                skipped.append((layer.name, f"data_format={layer.data_format!r}, groups={layer.groups} not supported"))
-                return layer
-        else:
+        if layer.name not in candidates:
             return layer
-        if not kit.compress_choice(layer.name, shape[0], shape[1], include, exclude, min_features):
+        if layer.name not in caps:
+            skipped.append((layer.name, "the budget keeps it dense"))
             return layer
-        if isinstance(layer, keras.layers.Dense):
-            mpo: Any = MPODense.from_dense(layer, max_rank=rank, tol=tol, n_cores=n_cores)
-            report = mpo.decomposition
-        else:
-            mpo, report = _conv_from_keras(layer, rank, tol, n_cores)
-        reason = kit.no_saving(report)
+        mpo, report, output_error = _fitted_keras(
+            layer, grams.get(layer.name), caps[layer.name], tol, n_cores, sweeps, two_site, ridge
+        )
+        extra = 0 if getattr(mpo, "row_scale", None) is None else 2 * int(mpo.row_scale.shape[0])  # order, scale
+        reason = kit.no_saving(report, extra)
         if reason is not None:
             skipped.append((layer.name, reason))
             return layer
-        rows.append(kit.layer_report(layer.name, type(layer).__name__, report))
+        rows.append(kit.layer_report(layer.name, type(layer).__name__, report, output_error, extra))
         return mpo
 
     compressed = keras.models.clone_model(model, clone_function=replace)
-    report = tnlayers.reports.CompressionReport(
-        tuple(rows), model.count_params(), compressed.count_params(), tuple(skipped)
-    )
+    report = tnlayers.reports.CompressionReport(tuple(rows), params_before, compressed.count_params(), tuple(skipped))
     return compressed, report

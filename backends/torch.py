@@ -13,9 +13,9 @@ constant, so compiled graphs hold only tensor ops (no graph breaks).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
@@ -821,8 +821,8 @@ def compress(
         kit.check_compress_budget(rank, tol)
         if sensitivity is not None:
             raise ValueError("sensitivity weighs the layers in a whole-model budget: give budget= as well")
-    elif isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
-        raise ValueError(f"budget must be a fraction of the model's parameters in (0, 1), got {budget!r}")
+    else:
+        kit.check_model_budget(budget)
     params_before = sum(p.numel() for p in model.parameters())
     aliases: dict[int, list[str]] = {}  # a module reachable under several names is replaced at all of them
     weight_users: dict[int, set[int]] = {}  # a weight shared by several modules is tied: left alone
@@ -839,9 +839,14 @@ def compress(
     if budget is None:
         caps: dict[str, Any] = {name: rank for name, *_ in candidates}
     else:
-        weights = _check_sensitivity(sensitivity, [name for name, *_ in candidates])
+        weights = kit.check_sensitivity(sensitivity, [name for name, *_ in candidates])
         target = math.floor(budget * params_before)
-        caps = _budget_caps(candidates, grams, target, params_before, rank, tol, n_cores, weights)
+        described = [
+            kit.BudgetCandidate(name, _matrix_shape(module), isinstance(module, nn.Embedding), im, om,
+                                functools.partial(_matrix, module))
+            for name, module, im, om in candidates
+        ]  # fmt: skip
+        caps = kit.budget_caps(described, grams, target, params_before, rank, tol, n_cores, weights)
     rows = []
     for name, module, in_modes, out_modes in _bar(candidates, progress, "fitting"):
         if name not in caps:
@@ -934,23 +939,6 @@ def _bar(items: Sequence[Any], progress: bool, what: str) -> Iterable[Any]:
     except ImportError:  # progress bars are a nicety: tqdm is not a dependency of the core
         return items
     return cast(Iterable[Any], tqdm(items, desc=f"compress: {what}", leave=False))
-
-
-def _check_sensitivity(sensitivity: Mapping[str, float] | None, names: Sequence[str]) -> dict[str, float] | None:
-    if sensitivity is None:
-        return None
-    if not isinstance(sensitivity, Mapping):
-        raise TypeError(f"sensitivity must map layer names to numbers, got {type(sensitivity).__name__}")
-    missing = [name for name in names if name not in sensitivity]
-    if missing:
-        raise ValueError(f"sensitivity has no entry for the layers {missing} (one number >= 0 per candidate layer)")
-    weights = {}
-    for name in names:
-        value = sensitivity[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-            raise ValueError(f"sensitivity[{name!r}] must be a finite number >= 0, got {value!r}")
-        weights[name] = float(value)
-    return weights
 
 
 def output_sensitivity(
@@ -1078,70 +1066,6 @@ def collect_grams(
         gram.matrix, gram.rows = total.cpu().numpy(), counts[name]
         grams[name] = gram
     return grams
-
-
-def _budget_caps(
-    candidates: Sequence[Candidate],
-    grams: Mapping[str, Any],
-    target: int,
-    params_before: int,
-    rank: Any,
-    tol: float | None,
-    n_cores: int,
-    sensitivity: Mapping[str, float] | None = None,
-) -> dict[str, Any]:
-    """The bond cap of each candidate under a whole-model parameter ``target`` (absent: kept dense); each
-    layer's errors weighted by ``sqrt(sensitivity[name])`` where given."""
-    dense_sizes = {name: math.prod(_matrix_shape(module)) for name, module, *_ in candidates}
-    fixed = params_before - sum(dense_sizes.values())
-    ladder = [r for r in tnlayers.calibrate.RANK_LADDER if not isinstance(rank, int) or r <= rank]
-    options: dict[str, list[tuple[int, float]]] = {}
-    caps: dict[str, list[Any]] = {}
-    for name, module, in_modes, out_modes in candidates:
-        matrix = _matrix(module)
-        pairs: list[tuple[int, float]] = [(dense_sizes[name], 0.0)]
-        chosen_caps: list[Any] = [None]
-        seen = set()
-        embedding = isinstance(module, nn.Embedding)
-        counts = grams.get(name) if embedding else None
-        extra = 0 if counts is None else matrix.shape[0]  # a count-weighted table's row scales
-        if embedding:  # one TT-SVD gives every bond's spectrum; a cap's error is bounded by the tails cut
-            if counts is None:
-                cores, report = kit.embedding_cores(matrix, max(ladder), tol, n_cores, in_modes, out_modes)
-                total = float(np.sum(matrix**2))
-            else:  # the count-weighted table's spectra: its errors are the lookups' (output) errors
-                fit = kit.weighted_embedding_cores(matrix, counts, max(ladder), tol, n_cores, in_modes, out_modes)
-                report = fit.report
-                total = float(np.sum((np.asarray(counts) + kit.DEFAULT_SMOOTHING)[:, None] * matrix**2))
-            spec, spectra = report.spec, report.singular_values
-        else:
-            spec = kit.layer_spec(matrix.shape[0], matrix.shape[1], in_modes, out_modes, 1, n_cores)
-        for cap in ladder:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", tnlayers.RankClippedWarning)
-                params = tnlayers.MPOSpec(spec.in_modes, spec.out_modes, cap).num_params + extra
-            if params >= dense_sizes[name] or params in seen:
-                continue
-            seen.add(params)
-            if embedding:
-                lost = sum(float(np.sum(values[cap:] ** 2)) for values in spectra)
-                error = min(1.0, math.sqrt(lost / total)) if total > 0 else 0.0
-            else:
-                cores, report = tnlayers.from_dense(matrix, spec.in_modes, spec.out_modes, cap, tol)
-                gram = grams.get(name)
-                error = report.relative_error if gram is None else tnlayers.calibrate.output_error(cores, matrix, gram)
-            pairs.append((params, error if sensitivity is None else error * math.sqrt(sensitivity[name])))
-            chosen_caps.append(cap)
-        options[name], caps[name] = pairs, chosen_caps
-    smallest = sum(min(params for params, _ in pairs) for pairs in options.values())
-    if target < fixed + smallest:
-        raise ValueError(
-            f"a budget of {target:,} of the model's {params_before:,} parameters cannot be met: the parts compress "
-            f"leaves alone hold {fixed:,}, and the {len(options)} layers it may replace need at least "
-            f"{smallest:,} more"
-        )
-    picked = tnlayers.calibrate.allocate(options, target - fixed)
-    return {name: caps[name][k] for name, k in picked.items() if caps[name][k] is not None}
 
 
 def _fitted(

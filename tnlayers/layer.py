@@ -24,7 +24,7 @@ import functools
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -32,6 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .autotune import Autotuner, default_tuner
+from .calibrate import RANK_LADDER, allocate, output_error
 from .checkpoint import load
 from .contract import ArrayOps, backward_reads, keep_within, weight_halves
 from .cost import CostModel, cost_model_for
@@ -512,6 +513,114 @@ def layer_report(
         relative_error=report.relative_error,
         output_error=output_error,
     )
+
+
+class BudgetCandidate(NamedTuple):
+    """A layer a whole-model budget may replace, as the backends describe it to :func:`budget_caps`."""
+
+    name: str
+    shape: tuple[int, int]  # (in, out) of its matrix; an embedding: (rows, dim)
+    embedding: bool
+    in_modes: Sequence[int] | None
+    out_modes: Sequence[int] | None
+    matrix: Callable[[], NDArray[np.float64]]  # forms the float64 (in, out) matrix when the budget reads it
+
+
+def check_model_budget(budget: Any) -> float:
+    """A whole-model ``budget`` is a fraction of the model's parameters in (0, 1)."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
+        raise ValueError(f"budget must be a fraction of the model's parameters in (0, 1), got {budget!r}")
+    return float(budget)
+
+
+def check_sensitivity(sensitivity: Any, names: Sequence[str]) -> dict[str, float] | None:
+    """``sensitivity`` (layer name -> a finite number >= 0, one per candidate) as a dict of floats."""
+    if sensitivity is None:
+        return None
+    if not isinstance(sensitivity, Mapping):
+        raise TypeError(f"sensitivity must map layer names to numbers, got {type(sensitivity).__name__}")
+    missing = [name for name in names if name not in sensitivity]
+    if missing:
+        raise ValueError(f"sensitivity has no entry for the layers {missing} (one number >= 0 per candidate layer)")
+    weights = {}
+    for name in names:
+        value = sensitivity[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"sensitivity[{name!r}] must be a finite number >= 0, got {value!r}")
+        weights[name] = float(value)
+    return weights
+
+
+def budget_caps(
+    candidates: Sequence[BudgetCandidate],
+    grams: Mapping[str, Any],
+    target: int,
+    params_before: int,
+    rank: Any,
+    tol: float | None,
+    n_cores: int,
+    sensitivity: Mapping[str, float] | None = None,
+    values_per_row: int = 1,
+) -> dict[str, Any]:
+    """The bond cap of each candidate under a whole-model parameter ``target`` (absent: kept dense).
+
+    Each cap of :data:`tnlayers.calibrate.RANK_LADDER` (up to ``rank`` where it is an int) is scored by
+    the layer's error at that cap: the TT-SVD error, or the output error on its Gram matrix where
+    ``grams`` has one; for an embedding, the bound its (count-weighted, where counted) TT-SVD spectra
+    give. Errors are weighted by ``sqrt(sensitivity[name])`` where given, and
+    :func:`tnlayers.calibrate.allocate` picks the caps: the layers that lose least give most.
+    ``values_per_row``: what the framework counts per row of a count-weighted table beside its cores (1 in
+    PyTorch, the scales; 2 in Keras, whose ``count_params`` counts the row order too).
+    """
+    dense_sizes = {c.name: math.prod(c.shape) for c in candidates}
+    fixed = params_before - sum(dense_sizes.values())
+    ladder = [r for r in RANK_LADDER if not isinstance(rank, int) or r <= rank]
+    options: dict[str, list[tuple[int, float]]] = {}
+    caps: dict[str, list[Any]] = {}
+    for candidate in candidates:
+        name, matrix = candidate.name, candidate.matrix()
+        pairs: list[tuple[int, float]] = [(dense_sizes[name], 0.0)]
+        chosen_caps: list[Any] = [None]
+        seen = set()
+        counts = grams.get(name) if candidate.embedding else None
+        extra = 0 if counts is None else values_per_row * matrix.shape[0]  # a count-weighted table's row scales
+        modes = (candidate.in_modes, candidate.out_modes)
+        if candidate.embedding:  # one TT-SVD gives every bond's spectrum; a cap's error is bounded by the tails cut
+            if counts is None:
+                _, report = embedding_cores(matrix, max(ladder), tol, n_cores, *modes)
+                total = float(np.sum(matrix**2))
+            else:  # the count-weighted table's spectra: its errors are the lookups' (output) errors
+                report = weighted_embedding_cores(matrix, counts, max(ladder), tol, n_cores, *modes).report
+                total = float(np.sum((np.asarray(counts) + DEFAULT_SMOOTHING)[:, None] * matrix**2))
+            spec, spectra = report.spec, report.singular_values
+        else:
+            spec = layer_spec(matrix.shape[0], matrix.shape[1], *modes, 1, n_cores)
+        for cap in ladder:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RankClippedWarning)
+                params = MPOSpec(spec.in_modes, spec.out_modes, cap).num_params + extra
+            if params >= dense_sizes[name] or params in seen:
+                continue
+            seen.add(params)
+            if candidate.embedding:
+                lost = sum(float(np.sum(values[cap:] ** 2)) for values in spectra)
+                error = min(1.0, math.sqrt(lost / total)) if total > 0 else 0.0
+            else:
+                cores, fit = from_dense(matrix, spec.in_modes, spec.out_modes, cap, tol)
+                gram = grams.get(name)
+                error = fit.relative_error if gram is None else output_error(cores, matrix, gram)
+            pairs.append((params, error if sensitivity is None else error * math.sqrt(sensitivity[name])))
+            chosen_caps.append(cap)
+        options[name], caps[name] = pairs, chosen_caps
+    smallest = sum(min(params for params, _ in pairs) for pairs in options.values())
+    if target < fixed + smallest:
+        raise ValueError(
+            f"a budget of {target:,} of the model's {params_before:,} parameters cannot be met: the parts compress "
+            f"leaves alone hold {fixed:,}, and the {len(options)} layers it may replace need at least "
+            f"{smallest:,} more"
+        )
+    picked = allocate(options, target - fixed)
+    return {name: caps[name][k] for name, k in picked.items() if caps[name][k] is not None}
 
 
 # --- embeddings -------------------------------------------------------------------------------
