@@ -733,7 +733,8 @@ class MPOEmbedding(keras.layers.Layer):  # type: ignore[misc]
     ) -> MPOEmbedding:
         """TT-SVD of a built ``keras.layers.Embedding``'s table (rows padded); the report in ``.decomposition``.
         With ``counts`` (lookups per row), the count-weighted fit of :func:`tnlayers.layer.weighted_embedding_cores`
-        (the report then is the weighted table's). ``kwargs`` go to the layer (``name=``, for one)."""
+        (the report then holds the weighted table's spectra and the plain
+        ``||E - E'|| / ||E||``). ``kwargs`` go to the layer (``name=``, for one)."""
         if not isinstance(embedding, keras.layers.Embedding) or not embedding.built:
             raise TypeError(f"from_dense expects a built keras.layers.Embedding, got {type(embedding).__name__}")
         table = np.asarray(ops.convert_to_numpy(embedding.embeddings), dtype=np.float64)
@@ -743,7 +744,7 @@ class MPOEmbedding(keras.layers.Layer):  # type: ignore[misc]
             layer = cls.from_cores(cores, table.shape[0], **kwargs)
         else:
             fit = kit.weighted_embedding_cores(table, counts, max_rank, tol, n_cores, row_modes, dim_modes, smoothing)
-            cores, report = fit.cores, fit.report
+            cores, report = fit.cores, kit.weighted_embedding_report(table, fit)
             layer = cls.from_cores(cores, table.shape[0], fit.row_order, fit.row_scale, **kwargs)
         layer.decomposition = report
         return layer

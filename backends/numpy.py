@@ -292,13 +292,13 @@ class MPOEmbedding:
     ) -> MPOEmbedding:
         """TT-SVD of a ``(num_embeddings, embedding_dim)`` table (rows padded); the report is in ``.decomposition``.
         With ``counts`` (lookups per row), the count-weighted fit of :func:`tnlayers.layer.weighted_embedding_cores`
-        (the report then is the weighted table's)."""
+        (the report then holds the weighted table's spectra and the plain ``||E - E'|| / ||E||``)."""
         if counts is None:
             cores, report = kit.embedding_cores(table, max_rank, tol, n_cores, row_modes, dim_modes)
             layer = cls.from_cores(cores, np.shape(table)[0])
         else:
             fit = kit.weighted_embedding_cores(table, counts, max_rank, tol, n_cores, row_modes, dim_modes, smoothing)
-            cores, report = fit.cores, fit.report
+            cores, report = fit.cores, kit.weighted_embedding_report(table, fit)
             layer = cls.from_cores(cores, np.shape(table)[0], fit.row_order, fit.row_scale)
         layer.decomposition = report
         return layer

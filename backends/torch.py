@@ -689,11 +689,8 @@ class MPOEmbedding(nn.Module):
         else:
             counts = counts.detach().cpu().numpy() if isinstance(counts, torch.Tensor) else counts
             fit = kit.weighted_embedding_cores(table, counts, max_rank, tol, n_cores, row_modes, dim_modes, smoothing)
-            cores, weighted, order, scale = fit
-            approximation = tnlayers.to_dense(cores)[order] * scale[:, None]
-            norm = float(np.linalg.norm(table))
-            error = float(np.linalg.norm(table - approximation)) / norm if norm > 0 else 0.0
-            report = tnlayers.decompose.DecompositionReport(weighted.spec, error, weighted.singular_values)
+            cores, order, scale = fit.cores, fit.row_order, fit.row_scale
+            report = kit.weighted_embedding_report(table, fit)
         layer = cls.from_cores(cores, embedding.num_embeddings, weight.device, order, scale).to(weight.dtype)
         layer.decomposition = report
         return layer

@@ -163,6 +163,9 @@ def test_lookups_and_the_table_are_the_weighted_fit(framework: _Framework) -> No
     indices = np.array([[0, 59, 7], [59, 3, 3]])
     np.testing.assert_allclose(framework.lookup(layer, indices), reference[indices], rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(framework.table(layer), reference, rtol=1e-9, atol=1e-9)
+    plain = np.linalg.norm(table - reference) / np.linalg.norm(table)  # every framework reports the table's error
+    assert layer.decomposition.relative_error == pytest.approx(plain, rel=1e-9)
+    assert layer.decomposition.ranks == (1, 4, 1)
     with pytest.raises(ValueError, match="embedding index 60 is out of range"):
         framework.lookup(layer, np.array([60]))
 

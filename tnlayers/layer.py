@@ -36,7 +36,7 @@ from .calibrate import RANK_LADDER, allocate, output_error
 from .checkpoint import load
 from .contract import ArrayOps, backward_reads, keep_within, weight_halves
 from .cost import CostModel, cost_model_for
-from .decompose import DecompositionReport, from_dense, trivial_modes
+from .decompose import DecompositionReport, from_dense, to_dense, trivial_modes
 from .init import INITIALIZERS
 from .plan import (
     GRADIENTS,
@@ -719,6 +719,17 @@ def weighted_embedding_cores(
     root = np.sqrt(weights + float(smoothing))
     cores, report = embedding_cores((dense * root[:, None])[order], max_rank, tol, n_cores, row_modes, dim_modes)
     return WeightedEmbedding(cores, report, position, 1.0 / root)
+
+
+def weighted_embedding_report(table: Any, fit: WeightedEmbedding) -> DecompositionReport:
+    """The report a count-weighted embedding layer keeps: the weighted table's spec and singular values,
+    and the plain table error ``||E - E'|| / ||E||`` (as a calibrated linear layer reports its weight
+    error; the count-weighted error is ``compress``'s ``output_error``)."""
+    dense = np.asarray(table, dtype=np.float64)
+    approximation = to_dense(fit.cores)[fit.row_order] * fit.row_scale[:, None]
+    norm = float(np.linalg.norm(dense))
+    error = float(np.linalg.norm(dense - approximation)) / norm if norm > 0 else 0.0
+    return DecompositionReport(fit.report.spec, error, fit.report.singular_values)
 
 
 def check_row_weights(row_order: Any, row_scale: Any, num_embeddings: int, mpo_rows: int) -> None:
