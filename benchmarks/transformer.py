@@ -638,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--eval", type=int, default=2000, help="held-out (standard library) sentences")
     parser.add_argument("--calibration", type=int, default=1000, help="calibration sentences (installed packages)")
-    parser.add_argument("--train", type=int, default=4000, help="recovery sentences (installed packages)")
+    parser.add_argument("--train", type=int, default=16000, help="recovery sentences (installed packages)")
     parser.add_argument("--epochs", type=int, default=2, help="recovery epochs (0: no recovery)")
     parser.add_argument("--freeze", choices=("none", "central"), default="none", help="MPO cores kept frozen")
     parser.add_argument(
@@ -668,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "error alike; on MiniLM at 0.5x the noise-based spread lowered the cosine, see docs/transformer.md)",
     )
     parser.add_argument("--sweeps", type=int, default=2, help="one-site sweeps of the calibrated fits")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=3e-4, help="recovery learning rate (AdamW, cosine schedule)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--cores", type=int, default=4, help="cores per MPO (modes balanced per layer)")
     parser.add_argument("--min-features", type=int, default=256, help="compress layers with at least this a side")

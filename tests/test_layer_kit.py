@@ -128,7 +128,6 @@ def test_report_rows_and_no_saving() -> None:
         ("auto", (32, 64), (32, 32), 4, 1.0, 0.0, True),  # exactly the dense flops; W exactly the cached size
         ("auto", (64, 64), (32, 32), 2, 1.0, 1.0, True),  # W above the cached size, but the plan moves as much
         ("auto", (64, 64), (32, 32), 2, 1.0, 0.5, False),  # ... and moves less: W would be read from memory
-        ("auto", (32, 32), (32, 32), 8, 0.5, 0.0, False),  # the plan saves flops: no W
         ("autotune", (32, 32), (32, 32), 1, 1.5, 0.0, True),
         ("zipper", (32, 32), (32, 32), 1, 1.5, 0.0, False),  # an explicit ordering runs as asked
     ],
@@ -153,6 +152,31 @@ def test_inference_reuses_w_where_the_plan_needs_the_dense_flops_and_w_stays_cac
     assert not plan.builds_weight and plan.flops == flops and plan.batch_size == batch
     assert kit.LayerPlanner.make(spec, strategy, "numpy").reuses_weight(plan) == reuses
     assert kit.LayerPlanner.make(spec, strategy, "numpy").reuses_weight(tnlayers.plan(spec, batch, "materialize"))
+
+
+@pytest.mark.parametrize(
+    ("batch", "steps", "reuses"),
+    [  # W is 1024 x 1024 (cached)
+        (1, [(1, 32, 32, 0)] * 4, True),  # 0.004x the flops in four products: their fixed costs exceed one product's
+        (64, [(64, 256, 1024, 0)], False),  # a quarter of the flops in one large product: the plan is cheaper
+        (64, [(64, 256, 1024, 0)] * 4, True),  # the dense flops in four products: W, as before
+        (1, [(1, 1, 1, 0)], False),  # one trivial product: no cheaper than the one with W
+    ],
+)
+def test_inference_reuses_a_cached_w_where_the_cost_model_rates_the_plan_dearer(
+    batch: int, steps: list[tuple[int, int, int, int]], reuses: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan with fewer flops than dense still loses to one product with a cached ``W`` when its products'
+    fixed costs add up to more (small batches). By the torch model: 24 us for the one product at batch 1
+    against 40 us for the four small ones; 438 us at batch 64 against 118 us for the quarter-flops product."""
+    import dataclasses
+
+    spec = tnlayers.MPOSpec((32, 32), (32, 32), 2)
+    plan = dataclasses.replace(tnlayers.plan(spec, batch, "zipper"), step_sizes=tuple(steps))
+    model = dataclasses.replace(tnlayers.cost.COST_MODELS["torch"], parallel_overhead=1e-6)  # the default policy's
+    monkeypatch.setitem(tnlayers.cost.COST_MODELS, "torch", model)
+    planner = kit.LayerPlanner.make(spec, "auto", "torch")
+    assert planner.reuses_weight(plan) == reuses
 
 
 # --- the survivors of a mutation run over layer.py (docs/mutation-survivors.md) ------------------------------

@@ -238,7 +238,7 @@ def test_inference_reuses_w_where_the_plan_needs_at_least_the_dense_flops(
     plan = layer.planner.plan(1, "none")
     weight = layer.in_features * layer.out_features
     needs_dense_flops = plan.flops >= 2 * weight
-    assert reuses == (strategy == "auto" and needs_dense_flops and weight <= 2**21)
+    assert reuses == (strategy == "auto" and needs_dense_flops and weight <= 2**21) == layer.planner.reuses_weight(plan)
     assert needs_dense_flops or rank == 8  # the D=32 case is decided by W's size alone
     with torch.no_grad():
         y = layer(x)

@@ -326,18 +326,25 @@ class LayerPlanner:
 
     def reuses_weight(self, plan_: ContractionPlan) -> bool:
         """Whether inference (eval, no gradients) by ``plan_`` runs as one product with a kept ``W``: when
-        ``plan_`` builds ``W`` anyway, or, for ``auto`` and ``autotune``, when the plan needs at least the
-        dense product's flops (at small batches its chain of small products then costs several times the
-        one product it replaces, once ``W`` exists) and either ``W`` stays in the cache between calls
-        (:data:`CACHED_WEIGHT_ELEMENTS`) or the plan moves at least ``W``'s elements itself. An explicit
+        ``plan_`` builds ``W`` anyway, or, for ``auto`` and ``autotune``, when ``W`` stays in the cache
+        between calls (:data:`CACHED_WEIGHT_ELEMENTS`) or the plan moves at least ``W``'s elements itself,
+        and either the plan needs at least the dense product's flops or (``W`` cached) the cost model rates
+        its chain of products dearer than the one product with ``W`` (at small batches each product's fixed
+        cost dominates: four small products cost more than one of the same total size). An explicit
         ordering is run as asked."""
         if plan_.builds_weight:
             return True
         if self.strategy not in ("auto", "autotune"):
             return False
-        weight = self.spec.in_features * self.spec.out_features
-        needs_dense_flops = plan_.flops >= 2 * plan_.batch_size * weight
-        return needs_dense_flops and (weight <= CACHED_WEIGHT_ELEMENTS or plan_.memory_traffic >= weight)
+        spec = self.spec
+        weight = spec.in_features * spec.out_features
+        cached = weight <= CACHED_WEIGHT_ELEMENTS
+        if not cached and plan_.memory_traffic < weight:
+            return False
+        if plan_.flops >= 2 * plan_.batch_size * weight:
+            return True
+        one_product = self.cost_model.step_cost(plan_.batch_size, spec.out_features, spec.in_features, 0)
+        return cached and one_product < self.cost_model.estimate(plan_.step_sizes)  # an uncached W: read every call
 
 
 #: A kept ``W`` up to this many elements (8 MiB in float32) stays in the CPU's cache between calls, so one
