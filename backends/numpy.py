@@ -21,6 +21,7 @@ from tnlayers import layer as kit
 from tnlayers.contract import (
     Tape,
     backprop,
+    dense_weight,
     execute,
     get_ops,
     plan_operands,
@@ -87,6 +88,7 @@ class MPOLinear(kit.MPOLayerMixin):
         self.bias_frozen = False
         self.bias_grad: Array | None = None
         self._saved: tuple[ContractionPlan, Array, dict[int, Array], tuple[bool, ...]] | None = None
+        self._cached_weight: tuple[list[Array], Array] | None = None  # copies of the cores W was built from, W
 
     @classmethod
     def from_cores(cls, cores: Sequence[Any], bias: Any = None, strategy: Any = "auto") -> MPOLinear:
@@ -153,6 +155,9 @@ class MPOLinear(kit.MPOLayerMixin):
         rows = int(np.prod(x.shape[:-1]))
         plan = self.planner.plan(rows, gradients, key, timer)
         if not self.training:
+            if self.planner.reuses_weight(plan):  # one product with W kept between calls (see reuses_weight)
+                product = (x.reshape(rows, self.in_features) @ self._inference_weight()).reshape(*x.shape[:-1], -1)
+                return product if self.bias is None else product + self.bias
             return execute(plan, x, self.cores, self.bias, _OPS)  # type: ignore[no-any-return]
         needs = (True, *(k not in self.frozen_cores for k in range(self.spec.n_cores)))  # x's gradient: always
         keep = None if self.saved_budget is None else kit.kept_for_backward(plan, rows, needs, self.saved_budget)
@@ -164,6 +169,20 @@ class MPOLinear(kit.MPOLayerMixin):
         return y if self.bias is None else y + self.bias
 
     __call__ = forward
+
+    def _inference_weight(self) -> Array:
+        """``W``, built once and reused while the cores hold the values it was built from (compared with
+        copies on every call, so an optimiser's in-place update or a replaced core is always seen)."""
+        cached = self._cached_weight
+        if (
+            cached is not None
+            and len(cached[0]) == len(self.cores)
+            and all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(self.cores, cached[0]))
+        ):
+            return cached[1]
+        weight: Array = dense_weight(self.cores, _OPS)
+        self._cached_weight = ([c.copy() for c in self.cores], weight)
+        return weight
 
     def _timer(self, x: Array, gradients: str) -> Any:
         """Plan -> a call running it on ``x`` (with the backward pass when training), for autotune.

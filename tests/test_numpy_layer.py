@@ -42,6 +42,36 @@ def test_eval_mode_keeps_nothing_and_backward_needs_forward() -> None:
         layer.grads()
 
 
+@pytest.mark.parametrize(("strategy", "reuses"), [("auto", True), ("zipper", False)])
+def test_eval_reuses_w_and_never_serves_a_stale_one(strategy: str, reuses: bool) -> None:
+    """In eval, where the plan needs the dense flops (FC2 at D=16, batch 3), one product with a kept ``W``;
+    rebuilt after an optimiser's in-place step, a core replaced, a core edited in place. An explicit
+    ordering runs as asked."""
+    layer = MPOLinear((4, 7, 7, 4), (4, 4, 4, 4), 16, seed=5, dtype=np.float64, strategy=strategy)
+    layer.bias[:] = np.random.default_rng(0).normal(size=256)
+    x = np.random.default_rng(1).normal(size=(3, 1, 784))
+
+    def check() -> None:
+        np.testing.assert_allclose(layer(x), x @ dense_reference(layer.cores) + layer.bias, rtol=1e-10, atol=1e-10)
+
+    layer.eval()
+    check()
+    kept = layer._cached_weight
+    assert (kept is not None) == reuses
+    check()
+    assert layer._cached_weight is kept  # reused, not rebuilt
+    layer.train()
+    layer(x)
+    layer.backward(np.ones((3, 1, 256)))
+    SGD(layer.parameters(), lr=0.1).step(layer.grads())
+    layer.eval()
+    check()  # after an in-place optimiser step
+    layer.cores[1] = layer.cores[1] * 2  # replaced
+    check()
+    layer.cores[2][0, 0, 0, 0] += 1.0  # edited in place
+    check()
+
+
 def test_from_dense_save_load_roundtrip(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     matrix = rng.normal(size=(12, 30))
