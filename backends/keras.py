@@ -917,12 +917,7 @@ def compress(
         raise TypeError(f"compress expects a keras.Model, got {type(model).__name__}")
     if not model.built:
         raise ValueError(f"compress needs a built model (call it on an input first); {model.name!r} is not built")
-    if budget is None:
-        kit.check_compress_budget(rank, tol)
-        if sensitivity is not None:
-            raise ValueError("sensitivity weighs the layers in a whole-model budget: give budget= as well")
-    else:
-        kit.check_model_budget(budget)
+    kit.check_compress_options(rank, tol, budget, sensitivity)
     skipped: list[tuple[str, str]] = []
     candidates: dict[str, tuple[Any, tuple[int, int]]] = {}
     for layer in model.layers:

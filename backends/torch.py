@@ -814,12 +814,7 @@ def compress(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
-    if budget is None:
-        kit.check_compress_budget(rank, tol)
-        if sensitivity is not None:
-            raise ValueError("sensitivity weighs the layers in a whole-model budget: give budget= as well")
-    else:
-        kit.check_model_budget(budget)
+    kit.check_compress_options(rank, tol, budget, sensitivity)
     params_before = sum(p.numel() for p in model.parameters())
     aliases: dict[int, list[str]] = {}  # a module reachable under several names is replaced at all of them
     weight_users: dict[int, set[int]] = {}  # a weight shared by several modules is tied: left alone

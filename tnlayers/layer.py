@@ -533,11 +533,15 @@ class BudgetCandidate(NamedTuple):
     matrix: Callable[[], NDArray[np.float64]]  # forms the float64 (in, out) matrix when the budget reads it
 
 
-def check_model_budget(budget: Any) -> float:
-    """A whole-model ``budget`` is a fraction of the model's parameters in (0, 1)."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
+def check_compress_options(rank: Any, tol: Any, budget: Any, sensitivity: Any) -> None:
+    """``compress`` needs a bond cap or a tolerance, or a whole-model ``budget`` (a fraction of the
+    model's parameters in (0, 1)); ``sensitivity`` only weighs the layers within a budget."""
+    if budget is None:
+        check_compress_budget(rank, tol)
+        if sensitivity is not None:
+            raise ValueError("sensitivity weighs the layers in a whole-model budget: give budget= as well")
+    elif isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
         raise ValueError(f"budget must be a fraction of the model's parameters in (0, 1), got {budget!r}")
-    return float(budget)
 
 
 def check_sensitivity(sensitivity: Any, names: Sequence[str]) -> dict[str, float] | None:
