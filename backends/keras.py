@@ -780,7 +780,7 @@ def collect_grams(model: Any, batches: Any, names: Sequence[str]) -> dict[str, A
         raise TypeError(f"collect_grams expects a keras.Model, got {type(model).__name__}")
     layers = [model.get_layer(name) for name in names]
     for layer in layers:
-        if type(layer) not in (keras.layers.Dense, keras.layers.Embedding):
+        if not isinstance(layer, (keras.layers.Dense, keras.layers.Embedding)):
             raise TypeError(
                 f"collect_grams reads Dense and Embedding inputs; {layer.name!r} is a {type(layer).__name__}"
             )

@@ -458,6 +458,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pool = package_sentences(max(used, args.count_sentences if args.embeddings else 0))
     calibration_text, train_text = pool[: args.calibration], pool[args.calibration : args.calibration + args.train]
     validation_text = pool[args.calibration + args.train : used]
+    counted_text = pool[: args.calibration + args.train] + pool[used : args.count_sentences]  # not the validation
     eval_batches = tokenize(tokenizer, held_out, args.batch_size)
     train_batches = tokenize(tokenizer, train_text, args.batch_size)
     calibration_batches = tokenize_unpadded(tokenizer, calibration_text, args.batch_size)
@@ -471,7 +472,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     names = [n for n, m in original.bert.named_modules() if isinstance(m, nn.Linear) and _targeted(n)]
     grams = collect_grams(original.bert, calibration_batches, names, progress=True)
     if args.embeddings:  # lookups are counted on more text than the Gram pass reads: it needs no forward pass
-        grams[WORD_EMBEDDING] = token_counts(tokenizer, pool[: args.count_sentences], original.bert)
+        grams[WORD_EMBEDDING] = token_counts(tokenizer, counted_text, original.bert)
     gram_s = time.perf_counter() - started
     sensitivity, sensitivity_s = None, 0.0
     if args.sensitivity and any(b.get("fraction") for b in args.budgets):  # a budget's spread by effect on the output
@@ -563,7 +564,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cores": args.cores,
         "sweeps": args.sweeps,
         "embeddings": args.embeddings,
-        "count_sentences": min(args.count_sentences, len(pool)) if args.embeddings else 0,
+        "count_sentences": len(counted_text) if args.embeddings else 0,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "tnlayers": tnlayers.__version__,
@@ -700,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--count-sentences",
         type=int,
         default=PACKAGE_SENTENCES,
-        help="package sentences whose tokens are counted for the calibrated embedding fits",
+        help="package sentences whose tokens are counted for the calibrated embedding fits (less the validation ones)",
     )
     parser.add_argument(
         "--sensitivity",

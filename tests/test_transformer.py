@@ -372,13 +372,20 @@ def test_the_benchmark_runs_every_method_at_a_budget_on_a_tiny_model(monkeypatch
     monkeypatch.setattr(transformer, "load_minilm", lambda: (_WordTokenizer(), encoder))
     monkeypatch.setattr(transformer, "package_sentences", lambda n: transformer.stdlib_sentences(40 + n)[40:])
     monkeypatch.setattr(transformer, "TARGETS", ["*intermediate.dense", "*output.dense"])
+    counted: list[str] = []
+    count = transformer.token_counts
+    monkeypatch.setattr(
+        transformer, "token_counts", lambda tok, texts, bert: counted.extend(texts) or count(tok, texts, bert)
+    )
     args = transformer.argparse.Namespace(
         budgets=[transformer.parse_budget("0.8")], methods=list(transformer.METHODS), eval=24, calibration=16,
         train=16, epochs=1, lr=1e-3, batch_size=8, cores=2, freeze="none", hidden_loss=True, embeddings=True,
         min_features=1, sweeps=1, count_sentences=48, sensitivity=8, validation=8,
     )  # fmt: skip
     result = transformer.run(args)
-    assert result["count_sentences"] == 48 and result["sentences"]["validation"] == 8
+    assert result["sentences"]["validation"] == 8 and result["count_sentences"] == 48 - 8
+    pool = transformer.package_sentences(48)
+    assert counted == pool[:32] + pool[40:]  # the validation sentences (32-39) are not counted
     rows = {row["method"]: row for row in result["rows"]}
     assert sorted(rows) == sorted(transformer.METHODS)
     assert all(row["model_ratio"] <= 0.8 + 1e-9 for row in rows.values())
