@@ -155,28 +155,37 @@ def test_inference_reuses_w_where_the_plan_needs_the_dense_flops_and_w_stays_cac
 
 
 @pytest.mark.parametrize(
-    ("batch", "steps", "reuses"),
-    [  # W is 1024 x 1024 (cached)
-        (1, [(1, 32, 32, 0)] * 4, True),  # 0.004x the flops in four products: their fixed costs exceed one product's
-        (64, [(64, 256, 1024, 0)], False),  # a quarter of the flops in one large product: the plan is cheaper
-        (64, [(64, 256, 1024, 0)] * 4, True),  # the dense flops in four products: W, as before
-        (1, [(1, 1, 1, 0)], False),  # one trivial product: no cheaper than the one with W
+    ("modes", "batch", "steps", "reuses"),
+    [  # W 256 x 256: small (SMALL_WEIGHT_ELEMENTS), read from the fast caches
+        ((16, 16), 1, [(1, 16, 16, 0)] * 4, True),  # a fraction of the flops in four products: their fixed costs win
+        ((16, 16), 64, [(64, 64, 256, 0)], False),  # a quarter of the flops in one product: the plan is cheaper
+        ((16, 16), 64, [(64, 64, 256, 0)] * 4, True),  # the dense flops in four products: W, as before
+        ((16, 16), 1, [(1, 1, 1, 0)], False),  # one trivial product: no cheaper than the one with W
+        ((32, 32), 1, [(1, 16, 16, 0)] * 4, False),  # W 1024 x 1024: read from memory, so the plan's few flops win
     ],
 )
-def test_inference_reuses_a_cached_w_where_the_cost_model_rates_the_plan_dearer(
-    batch: int, steps: list[tuple[int, int, int, int]], reuses: bool, monkeypatch: pytest.MonkeyPatch
+def test_inference_reuses_a_small_w_where_the_cost_model_rates_the_plan_dearer(
+    modes: tuple[int, int],
+    batch: int,
+    steps: list[tuple[int, int, int, int]],
+    reuses: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A plan with fewer flops than dense still loses to one product with a cached ``W`` when its products'
-    fixed costs add up to more (small batches). By the torch model: 24 us for the one product at batch 1
-    against 40 us for the four small ones; 438 us at batch 64 against 118 us for the quarter-flops product."""
+    """A plan with fewer flops than dense still loses to one product with a small kept ``W`` when its
+    products' fixed costs add up to more (small batches). By the torch model: 11 us for the one product
+    at batch 1 against 40 us for the four small ones; 37 us at batch 64 against 17 us for the quarter-flops
+    product."""
     import dataclasses
 
-    spec = tnlayers.MPOSpec((32, 32), (32, 32), 2)
+    spec = tnlayers.MPOSpec(modes, modes, 2)
+    assert (spec.in_features * spec.out_features <= kit.SMALL_WEIGHT_ELEMENTS) == (modes == (16, 16))
     plan = dataclasses.replace(tnlayers.plan(spec, batch, "zipper"), step_sizes=tuple(steps))
     model = dataclasses.replace(tnlayers.cost.COST_MODELS["torch"], parallel_overhead=1e-6)  # the default policy's
     monkeypatch.setitem(tnlayers.cost.COST_MODELS, "torch", model)
     planner = kit.LayerPlanner.make(spec, "auto", "torch")
     assert planner.reuses_weight(plan) == reuses
+    dense_flops = plan.flops >= 2 * batch * spec.in_features * spec.out_features
+    assert kit.LayerPlanner.make(spec, "auto", "numpy").reuses_weight(plan) == dense_flops  # its model only ranks
 
 
 # --- the survivors of a mutation run over layer.py (docs/mutation-survivors.md) ------------------------------

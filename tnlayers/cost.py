@@ -44,6 +44,10 @@ class CostModel:
     """``M*N*K`` from which a product runs multi-threaded (``inf``: the model ignores threading)."""
     parallel_overhead: float = 0.0
     """Seconds a multi-threaded product pays to start its threads."""
+    fitted: bool = False
+    """Whether the weights were fitted to this backend's measured times, so that an estimate may be compared
+    with one plain product's (a kept ``W``, :meth:`tnlayers.layer.LayerPlanner.reuses_weight`); the default
+    weights only rank plans."""
 
     def choose(self, plans: Sequence[ContractionPlan]) -> ContractionPlan:
         """The plan ``auto`` runs: the fewest flops among those costed within ``tolerance`` of the cheapest.
@@ -112,6 +116,7 @@ COST_MODELS: dict[str, CostModel] = {
         tolerance=0.1,
         parallel_threshold=1.9e5,
         parallel_overhead=thread_wake_seconds(os.environ.get("OMP_WAIT_POLICY")),  # read once, at import
+        fitted=True,
     ),
     "tensorflow": DEFAULT_COST_MODEL,
     "jax": DEFAULT_COST_MODEL,

@@ -328,10 +328,11 @@ class LayerPlanner:
         """Whether inference (eval, no gradients) by ``plan_`` runs as one product with a kept ``W``: when
         ``plan_`` builds ``W`` anyway, or, for ``auto`` and ``autotune``, when ``W`` stays in the cache
         between calls (:data:`CACHED_WEIGHT_ELEMENTS`) or the plan moves at least ``W``'s elements itself,
-        and either the plan needs at least the dense product's flops or (``W`` cached) the cost model rates
-        its chain of products dearer than the one product with ``W`` (at small batches each product's fixed
-        cost dominates: four small products cost more than one of the same total size). An explicit
-        ordering is run as asked."""
+        and either the plan needs at least the dense product's flops or, for a small ``W``
+        (:data:`SMALL_WEIGHT_ELEMENTS`) and a cost model fitted to the backend (``CostModel.fitted``: torch),
+        the model rates its chain of products dearer than the one product with ``W`` (at small batches each
+        product's fixed cost dominates: four small products cost more than one of the same total size). An
+        explicit ordering is run as asked."""
         if plan_.builds_weight:
             return True
         if self.strategy not in ("auto", "autotune"):
@@ -343,14 +344,25 @@ class LayerPlanner:
             return False
         if plan_.flops >= 2 * plan_.batch_size * weight:
             return True
-        one_product = self.cost_model.step_cost(plan_.batch_size, spec.out_features, spec.in_features, 0)
-        return cached and one_product < self.cost_model.estimate(plan_.step_sizes)  # an uncached W: read every call
+        model = self.cost_model
+        if weight > SMALL_WEIGHT_ELEMENTS or not model.fitted:  # a large W is read from memory on every call
+            return False
+        one_product = model.step_cost(plan_.batch_size, spec.out_features, spec.in_features, 0)
+        return one_product < model.estimate(plan_.step_sizes)
 
 
 #: A kept ``W`` up to this many elements (8 MiB in float32) stays in the CPU's cache between calls, so one
 #: product with it costs about its flops; a larger one is read from memory on every call (a 4096 x 4096 ``W``
 #: at batch 1: 2.3 ms, where its MPO plan took 1.1 ms at 1.5x the flops).
 CACHED_WEIGHT_ELEMENTS = 2**21
+
+#: A kept ``W`` up to this many elements (1 MiB in float32) is read from the fast caches, so one product
+#: with it costs its flops and one call's fixed cost: inference may then reuse it even where the plan needs
+#: fewer flops. Measured (2 threads, batch 8 to 256): FC2's 784 x 256 ``W`` took 2.8x ``nn.Linear`` at batch 1
+#: by its plan's four products and 2.8x -> 1.3-2.1x at batch 8; a 1024 x 1024 ``W`` (4 MiB) is read from
+#: memory (250 us a call at batch 1 here), and reusing it where the plan needed a quarter of the flops
+#: doubled the time.
+SMALL_WEIGHT_ELEMENTS = 2**18
 
 
 # --- convolutions ------------------------------------------------------------------------------
