@@ -165,6 +165,7 @@ def test_low_rank_fit_meets_eckart_young_on_the_outputs() -> None:
         assert fit.error == pytest.approx(math.sqrt(np.sum(s[q:] ** 2) / np.sum(s**2)), rel=1e-7)
         np.testing.assert_allclose(np.linalg.norm(x @ (w - fit.first @ fit.second)) / np.linalg.norm(x @ w), fit.error)
         assert fit.first.shape == (20, q) and fit.second.shape == (q, 9) and fit.num_params == q * 29
+        np.testing.assert_allclose(np.linalg.norm(fit.first, axis=0), np.linalg.norm(fit.second, axis=1), rtol=1e-9)
         plain = low_rank_fit(w, q)
         sw = np.linalg.svd(w, compute_uv=False)
         assert plain.error == pytest.approx(math.sqrt(np.sum(sw[q:] ** 2) / np.sum(sw**2)), rel=1e-9)
