@@ -793,29 +793,18 @@ def collect_grams(model: Any, batches: Any, names: Sequence[str]) -> dict[str, A
             f"calibration reads the layers' inputs from the model's graph; {model.name!r} has none that gives "
             f"them (a Sequential or functional model, each layer called once): {error}"
         ) from error
-    sums: dict[str, np.ndarray] = {}
-    rows: dict[str, int] = {}
+    grams: dict[str, Any] = {}
     for batch in batches:
         found = probe(batch)
         for layer, value in zip(layers, found if isinstance(found, (list, tuple)) else [found]):
             array = ops.convert_to_numpy(value)
             if isinstance(layer, keras.layers.Embedding):
-                total = np.bincount(array.reshape(-1).astype(np.int64), minlength=layer.input_dim).astype(np.float64)
+                counts = np.bincount(array.reshape(-1).astype(np.int64), minlength=layer.input_dim).astype(np.float64)
+                grams[layer.name] = grams[layer.name] + counts if layer.name in grams else counts
             else:
-                x = array.reshape(-1, array.shape[-1]).astype(np.float64)
-                total = x.T @ x
-            sums[layer.name] = sums[layer.name] + total if layer.name in sums else total
-            rows[layer.name] = rows.get(layer.name, 0) + int(array.size // (1 if total.ndim == 1 else array.shape[-1]))
-    if not sums:
+                grams.setdefault(layer.name, tnlayers.calibrate.Gram(int(array.shape[-1]))).add(array)
+    if not grams:
         raise ValueError("the calibration batches reached none of the layers to compress (was it empty?)")
-    grams: dict[str, Any] = {}
-    for name, total in sums.items():
-        if total.ndim == 1:
-            grams[name] = total
-            continue
-        gram = tnlayers.calibrate.Gram(total.shape[0])
-        gram.matrix, gram.rows = total, rows[name]
-        grams[name] = gram
     return grams
 
 

@@ -333,22 +333,27 @@ class LayerPlanner:
         the model rates its chain of products dearer than the one product with ``W`` (at small batches each
         product's fixed cost dominates: four small products cost more than one of the same total size). An
         explicit ordering is run as asked."""
-        if plan_.builds_weight:
-            return True
-        if self.strategy not in ("auto", "autotune"):
-            return False
-        spec = self.spec
-        weight = spec.in_features * spec.out_features
-        cached = weight <= CACHED_WEIGHT_ELEMENTS
-        if not cached and plan_.memory_traffic < weight:
-            return False
-        if plan_.flops >= 2 * plan_.batch_size * weight:
-            return True
-        model = self.cost_model
-        if weight > SMALL_WEIGHT_ELEMENTS or not model.fitted:  # a large W is read from memory on every call
-            return False
-        one_product = model.step_cost(plan_.batch_size, spec.out_features, spec.in_features, 0)
-        return one_product < model.estimate(plan_.step_sizes)
+        return _reuses_weight(self, plan_, self.cost_model)  # cached: it runs on every inference call
+
+
+@functools.lru_cache(maxsize=1024)
+def _reuses_weight(planner: LayerPlanner, plan_: ContractionPlan, model: CostModel) -> bool:
+    """:meth:`LayerPlanner.reuses_weight` (``model``: the planner's cost model, part of the cache key)."""
+    if plan_.builds_weight:
+        return True
+    if planner.strategy not in ("auto", "autotune"):
+        return False
+    spec = planner.spec
+    weight = spec.in_features * spec.out_features
+    cached = weight <= CACHED_WEIGHT_ELEMENTS
+    if not cached and plan_.memory_traffic < weight:
+        return False
+    if plan_.flops >= 2 * plan_.batch_size * weight:
+        return True
+    if weight > SMALL_WEIGHT_ELEMENTS or not model.fitted:  # a large W is read from memory on every call
+        return False
+    one_product = model.step_cost(plan_.batch_size, spec.out_features, spec.in_features, 0)
+    return one_product < model.estimate(plan_.step_sizes)
 
 
 #: A kept ``W`` up to this many elements (8 MiB in float32) stays in the CPU's cache between calls, so one
