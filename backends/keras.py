@@ -865,6 +865,10 @@ def _candidate_shape(layer: Any, skipped: list[tuple[str, str]]) -> tuple[int, i
     return None
 
 
+_ROW_VALUES = 2
+"""Values ``count_params`` counts per row of a count-weighted ``MPOEmbedding`` beside its cores: order, scale."""
+
+
 def compress(
     model: Any,
     rank: int | Sequence[int] | None = None,
@@ -929,7 +933,7 @@ def compress(
             for name, (layer, shape) in candidates.items()
         ]  # fmt: skip
         target = math.floor(budget * params_before)
-        caps = kit.budget_caps(described, grams, target, params_before, rank, tol, n_cores, weights, values_per_row=2)
+        caps = kit.budget_caps(described, grams, target, params_before, rank, tol, n_cores, weights, _ROW_VALUES)
     rows: list[Any] = []
 
     def replace(layer: Any) -> Any:
@@ -941,7 +945,7 @@ def compress(
         mpo, report, output_error = _fitted_keras(
             layer, grams.get(layer.name), caps[layer.name], tol, n_cores, sweeps, two_site, ridge
         )
-        extra = 0 if getattr(mpo, "row_scale", None) is None else 2 * int(mpo.row_scale.shape[0])  # order, scale
+        extra = 0 if getattr(mpo, "row_scale", None) is None else _ROW_VALUES * int(mpo.row_scale.shape[0])
         reason = kit.no_saving(report, extra)
         if reason is not None:
             skipped.append((layer.name, reason))
