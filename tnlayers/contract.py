@@ -50,6 +50,12 @@ class ArrayOps:
     """``(y2d, x, out_features) -> y`` with the leading dimensions of ``x``."""
     transpose: Callable[[Any, tuple[int, ...]], Any]
     """Reorder the axes (``numpy.transpose``)."""
+    matmul: Callable[[Any, Any], Any] | None = None
+    """The product of two matrices (``a @ b``; operands may be transposed views); ``None``: by ``pairwise``.
+    The products that build ``W`` and its gradients call it directly, without a step's bookkeeping."""
+    affine: Callable[[Any, Any, Any], Any] | None = None
+    """``(x, w, bias) -> x @ w + bias`` for matrices in one fused product (torch ``addmm``); ``None``:
+    :attr:`matmul`, then the sum."""
 
 
 class _MatmulRoute(NamedTuple):
@@ -134,12 +140,20 @@ def _permute(x: Any, perm: tuple[int, ...]) -> Any:
 
 def _torch_pairwise(step: Pairwise, a: Any, b: Any) -> Any:
     torch = sys.modules["torch"]
-    if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):  # autograd: tensordot's
-        product = _matmul_product(step, a, b, torch.matmul, _permute)  # backward copies less than
-        if product is not None:  # that of a strided batched product
-            return product
+    route = _matmul_route(step, len(a.shape), len(b.shape))
+    # Under autograd a strided batched product's backward copies more than tensordot's; a plain matrix
+    # product (``a``'s contracted block leads or trails it) is what tensordot runs, without its wrapper
+    # and, for a leading block, without its copy of ``a``.
+    if route is not None and (
+        route.lo == 0 or route.hi == len(a.shape) or not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+    ):
+        return _matmul_product(step, a, b, torch.matmul, _permute)
     product = torch.tensordot(a, b, dims=_tensordot_axes(step, len(a.shape), len(b.shape)))
     return product if step.perm == tuple(range(len(step.perm))) else product.permute(step.perm)
+
+
+def _torch_affine(x: Any, w: Any, bias: Any) -> Any:
+    return sys.modules["torch"].addmm(bias, x, w)
 
 
 def _einsum_pairwise(einsum: Callable[..., Any]) -> Callable[[Pairwise, Any, Any], Any]:
@@ -155,12 +169,22 @@ def _restore_leading(y: Any, x: Any, out: int) -> Any:
 
 
 def _method_ops(
-    name: str, pairwise: Callable[[Pairwise, Any, Any], Any], transpose: Callable[[Any, tuple[int, ...]], Any]
+    name: str,
+    pairwise: Callable[[Pairwise, Any, Any], Any],
+    transpose: Callable[[Any, tuple[int, ...]], Any],
+    matmul: Callable[[Any, Any], Any] | None = None,
+    affine: Callable[[Any, Any, Any], Any] | None = None,
 ) -> ArrayOps:
     """Ops for arrays with a NumPy-like ``.reshape`` and ``.shape`` (numpy, torch, jax); module-level
     functions, not closures, so that each call runs the code as it is now (mutation testing swaps it)."""
     return ArrayOps(
-        name=name, pairwise=pairwise, reshape=_reshape, restore_leading=_restore_leading, transpose=transpose
+        name=name,
+        pairwise=pairwise,
+        reshape=_reshape,
+        restore_leading=_restore_leading,
+        transpose=transpose,
+        matmul=matmul,
+        affine=affine,
     )
 
 
@@ -178,17 +202,18 @@ def _tensorflow_ops() -> ArrayOps:
         reshape=tf.reshape,
         restore_leading=restore_leading,
         transpose=tf.transpose,
+        matmul=tf.linalg.matmul,
     )
 
 
 def _make_ops(name: str) -> ArrayOps:
     if name == "numpy":
-        return _method_ops("numpy", _numpy_pairwise, np.transpose)
+        return _method_ops("numpy", _numpy_pairwise, np.transpose, np.matmul)
     if name == "torch":  # tensordot + permute: 10-30% faster than einsum at small batch, equal at large
-        return _method_ops("torch", _torch_pairwise, _permute)
+        return _method_ops("torch", _torch_pairwise, _permute, sys.modules["torch"].mm, _torch_affine)
     if name == "jax":
         jnp = sys.modules["jax"].numpy
-        return _method_ops("jax", _einsum_pairwise(jnp.einsum), jnp.transpose)
+        return _method_ops("jax", _einsum_pairwise(jnp.einsum), jnp.transpose, jnp.matmul)
     return _tensorflow_ops()
 
 
@@ -311,12 +336,12 @@ def _step_backward(
     if need_a:
         order = (*axes_b, *free_b)
         b_matrix = ops.reshape(ops.transpose(b, order), (k, n))
-        product = ops.pairwise(_MATMUL_BT, g, b_matrix)  # (M, K)
+        product = _matmul_bt(ops, g, b_matrix)  # (M, K)
         shape = tuple(a.shape[d] for d in (*free_a, *axes_a))
         grad_a = ops.transpose(ops.reshape(product, shape), _inverse((*free_a, *axes_a)))
     if need_b:
         a_matrix = ops.reshape(ops.transpose(a, (*free_a, *axes_a)), (m, k))
-        product = ops.pairwise(_MATMUL_AT, a_matrix, g)  # (K, N)
+        product = _matmul_at(ops, a_matrix, g)  # (K, N)
         shape = tuple(b.shape[d] for d in (*axes_b, *free_b))
         grad_b = ops.transpose(ops.reshape(product, shape), _inverse((*axes_b, *free_b)))
     return grad_a, grad_b
@@ -438,17 +463,16 @@ def execute(
     """
     spec = plan_.spec
     if plan_.builds_weight and tape is None:  # build W in its cheapest layout, then one product
-        y2d = ops.pairwise(_MATMUL, ops.reshape(x, (-1, spec.in_features)), dense_weight(cores, ops))
-        y = ops.restore_leading(y2d, x, spec.out_features)
+        x2d, weight = ops.reshape(x, (-1, spec.in_features)), dense_weight(cores, ops)
+        if bias is not None and ops.affine is not None:  # one fused product: y is written once
+            return ops.restore_leading(ops.affine(x2d, weight, bias), x, spec.out_features)
+        y = ops.restore_leading(_matmul(ops, x2d, weight), x, spec.out_features)
         return y if bias is None else y + bias
     operands = plan_operands(plan_, x, cores, ops)
     y = ops.restore_leading(run_steps(plan_.steps, operands, ops, tape), x, spec.out_features)
     return y if bias is None else y + bias
 
 
-#: ``(P, r) x (r, i, j, r') -> (P, i, j, r')``: absorb one more core; a plain ``(P, r) @ (r, i*j*r')`` product
-#: whose result is already in the order the next step reads (no copy between steps).
-_ABSORB_CORE = _pairwise(("Pa", "aijc"), "Pijc")
 #: ``(P, K) x (K, N) -> (P, N)``: a plain matrix product (the halves of W, and a materialising plan's product).
 _MATMUL = _pairwise(("PK", "KN"), "PN")
 #: ``(M, N) x (K, N) -> (M, K)`` and ``(M, K) x (M, N) -> (K, N)``: the backward's products.
@@ -456,12 +480,27 @@ _MATMUL_BT = _pairwise(("MN", "KN"), "MK")
 _MATMUL_AT = _pairwise(("MK", "MN"), "KN")
 
 
+def _matmul(ops: ArrayOps, a: Any, b: Any) -> Any:
+    """``a @ b`` for matrices."""
+    return ops.pairwise(_MATMUL, a, b) if ops.matmul is None else ops.matmul(a, b)
+
+
+def _matmul_bt(ops: ArrayOps, a: Any, b: Any) -> Any:
+    """``a @ bᵀ`` for matrices."""
+    return ops.pairwise(_MATMUL_BT, a, b) if ops.matmul is None else ops.matmul(a, ops.transpose(b, (1, 0)))
+
+
+def _matmul_at(ops: ArrayOps, a: Any, b: Any) -> Any:
+    """``aᵀ @ b`` for matrices."""
+    return ops.pairwise(_MATMUL_AT, a, b) if ops.matmul is None else ops.matmul(ops.transpose(a, (1, 0)), b)
+
+
 def _chain(cores: Sequence[Any], shapes: Sequence[tuple[int, ...]], ops: ArrayOps) -> Any:
     """Consecutive cores contracted over their inner bonds: ``(r_first * i1 j1 ... ik jk, r_last)``,
     the mode indices interleaved in core order (each product writes the order the next one reads)."""
     dense = ops.reshape(cores[0], (-1, shapes[0][3]))
     for core, shape in zip(cores[1:], shapes[1:]):
-        dense = ops.reshape(ops.pairwise(_ABSORB_CORE, dense, core), (-1, shape[3]))
+        dense = ops.reshape(_matmul(ops, dense, ops.reshape(core, (shape[0], -1))), (-1, shape[3]))
     return dense
 
 
@@ -509,7 +548,7 @@ def weight_from_halves(cores: Sequence[Any], halves: Sequence[Any], ops: ArrayOp
     k = weight_split(shapes)
     in_left, out_left = math.prod([s[1] for s in shapes[:k]]), math.prod([s[2] for s in shapes[:k]])
     in_right, out_right = rows // in_left, cols // out_left
-    product = ops.reshape(ops.pairwise(_MATMUL, *halves), (in_left, out_left, in_right, out_right))
+    product = ops.reshape(_matmul(ops, *halves), (in_left, out_left, in_right, out_right))
     return ops.reshape(ops.transpose(product, (0, 2, 1, 3)), (rows, cols))
 
 
@@ -517,13 +556,13 @@ def _chain_backward(cores: Sequence[Any], shapes: Sequence[tuple[int, ...]], gra
     """The cores' gradients from ``grad`` of :func:`_chain`'s result (its products rebuilt: they are small)."""
     prefixes = [ops.reshape(cores[0], (-1, shapes[0][3]))]
     for core, shape in zip(cores[1:-1], shapes[1:-1]):
-        prefixes.append(ops.reshape(ops.pairwise(_ABSORB_CORE, prefixes[-1], core), (-1, shape[3])))
+        prefixes.append(ops.reshape(_matmul(ops, prefixes[-1], ops.reshape(core, (shape[0], -1))), (-1, shape[3])))
     grads = []
     for core, shape, prefix in zip(reversed(cores[1:]), reversed(shapes[1:]), reversed(prefixes)):
         g = ops.reshape(grad, (-1, shape[1] * shape[2] * shape[3]))  # (P, i*j*c): the product's matrix form
         core_matrix = ops.reshape(core, (shape[0], -1))
-        grads.append(ops.reshape(ops.pairwise(_MATMUL_AT, prefix, g), shape))  # prefixᵀ @ g
-        grad = ops.pairwise(_MATMUL_BT, g, core_matrix)  # g @ coreᵀ: (P, r)
+        grads.append(ops.reshape(_matmul_at(ops, prefix, g), shape))  # prefixᵀ @ g
+        grad = _matmul_bt(ops, g, core_matrix)  # g @ coreᵀ: (P, r)
     grads.append(ops.reshape(grad, shapes[0]))
     return grads[::-1]
 
@@ -560,8 +599,8 @@ def dense_weight_backward(
     in_right, out_right = rows // in_left, cols // out_left
     grad_product = ops.transpose(ops.reshape(grad, (in_left, in_right, out_left, out_right)), (0, 2, 1, 3))
     grad_product = ops.reshape(grad_product, (in_left * out_left, in_right * out_right))
-    grad_left = _ungrouped(ops.pairwise(_MATMUL_BT, grad_product, right), shapes[:k], ops, bond_first=False)
-    grad_right = _ungrouped(ops.pairwise(_MATMUL_AT, left, grad_product), shapes[k:], ops, bond_first=True)
+    grad_left = _ungrouped(_matmul_bt(ops, grad_product, right), shapes[:k], ops, bond_first=False)
+    grad_right = _ungrouped(_matmul_at(ops, left, grad_product), shapes[k:], ops, bond_first=True)
     return _chain_backward(cores[:k], shapes[:k], grad_left, ops) + _chain_backward(
         cores[k:], shapes[k:], grad_right, ops
     )
@@ -593,10 +632,10 @@ def planned_backward(
         if needs[0]:
             if weight is None:
                 weight = dense_weight(cores, ops) if halves is None else weight_from_halves(cores, halves, ops)
-            grad_x = ops.pairwise(_MATMUL_BT, grad, weight)
+            grad_x = _matmul_bt(ops, grad, weight)
         found: list[Any] = [None] * len(cores)
         if any(needs[1:]):
-            found = dense_weight_backward(cores, ops.pairwise(_MATMUL_AT, x, grad), ops, halves)
+            found = dense_weight_backward(cores, _matmul_at(ops, x, grad), ops, halves)
         return [grad_x, *(g if need else None for g, need in zip(found, needs[1:]))]
     reads = backward_reads(plan_.steps, n_operands, needs)
     tape = replay(plan_.steps, plan_operands(plan_, x, cores, ops), ops, kept, reads)
