@@ -84,6 +84,42 @@ def _matmul_route(step: Pairwise, ndim_a: int, ndim_b: int) -> _MatmulRoute | No
     return _MatmulRoute(lo, hi, in_block_order + tuple(d for d in range(ndim_b) if d not in axes_b))
 
 
+class _MatmulShapes(NamedTuple):
+    """The static part of :func:`_matmul_product` for one step and input shapes."""
+
+    b_order: tuple[int, ...] | None  # b as (contracted, free); None: as it is
+    b_matrix: tuple[int, int]
+    a_shape: tuple[int, ...]  # a as (P, K), (K, Q) or (P, K, Q)
+    a_swap: tuple[int, ...] | None  # (K, Q) is read transposed, (P, K, Q) as P matrices (Q, K)
+    product: tuple[int, ...]  # (*P, *Q, *free b)
+    perm: tuple[int, ...] | None
+
+
+@functools.lru_cache(maxsize=4096)
+def _matmul_shapes(step: Pairwise, shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> _MatmulShapes | None:
+    route = _matmul_route(step, len(shape_a), len(shape_b))
+    if route is None:
+        return None
+    lo, hi = route.lo, route.hi
+    k = math.prod(shape_a[lo:hi])
+    free_b = [shape_b[d] for d in route.b_order[hi - lo :]]
+    p, q = shape_a[:lo], shape_a[hi:]
+    if not q:
+        a_shape, a_swap = (math.prod(p), k), None
+    elif not p:
+        a_shape, a_swap = (k, math.prod(q)), (1, 0)
+    else:
+        a_shape, a_swap = (math.prod(p), k, math.prod(q)), (0, 2, 1)
+    return _MatmulShapes(
+        b_order=_unless_identity(route.b_order),
+        b_matrix=(k, math.prod(free_b)),
+        a_shape=a_shape,
+        a_swap=a_swap,
+        product=(*p, *q, *free_b),
+        perm=_unless_identity(step.perm),
+    )
+
+
 def _matmul_product(
     step: Pairwise,
     a: Any,
@@ -94,26 +130,15 @@ def _matmul_product(
     """One step by ``matmul`` (NumPy/torch semantics: batched over leading dimensions, strided operands
     read in place); ``None`` for a step whose ``a`` is not read as one contracted block (see
     :class:`_MatmulRoute`), which the caller runs by ``tensordot``."""
-    route = _matmul_route(step, len(a.shape), len(b.shape))
-    if route is None:
+    r = _matmul_shapes(step, tuple(a.shape), tuple(b.shape))
+    if r is None:
         return None
-    shape_a, shape_b = tuple(a.shape), tuple(b.shape)
-    lo, hi = route.lo, route.hi
-    k = math.prod(shape_a[lo:hi])
-    order_b = route.b_order
-    b_matrix = b if order_b == tuple(range(len(shape_b))) else transpose(b, order_b)
-    free_b = [shape_b[d] for d in order_b[hi - lo :]]
-    b_matrix = b_matrix.reshape(k, math.prod(free_b))
-    p, q = shape_a[:lo], shape_a[hi:]
-    if not q:
-        product = matmul(a.reshape(math.prod(p), k), b_matrix)
-    elif not p:
-        product = matmul(a.reshape(k, math.prod(q)).T, b_matrix)
-    else:
-        batched = transpose(a.reshape(math.prod(p), k, math.prod(q)), (0, 2, 1))
-        product = matmul(batched, b_matrix)
-    product = product.reshape((*p, *q, *free_b))
-    return product if step.perm == tuple(range(len(step.perm))) else transpose(product, step.perm)
+    b_matrix = (b if r.b_order is None else transpose(b, r.b_order)).reshape(r.b_matrix)
+    a_matrix = a.reshape(r.a_shape)
+    if r.a_swap is not None:  # (K, Q) read transposed; (P, K, Q) as P products (Q, K) @ (K, N)
+        a_matrix = transpose(a_matrix, r.a_swap)
+    product = matmul(a_matrix, b_matrix).reshape(r.product)
+    return product if r.perm is None else transpose(product, r.perm)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -315,6 +340,46 @@ def _inverse(order: Sequence[int]) -> tuple[int, ...]:
     return tuple(inverse)
 
 
+class _StepBackward(NamedTuple):
+    """The static part of :func:`_step_backward` for one step and input shapes: the orders and shapes
+    it reads and writes (``None`` for an order that keeps the axes as they are: no transpose is run)."""
+
+    unpermute: tuple[int, ...] | None  # the forward's output back to (free a, free b)
+    m: int
+    k: int
+    n: int
+    b_order: tuple[int, ...] | None  # b as (contracted, free)
+    a_grouped: tuple[int, ...]  # dA's shape as (free a, contracted)
+    a_restore: tuple[int, ...] | None  # ... back to a's order
+    a_order: tuple[int, ...] | None  # a as (free, contracted)
+    b_grouped: tuple[int, ...]  # dB's shape as (contracted, free b)
+    b_restore: tuple[int, ...] | None  # ... back to b's order
+
+
+def _unless_identity(order: Sequence[int]) -> tuple[int, ...] | None:
+    return None if tuple(order) == tuple(range(len(order))) else tuple(order)
+
+
+@functools.lru_cache(maxsize=4096)
+def _step_backward_recipe(step: Pairwise, shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> _StepBackward:
+    axes_a, axes_b = step.axes
+    free_a = [d for d in range(len(shape_a)) if d not in axes_a]
+    free_b = [d for d in range(len(shape_b)) if d not in axes_b]
+    order_a, order_b = (*free_a, *axes_a), (*axes_b, *free_b)
+    return _StepBackward(
+        unpermute=_unless_identity(_inverse(step.perm)),
+        m=math.prod([shape_a[d] for d in free_a]),
+        k=math.prod([shape_a[d] for d in axes_a]),
+        n=math.prod([shape_b[d] for d in free_b]),
+        b_order=_unless_identity(order_b),
+        a_grouped=tuple(shape_a[d] for d in order_a),
+        a_restore=_unless_identity(_inverse(order_a)),
+        a_order=_unless_identity(order_a),
+        b_grouped=tuple(shape_b[d] for d in order_b),
+        b_restore=_unless_identity(_inverse(order_b)),
+    )
+
+
 def _step_backward(
     step: Pairwise, a: Any, b: Any, grad: Any, ops: ArrayOps, need_a: bool, need_b: bool
 ) -> tuple[Any, Any]:
@@ -325,25 +390,17 @@ def _step_backward(
     its input's index order as a view. A big input laid out for the forward product (see the plans'
     layout search) is so never copied again in the backward.
     """
-    axes_a, axes_b = step.axes
-    free_a = [d for d in range(len(a.shape)) if d not in axes_a]
-    free_b = [d for d in range(len(b.shape)) if d not in axes_b]
-    m = math.prod([a.shape[d] for d in free_a])
-    k = math.prod([a.shape[d] for d in axes_a])
-    n = math.prod([b.shape[d] for d in free_b])
-    g = ops.reshape(ops.transpose(grad, _inverse(step.perm)), (m, n))
+    r = _step_backward_recipe(step, tuple(a.shape), tuple(b.shape))
+    g = ops.reshape(grad if r.unpermute is None else ops.transpose(grad, r.unpermute), (r.m, r.n))
     grad_a = grad_b = None
     if need_a:
-        order = (*axes_b, *free_b)
-        b_matrix = ops.reshape(ops.transpose(b, order), (k, n))
-        product = _matmul_bt(ops, g, b_matrix)  # (M, K)
-        shape = tuple(a.shape[d] for d in (*free_a, *axes_a))
-        grad_a = ops.transpose(ops.reshape(product, shape), _inverse((*free_a, *axes_a)))
+        b_matrix = ops.reshape(b if r.b_order is None else ops.transpose(b, r.b_order), (r.k, r.n))
+        grad_a = ops.reshape(_matmul_bt(ops, g, b_matrix), r.a_grouped)  # (M, K)
+        grad_a = grad_a if r.a_restore is None else ops.transpose(grad_a, r.a_restore)
     if need_b:
-        a_matrix = ops.reshape(ops.transpose(a, (*free_a, *axes_a)), (m, k))
-        product = _matmul_at(ops, a_matrix, g)  # (K, N)
-        shape = tuple(b.shape[d] for d in (*axes_b, *free_b))
-        grad_b = ops.transpose(ops.reshape(product, shape), _inverse((*axes_b, *free_b)))
+        a_matrix = ops.reshape(a if r.a_order is None else ops.transpose(a, r.a_order), (r.m, r.k))
+        grad_b = ops.reshape(_matmul_at(ops, a_matrix, g), r.b_grouped)  # (K, N)
+        grad_b = grad_b if r.b_restore is None else ops.transpose(grad_b, r.b_restore)
     return grad_a, grad_b
 
 
