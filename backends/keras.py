@@ -70,6 +70,9 @@ _OPS = ArrayOps(
     reshape=ops.reshape,
     restore_leading=_restore_leading,
     transpose=ops.transpose,
+    # W's halves, W and its gradients as plain matrix products; not on torch, where keras.ops.matmul
+    # computes float64 in float32 (Keras 3.15), nor on JAX (einsum there, as for the steps)
+    matmul=ops.matmul if _BACKEND == "tensorflow" else None,
 )
 
 

@@ -54,9 +54,11 @@ _OPS = get_ops("torch")
 
 
 @torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
-def _compiled_plan(planner: kit.LayerPlanner, bucket: int, gradients: str, key: tuple[str, ...]) -> ContractionPlan:
+def _compiled_plan(
+    planner: kit.LayerPlanner, bucket: int, gradients: str, key: tuple[str, ...], saved_budget: float | None
+) -> ContractionPlan:
     """The plan lookup as a constant of compiled graphs (nothing is timed under torch.compile)."""
-    return planner.plan(bucket, gradients, key)
+    return planner.plan(bucket, gradients, key, saved_budget=saved_budget)
 
 
 @torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
@@ -310,9 +312,9 @@ class _MPOModule(kit.MPOLayerMixin, nn.Module):
         dtype = str(x.dtype).removeprefix("torch.")
         key = kit.tune_key("torch", str(x.device), dtype, gradients) if self.planner.autotunes else ()
         if torch.compiler.is_compiling() or not self.planner.autotunes:
-            return _compiled_plan(self.planner, bucket, gradients, key)  # type: ignore[no-any-return]
+            return _compiled_plan(self.planner, bucket, gradients, key, self.saved_budget)  # type: ignore[no-any-return]
         timer = _timer(x.reshape(-1, self.spec.in_features), cores, gradients, self.saved_budget)
-        return self.planner.plan(bucket, gradients, key, timer)
+        return self.planner.plan(bucket, gradients, key, timer, saved_budget=self.saved_budget)
 
     def save(self, path: str | os.PathLike[str], name: str = "mpo") -> None:
         """Write the cores and bias to a portable :func:`tnlayers.save` checkpoint."""

@@ -48,6 +48,13 @@ def test_orderings_quick(tmp_path: Path) -> None:
     assert "OMP_WAIT_POLICY" in summary
     assert (tmp_path / "time_vs_batch.png").stat().st_size > 10_000
     assert (tmp_path / "measured_vs_model.png").stat().st_size > 10_000
+    records_path, again = str(tmp_path / "records.jsonl"), str(tmp_path / "again")
+    command = [sys.executable, "-m", "benchmarks.orderings", "--backends", "torch", "--from-records", records_path]
+    command += ["--fit", "--check-fit", records_path, "--out", again]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for weights in ("fitted", "current"):
+        assert f"torch      {weights} weights on the second run, by path: median" in result.stdout
 
 
 def test_planners_are_judged_per_ordering_and_per_path() -> None:
@@ -152,3 +159,24 @@ def test_auto_is_judged_against_the_dense_layer() -> None:
     (row,) = dense_ratios(records, {"torch": 100.0})
     assert (row["x dense"], row["flops vs dense"], row["efficiency"], row["% of GEMM"]) == (0.5, 0.25, 0.5, 10.0)
     assert dense_ratios([records[1]], {"torch": 100.0}) == []  # no dense layer timed beside it: no ratio
+
+
+def test_a_cost_model_is_scored_on_records_it_was_not_fitted_to() -> None:
+    """``score_cost_model``: the measured time of the path the model picks over the fastest path's, per case."""
+    from benchmarks.orderings import score_cost_model
+
+    def record(case: str, ordering: str, path: list[list[int]], steps: list[list[int]], ms: float) -> dict[str, object]:
+        return {"backend": "torch", "case": case, "batch": 8, "mode": "forward+backward", "ordering": ordering,
+                "path": path, "in_modes": [2, 2], "step_sizes": steps, "flops": 100, "median_s": ms / 1e3}  # fmt: skip
+
+    a, b = [[0, 1], [0, 1]], [[1, 2], [0, 1]]
+    big, small = [[1000, 1000, 1000, 0]] * 2, [[10, 10, 10, 0]] * 2
+    records = [
+        record("fooled", "zipper", a, big, 1.0),  # the model rates b cheaper, but a runs 3x faster
+        record("fooled", "greedy", b, small, 3.0),
+        record("right", "zipper", a, big, 4.0),  # here b is the faster one too
+        record("right", "greedy", b, small, 2.0),
+    ]
+    median, geomean, worst = score_cost_model(tnlayers.CostModel(step_overhead=0.0), records)
+    assert (median, worst) == (2.0, 3.0) and geomean == pytest.approx(3.0**0.5)
+    assert score_cost_model(tnlayers.CostModel(), [r for r in records if r["case"] == "right"]) == (1.0, 1.0, 1.0)

@@ -11,6 +11,7 @@ from conftest import reference_patches
 import tnlayers
 from tnlayers import layer as kit
 from tnlayers.decompose import DecompositionReport
+from tnlayers.plan import auto_candidates, weight_step_sizes
 
 
 @pytest.mark.parametrize(("value", "expected"), [(3, (3, 3)), ((2, 5), (2, 5)), ([1, 4], (1, 4))])
@@ -356,3 +357,60 @@ def test_conv_channels_splits_the_kernel_matrix_rows_into_positions_and_channels
         kit.conv_channels(spec, (0, 3))
     with pytest.raises(ValueError, match=r"the cores map 36 inputs, not a multiple of the kernel's 5\*5 positions"):
         kit.conv_channels(spec, 5)
+
+
+# --- planning for training under the bound on what it keeps -------------------------------------------------
+
+#: Fixed weights (not a backend's fitted ones), so the expected choices below do not move with a refit.
+BOUNDED_MODEL = tnlayers.CostModel(
+    peak_flops=3.2e11, bandwidth=2e9, half_size=1, step_overhead=1e-5, tolerance=0.1, planned_step_overhead=6e-5
+)
+
+
+def test_training_cost_adds_the_steps_the_planned_backward_recomputes() -> None:
+    """Zipper on 8^4 at 256 rows: every intermediate is 8x the input, so under a 1.5x budget nothing is kept
+    and the cores' gradients read the first three step outputs again (the last one is y)."""
+    spec = tnlayers.MPOSpec((8, 8, 8, 8), (8, 8, 8, 8), 8)
+    plan = tnlayers.plan(spec, 256, "zipper", cost_model=BOUNDED_MODEL, gradients="cores")
+    needs = (False, True, True, True, True)
+    assert kit.training_cost(plan, 256, needs, None, BOUNDED_MODEL) == plan.cost  # no bound: autograd's backward
+    assert kit.training_cost(plan, 16, needs, 1.5, BOUNDED_MODEL) == plan.cost  # below 32 rows nothing is bounded
+    recomputed = sum(BOUNDED_MODEL.step_cost(*plan.step_sizes[k]) for k in range(3))
+    expected = plan.cost + 4 * 6e-5 + recomputed
+    assert kit.training_cost(plan, 256, needs, 1.5, BOUNDED_MODEL) == pytest.approx(expected, rel=1e-12)
+
+
+def test_training_cost_of_a_plan_that_builds_w_counts_rebuilding_it() -> None:
+    """A materialising plan that may not keep W keeps its halves: the backward rebuilds W from them (the
+    last weight product) for x's gradient only; without the halves it rebuilds them for the cores too."""
+    spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 16)
+    plan = tnlayers.plan(spec, 256, "materialize", cost_model=BOUNDED_MODEL, gradients="all")
+    sizes = weight_step_sizes(spec)
+    overhead = len(plan.steps) * 6e-5
+    with_input = (True, True, True, True, True)
+    assert kit.keeps_weight_halves(plan, 256, with_input, 1.5)
+    expected = plan.cost + overhead + BOUNDED_MODEL.step_cost(*sizes[-1])
+    assert kit.training_cost(plan, 256, with_input, 1.5, BOUNDED_MODEL) == pytest.approx(expected, rel=1e-12)
+    assert not kit.keeps_weight_halves(plan, 256, with_input, 1.0)  # x alone fills a 1.0 budget
+    rebuilt = sum(BOUNDED_MODEL.step_cost(*size) for size in [*sizes, *sizes[:-1]])
+    expected = plan.cost + overhead + rebuilt
+    assert kit.training_cost(plan, 256, with_input, 1.0, BOUNDED_MODEL) == pytest.approx(expected, rel=1e-12)
+
+
+def test_auto_plans_training_within_the_bound_with_what_recomputing_costs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LeNet's 120 -> 84 layer at batch 32: the plain choice recomputes under the 1.5x bound; the bounded
+    choice is one whose backward reads only what fits, so it runs on autograd's backward."""
+    monkeypatch.setattr(kit, "cost_model_for", lambda backend: BOUNDED_MODEL)
+    spec = tnlayers.MPOSpec((2, 5, 6, 2), (2, 3, 7, 2), 4)
+    planner = kit.LayerPlanner.make(spec, "auto", "torch")
+    needs = (False, True, True, True, True)
+    plain = planner.plan(32, "cores")
+    bounded = planner.plan(32, "cores", saved_budget=1.5)
+    assert kit.kept_for_backward(plain, 32, needs, 1.5) is not None  # the plain choice would recompute
+    assert kit.kept_for_backward(bounded, 32, needs, 1.5) is None
+    candidates = auto_candidates(spec, 32, BOUNDED_MODEL, "cores")
+    costs = {p.method: kit.training_cost(p, 32, needs, 1.5, BOUNDED_MODEL) for p in candidates}
+    assert costs[bounded.method] <= (1 + BOUNDED_MODEL.tolerance) * min(costs.values())
+    assert planner.plan(32, "cores", saved_budget=None) == plain  # no bound: as before
+    assert planner.plan(16, "cores", saved_budget=1.5) == planner.plan(16, "cores")  # below 32 rows: as before
+    assert planner.plan(32, "none", saved_budget=1.5) == planner.plan(32, "none")  # inference: as before

@@ -379,3 +379,37 @@ def test_keep_within_adds_up_what_it_keeps() -> None:
     budget = sum(sizes[k] for k in reads[:3]) - 1
     assert keep_within(plan, 8, needs, budget) == set(reads[:2])
     assert keep_within(plan, 8, (True, False, False, False, False), None) == frozenset()  # x's path reads cores only
+
+
+def test_a_torch_layer_plans_training_within_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LeNet's 120 -> 84 layer at batch 32: the layer trains by a plan whose backward needs no recomputation
+    under its budget (autograd's own backward, no planned one), and its gradients are the dense layer's."""
+    torch = pytest.importorskip("torch")
+    from tnlayers.backends.torch import MPOLinear
+
+    from tnlayers import layer as kit
+
+    model = tnlayers.CostModel(3.2e11, 2e9, 1, 1e-5, 0.1, planned_step_overhead=6e-5)
+    monkeypatch.setattr(kit, "cost_model_for", lambda backend: model)
+    layer = MPOLinear((2, 5, 6, 2), (2, 3, 7, 2), 4).double()
+    x = torch.randn(32, 120, dtype=torch.float64)
+    plan = layer._plan(x, 32, layer._core_tensors())
+    assert kit.kept_for_backward(plan, 32, (False, True, True, True, True), layer.saved_budget) is None
+    y = layer(x)
+    assert "_PlannedContraction" not in type(y.grad_fn).__name__ + str(y.grad_fn.next_functions)
+    grad_out = torch.randn_like(y)
+    core_grads = torch.autograd.grad(y, list(layer.cores), grad_out)
+    dense = layer.to_linear()
+    torch.testing.assert_close(y, dense(x), rtol=1e-10, atol=1e-10)
+    (grad_w,) = torch.autograd.grad(dense(x), [dense.weight], grad_out)
+    cores = [c.detach().numpy() for c in layer.cores]
+    direction = [np.random.default_rng(k).normal(size=c.shape) for k, c in enumerate(cores)]
+    exact = sum(
+        float(np.sum(grad_w.numpy().T * dense_reference([*cores[:k], d, *cores[k + 1 :]])))
+        for k, d in enumerate(direction)
+    )
+    measured = sum(float(np.sum(g.numpy() * d)) for g, d in zip(core_grads, direction))
+    assert measured == pytest.approx(exact, rel=1e-9)
+    layer.saved_budget = None  # no bound: the plain choice, which would recompute under one
+    plain = layer._plan(x, 32, layer._core_tensors())
+    assert kit.kept_for_backward(plain, 32, (False, True, True, True, True), 1.5) is not None

@@ -104,6 +104,8 @@ def _matmul_shapes(step: Pairwise, shape_a: tuple[int, ...], shape_b: tuple[int,
     k = math.prod(shape_a[lo:hi])
     free_b = [shape_b[d] for d in route.b_order[hi - lo :]]
     p, q = shape_a[:lo], shape_a[hi:]
+    a_shape: tuple[int, ...]
+    a_swap: tuple[int, ...] | None
     if not q:
         a_shape, a_swap = (math.prod(p), k), None
     elif not p:
@@ -170,7 +172,9 @@ def _torch_pairwise(step: Pairwise, a: Any, b: Any) -> Any:
     # product (``a``'s contracted block leads or trails it) is what tensordot runs, without its wrapper
     # and, for a leading block, without its copy of ``a``.
     if route is not None and (
-        route.lo == 0 or route.hi == len(a.shape) or not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+        route.lo == 0
+        or route.hi == len(a.shape)
+        or not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
     ):
         return _matmul_product(step, a, b, torch.matmul, _permute)
     product = torch.tensordot(a, b, dims=_tensordot_axes(step, len(a.shape), len(b.shape)))

@@ -48,6 +48,10 @@ class CostModel:
     """Whether the weights were fitted to this backend's measured times, so that an estimate may be compared
     with one plain product's (a kept ``W``, :meth:`tnlayers.layer.LayerPlanner.reuses_weight`); the default
     weights only rank plans."""
+    planned_step_overhead: float = 0.0
+    """Seconds per step that training adds when the bound on what it keeps sends a plan through the planned
+    backward (:func:`tnlayers.layer.training_cost`): that backward's own work per product, beside the steps
+    it recomputes."""
 
     def choose(self, plans: Sequence[ContractionPlan]) -> ContractionPlan:
         """The plan ``auto`` runs: the fewest flops among those costed within ``tolerance`` of the cheapest.
@@ -117,6 +121,8 @@ COST_MODELS: dict[str, CostModel] = {
         parallel_threshold=1.9e5,
         parallel_overhead=thread_wake_seconds(os.environ.get("OMP_WAIT_POLICY")),  # read once, at import
         fitted=True,
+        # measured: the planned backward took 65-75 us per step more than autograd's (4-core layers, batch 32)
+        planned_step_overhead=6e-5,
     ),
     "tensorflow": DEFAULT_COST_MODEL,
     "jax": DEFAULT_COST_MODEL,

@@ -34,13 +34,14 @@ from numpy.typing import NDArray
 from .autotune import Autotuner, default_tuner
 from .calibrate import RANK_LADDER, allocate, output_error
 from .checkpoint import load
-from .contract import ArrayOps, backward_reads, keep_within, weight_halves
+from .contract import ArrayOps, backward_reads, keep_within, step_ids, weight_halves
 from .cost import CostModel, cost_model_for
 from .decompose import DecompositionReport, from_dense, to_dense, trivial_modes
 from .init import INITIALIZERS
 from .plan import (
     GRADIENTS,
     ContractionPlan,
+    auto_candidates,
     batch_bucket,
     dense_cost,
     plan,
@@ -203,6 +204,44 @@ def keeps_weight_halves(plan: ContractionPlan, rows: int, needs: tuple[bool, ...
     return (size if any(needs[1:]) else 0) + (left + right) * bond <= saved_budget * size
 
 
+def training_cost(
+    plan_: ContractionPlan, rows: int, needs: tuple[bool, ...], saved_budget: float | None, model: CostModel
+) -> float:
+    """What a training call by ``plan_`` costs under ``model``, with ``saved_budget`` bounding what it keeps:
+    ``plan_.cost`` (forward and backward as autograd runs them) where everything the backward reads fits,
+    else that plus the steps the planned backward recomputes and its own work per step
+    (``CostModel.planned_step_overhead``). ``needs``: per operand (``x``, then the cores)."""
+    keep = None if saved_budget is None else kept_for_backward(plan_, rows, needs, saved_budget)
+    if keep is None:
+        return plan_.cost
+    extra = len(plan_.steps) * model.planned_step_overhead
+    if plan_.builds_weight:  # W again for x's gradient (from the halves if kept); the halves for the cores'
+        sizes = weight_step_sizes(plan_.spec)
+        if keeps_weight_halves(plan_, rows, needs, saved_budget):
+            rebuilt = sizes[-1:] if needs[0] else []
+        else:
+            rebuilt = (sizes if needs[0] else []) + (sizes[:-1] if any(needs[1:]) else [])
+        return plan_.cost + extra + sum(model.step_cost(*size) for size in rebuilt)
+    n_operands = len(plan_.operand_shapes)
+    needed = set(backward_reads(plan_.steps, n_operands, needs))  # as tnlayers.contract.replay recomputes
+    for step, (id_a, id_b, id_out) in reversed(list(enumerate(step_ids(plan_.steps, n_operands)))):
+        if id_out in needed and id_out not in keep:
+            needed.update((id_a, id_b))
+            extra += model.step_cost(*plan_.step_sizes[step])
+    return plan_.cost + extra
+
+
+@functools.lru_cache(maxsize=1024)
+def _auto_within_budget(
+    spec: MPOSpec, bucket: int, model: CostModel, gradients: str, saved_budget: float
+) -> ContractionPlan:
+    """``auto``'s choice for training under ``saved_budget``: its candidates ranked by :func:`training_cost`."""
+    candidates = auto_candidates(spec, bucket, model, gradients)
+    needs = (gradients == "all", *([True] * spec.n_cores))
+    costs = [training_cost(candidate, bucket, needs, saved_budget, model) for candidate in candidates]
+    return candidates[model.choose_index(costs, [candidate.flops for candidate in candidates])]
+
+
 def check_input(shape: Sequence[Any], in_features: int, what: str) -> None:
     """A ``ValueError`` naming the expected width unless ``shape`` is ``(..., in_features)`` (``None`` passes)."""
     if len(shape) == 0 or (shape[-1] is not None and shape[-1] != in_features):
@@ -303,12 +342,15 @@ class LayerPlanner:
         key: Sequence[str] = (),
         timer: Callable[[ContractionPlan], Callable[[], object]] | None = None,
         tuner: Autotuner | None = None,
+        saved_budget: float | None = None,
     ) -> ContractionPlan:
         """The plan for ``rows`` input rows (``None`` if unknown) and what the backward will need.
 
         With ``strategy="autotune"``: the winner remembered under ``key`` (see :func:`tune_key`); else,
         when the adapter can time now, it passes ``timer`` (a plan -> a call that runs it on this
-        input) and the candidates are timed; else the cost model's choice.
+        input) and the candidates are timed; else the cost model's choice. For training under a
+        ``saved_budget`` (from :data:`MIN_BOUNDED_ROWS` rows), ``auto`` ranks its candidates by
+        :func:`training_cost`: a plan whose backward must recompute pays for it.
         """
         bucket = batch_bucket(rows)
         if self.autotunes:
@@ -318,6 +360,8 @@ class LayerPlanner:
                 return known
             if timer is not None:
                 return tuner.tune(self.spec, bucket, timer, key, self.cost_model, gradients=gradients)
+        if self.strategy == "auto" and gradients != "none" and saved_budget is not None and bucket >= MIN_BOUNDED_ROWS:
+            return _auto_within_budget(self.spec, bucket, self.cost_model, gradients, saved_budget)
         return plan_by_key(self.spec, bucket, self.strategy, self.cost_model, gradients)
 
     def conv_route(self, rows: Any) -> tuple[ContractionPlan, bool]:

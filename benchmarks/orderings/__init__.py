@@ -22,7 +22,7 @@ where ``--profile`` finds the time goes), ``analysis``
 (ratios, per-path times, the cost-model fit), ``report`` (summary and plots), ``cli`` (the command).
 """
 
-from .analysis import dense_ratios, fit_cost_model, path_times, planner_figures, ratio_table
+from .analysis import dense_ratios, fit_cost_model, path_times, planner_figures, ratio_table, score_cost_model
 from .cases import BASELINES, CASES, ORDERINGS, Case
 
 __all__ = [
@@ -35,4 +35,5 @@ __all__ = [
     "path_times",
     "planner_figures",
     "ratio_table",
+    "score_cost_model",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import tnlayers
@@ -134,23 +134,16 @@ PARALLEL_THRESHOLD = cost_model_for("torch").parallel_threshold
 timing random shapes on 1 and 2 threads); ``--fit`` fits the cost of waking the threads."""
 
 
-def fit_cost_model(
-    records: Sequence[dict[str, Any]], mode: str = "forward+backward"
-) -> tuple[tnlayers.CostModel, tuple[float, float, float]]:
-    """Grid search of CostModel weights for ``auto``'s choice among its candidates.
-
-    Scored by the worst, then the geometric mean, of the picked path's time / the fastest path's
-    (any ordering, opt_einsum's and cotengra's included; a path's time is the median over the
-    contenders that ran it, as in :func:`ratio_table`), a worst within 1.5x counting as met;
-    returns the model and its (median, geometric mean, worst) on these records.
-    """
+def _picked_ratios(records: Sequence[dict[str, Any]], mode: str) -> Callable[[tnlayers.CostModel], list[float]]:
+    """``model -> [time of the path it picks / the fastest path's]`` per (backend, case, batch) of ``records``
+    (any ordering, opt_einsum's and cotengra's included; a path's time is the median over the contenders
+    that ran it, as in :func:`ratio_table`)."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in records:
         if r["mode"] == mode and r["ordering"] in AUTO_CHOICES:
             groups.setdefault((r["backend"], r["case"], r["batch"]), []).append(r)
     path_time, ran = path_times(records, mode)
     fastest = {key: min(times.values()) for key, times in path_time.items()}
-
     gradients = "none" if mode == "forward" else "cores"
 
     def estimate(model: tnlayers.CostModel, r: dict[str, Any]) -> float:
@@ -165,6 +158,32 @@ def fit_cost_model(
             path_time[key][ran[(*key, pick(model, group)["ordering"])]] / fastest[key] for key, group in groups.items()
         ]
 
+    return ratios
+
+
+def _figures(values: Sequence[float]) -> tuple[float, float, float]:
+    return statistics.median(values), math.exp(statistics.fmean(map(math.log, values))), max(values)
+
+
+def score_cost_model(
+    model: tnlayers.CostModel, records: Sequence[dict[str, Any]], mode: str = "forward+backward"
+) -> tuple[float, float, float]:
+    """(median, geometric mean, worst) of the time of the path ``model`` picks over the fastest path's, on
+    ``records``: how a fit holds on a run it was not fitted to."""
+    return _figures(_picked_ratios(records, mode)(model))
+
+
+def fit_cost_model(
+    records: Sequence[dict[str, Any]], mode: str = "forward+backward"
+) -> tuple[tnlayers.CostModel, tuple[float, float, float]]:
+    """Grid search of CostModel weights for ``auto``'s choice among its candidates.
+
+    Scored by the worst, then the geometric mean, of the picked path's time / the fastest path's
+    (see :func:`score_cost_model`), a worst within 1.5x counting as met; returns the model and its
+    (median, geometric mean, worst) on these records.
+    """
+    ratios = _picked_ratios(records, mode)
+
     def score(model: tnlayers.CostModel) -> tuple[float, float]:
         values = ratios(model)  # the issue's bound first (worst within 1.5x), then the geometric mean
         return max(max(values), 1.5), round(math.exp(statistics.fmean(map(math.log, values))), 4)
@@ -172,5 +191,4 @@ def fit_cost_model(
     grid = itertools.product(*FIT_GRID.values())
     models = (tnlayers.CostModel(p, b, h, o, t, PARALLEL_THRESHOLD if w else math.inf, w) for p, b, h, o, t, w in grid)
     best = min(models, key=score)
-    values = ratios(best)
-    return best, (statistics.median(values), math.exp(statistics.fmean(map(math.log, values))), max(values))
+    return best, _figures(ratios(best))

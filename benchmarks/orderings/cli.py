@@ -13,9 +13,10 @@ from tqdm.auto import tqdm
 
 import benchmarks.orderings as package
 from tnlayers.autotune import Autotuner
+from tnlayers.cost import cost_model_for
 from tnlayers.layer import DEFAULT_SAVED_BUDGET, check_saved_budget
 
-from .analysis import dense_ratios, fit_cost_model, planner_figures, ratio_table
+from .analysis import dense_ratios, fit_cost_model, planner_figures, ratio_table, score_cost_model
 from .cases import BATCHES, CASES, MAX_DENSE_FLOPS, ORDERINGS, PLANNERS, QUICK_BATCHES, QUICK_CASES, Case
 from .measure import environment, measure_case
 from .profiling import overhead, profile
@@ -59,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-overhead", action="store_true", help="skip the per-call overhead measurement (torch)")
     parser.add_argument(
         "--from-records", type=Path, default=None, help="summarise / --fit a records.jsonl, timing nothing"
+    )
+    parser.add_argument(
+        "--check-fit",
+        type=Path,
+        default=None,
+        metavar="RECORDS",
+        help="with --fit: score the fitted and the current weights on a second run's records.jsonl",
     )
     parser.add_argument(
         "--profile", metavar="CASE", default=None, help="torch: where auto's forward+backward spends its time, per op"
@@ -144,7 +152,11 @@ def _measure(
 
 
 def _print_figures(
-    records: Sequence[dict[str, Any]], backends: Sequence[str], fit: bool, gemm: dict[str, float]
+    records: Sequence[dict[str, Any]],
+    backends: Sequence[str],
+    fit: bool,
+    gemm: dict[str, float],
+    check: Sequence[dict[str, Any]] = (),
 ) -> dict[tuple[str, str], Any]:
     rows = ratio_table(records)
     figures: dict[tuple[str, str], Any] = {}
@@ -170,6 +182,12 @@ def _print_figures(
             fitted, (med, geo, worst) = fit_cost_model([r for r in records if r["backend"] == backend])
             figures[(backend, "fitted")] = fitted
             print(f"{backend:<10} fitted {fitted}: median {med:.3f}x, geomean {geo:.3f}x, worst {worst:.3f}x")
+            held_out = [r for r in check if r["backend"] == backend]
+            for name, model in (("fitted", fitted), ("current", cost_model_for(backend))) if held_out else ():
+                med, geo, worst = score_cost_model(model, held_out)
+                figures[(backend, f"{name} on the second run")] = (med, geo, worst)
+                print(f"{backend:<10} {name} weights on the second run, by path: "
+                      f"median {med:.3f}x, geomean {geo:.3f}x, worst {worst:.3f}x")  # fmt: skip
     return figures
 
 
@@ -200,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print()
     if calls:
         print("\n".join(overhead_lines(calls)) + "\n")
-    figures = _print_figures(records, backends, args.fit, env.get("gemm_gflops") or {})
+    check = _read_records(args.check_fit, backends)[0] if args.check_fit else []
+    figures = _print_figures(records, backends, args.fit, env.get("gemm_gflops") or {}, check)
     print(
         f"\n{'read' if args.from_records else 'wrote'} {len(records)} records; wrote {args.out / 'summary.md'}, "
         + ", ".join(str(p) for p in paths)

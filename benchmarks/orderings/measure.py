@@ -55,7 +55,10 @@ def _plans(
     plans = {}
     for name in orderings:
         if name == "auto":  # what a layer plans: for a forward, or for training with the input as data
-            plans[name] = tnlayers.plan(spec, batch, "auto", cost_model=model, gradients=gradients)
+            budget = runner.saved_budget if runner.backend == "torch" else None  # torch's layer plans within it
+            plans[name] = kit.LayerPlanner.make(spec, "auto", runner.backend).plan(
+                batch, gradients, saved_budget=budget
+            )
         elif name == "autotune":
             run = runner.forward if gradients == "none" else runner.train_step
             key = kit.tune_key(runner.backend, runner.device, str(runner.x_np.dtype), gradients)
