@@ -162,21 +162,30 @@ def test_auto_is_judged_against_the_dense_layer() -> None:
 
 
 def test_a_cost_model_is_scored_on_records_it_was_not_fitted_to() -> None:
-    """``score_cost_model``: the measured time of the path the model picks over the fastest path's, per case."""
+    """``score_cost_model``: the measured time of the path the model picks over the fastest path's, per case,
+    each candidate costed as the torch layer plans it (within its bound on what training keeps)."""
     from benchmarks.orderings import score_cost_model
 
-    def record(case: str, ordering: str, path: list[list[int]], steps: list[list[int]], ms: float) -> dict[str, object]:
-        return {"backend": "torch", "case": case, "batch": 8, "mode": "forward+backward", "ordering": ordering,
-                "path": path, "in_modes": [2, 2], "step_sizes": steps, "flops": 100, "median_s": ms / 1e3}  # fmt: skip
+    spec = tnlayers.MPOSpec((8, 8, 8, 8), (8, 8, 8, 8), 8)
+    paths = {name: [list(pair) for pair in tnlayers.plan(spec, 256, name).path] for name in ("zipper", "materialize")}
 
-    a, b = [[0, 1], [0, 1]], [[1, 2], [0, 1]]
-    big, small = [[1000, 1000, 1000, 0]] * 2, [[10, 10, 10, 0]] * 2
-    records = [
-        record("fooled", "zipper", a, big, 1.0),  # the model rates b cheaper, but a runs 3x faster
-        record("fooled", "greedy", b, small, 3.0),
-        record("right", "zipper", a, big, 4.0),  # here b is the faster one too
-        record("right", "greedy", b, small, 2.0),
-    ]
-    median, geomean, worst = score_cost_model(tnlayers.CostModel(step_overhead=0.0), records)
+    def record(case: str, ordering: str, ms: float, budget: float | None = 1.5) -> dict[str, object]:
+        return {"backend": "torch", "case": case, "batch": 256, "mode": "forward+backward", "ordering": ordering,
+                "path": paths[ordering], "in_modes": [8] * 4, "out_modes": [8] * 4, "ranks": [1, 8, 8, 8, 1],
+                "flops": 100, "median_s": ms / 1e3, "saved_budget": budget}  # fmt: skip
+
+    # memory nearly free: by flops zipper (a quarter of the dense flops) is the cheaper plan; but its
+    # intermediates are 8x the input, so under the 1.5x bound its backward recomputes them all, and at a
+    # second per step of the planned backward the model must pick materialize, whose backward fits
+    model = tnlayers.CostModel(bandwidth=1e12, planned_step_overhead=1.0)
+    costs = {name: tnlayers.plan(spec, 256, name, cost_model=model, gradients="cores").cost for name in paths}
+    assert costs["zipper"] < costs["materialize"]
+    picked = "zipper"  # what the model picks with no bound
+    times = {picked: 3.0, ({*paths} - {picked}).pop(): 1.0}  # ... made 3x slower than the other
+    fooled = [record("fooled", name, ms, None) for name, ms in times.items()]
+    right = [record("right", "zipper", 2.0), record("right", "materialize", 1.0)]
+    median, geomean, worst = score_cost_model(model, fooled + right)
     assert (median, worst) == (2.0, 3.0) and geomean == pytest.approx(3.0**0.5)
-    assert score_cost_model(tnlayers.CostModel(), [r for r in records if r["case"] == "right"]) == (1.0, 1.0, 1.0)
+    assert score_cost_model(model, right) == (1.0, 1.0, 1.0)
+    slow_fit = [record("right", "zipper", 1.0), record("right", "materialize", 2.0)]  # recomputing pays here
+    assert score_cost_model(model, slow_fit) == (2.0, 2.0, 2.0)

@@ -204,31 +204,39 @@ def keeps_weight_halves(plan: ContractionPlan, rows: int, needs: tuple[bool, ...
     return (size if any(needs[1:]) else 0) + (left + right) * bond <= saved_budget * size
 
 
+def recomputed_steps(
+    plan_: ContractionPlan, rows: int, needs: tuple[bool, ...], saved_budget: float | None
+) -> tuple[tuple[int, int, int, int], ...] | None:
+    """The ``(M, N, K, elements moved)`` of the products a training call by ``plan_`` runs again in its
+    backward under ``saved_budget`` (see :func:`kept_for_backward`), or ``None`` where everything the
+    backward reads fits and autograd's own backward runs. ``needs``: per operand (``x``, then the cores)."""
+    keep = None if saved_budget is None else kept_for_backward(plan_, rows, needs, saved_budget)
+    if keep is None:
+        return None
+    if plan_.builds_weight:  # W again for x's gradient (from the halves if kept); the halves for the cores'
+        sizes = weight_step_sizes(plan_.spec)
+        if keeps_weight_halves(plan_, rows, needs, saved_budget):
+            return tuple(sizes[-1:] if needs[0] else [])
+        return tuple((sizes if needs[0] else []) + (sizes[:-1] if any(needs[1:]) else []))
+    n_operands = len(plan_.operand_shapes)
+    needed = set(backward_reads(plan_.steps, n_operands, needs))  # as tnlayers.contract.replay recomputes
+    recomputed = []
+    for step, (id_a, id_b, id_out) in reversed(list(enumerate(step_ids(plan_.steps, n_operands)))):
+        if id_out in needed and id_out not in keep:
+            needed.update((id_a, id_b))
+            recomputed.append(plan_.step_sizes[step])
+    return tuple(recomputed)
+
+
 def training_cost(
     plan_: ContractionPlan, rows: int, needs: tuple[bool, ...], saved_budget: float | None, model: CostModel
 ) -> float:
     """What a training call by ``plan_`` costs under ``model``, with ``saved_budget`` bounding what it keeps:
     ``plan_.cost`` (forward and backward as autograd runs them) where everything the backward reads fits,
-    else that plus the steps the planned backward recomputes and its own work per step
-    (``CostModel.planned_step_overhead``). ``needs``: per operand (``x``, then the cores)."""
-    keep = None if saved_budget is None else kept_for_backward(plan_, rows, needs, saved_budget)
-    if keep is None:
-        return plan_.cost
-    extra = len(plan_.steps) * model.planned_step_overhead
-    if plan_.builds_weight:  # W again for x's gradient (from the halves if kept); the halves for the cores'
-        sizes = weight_step_sizes(plan_.spec)
-        if keeps_weight_halves(plan_, rows, needs, saved_budget):
-            rebuilt = sizes[-1:] if needs[0] else []
-        else:
-            rebuilt = (sizes if needs[0] else []) + (sizes[:-1] if any(needs[1:]) else [])
-        return plan_.cost + extra + sum(model.step_cost(*size) for size in rebuilt)
-    n_operands = len(plan_.operand_shapes)
-    needed = set(backward_reads(plan_.steps, n_operands, needs))  # as tnlayers.contract.replay recomputes
-    for step, (id_a, id_b, id_out) in reversed(list(enumerate(step_ids(plan_.steps, n_operands)))):
-        if id_out in needed and id_out not in keep:
-            needed.update((id_a, id_b))
-            extra += model.step_cost(*plan_.step_sizes[step])
-    return plan_.cost + extra
+    else that plus the steps the planned backward recomputes (:func:`recomputed_steps`) and its own work
+    per step (``CostModel.planned_step_overhead``)."""
+    recomputed = recomputed_steps(plan_, rows, needs, saved_budget)
+    return plan_.cost + model.bound_cost(len(plan_.steps), recomputed)
 
 
 @functools.lru_cache(maxsize=1024)

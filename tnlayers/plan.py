@@ -40,6 +40,7 @@ __all__ = [
     "dense_cost",
     "plan",
     "plan_by_key",
+    "plan_cost",
     "strategy_key",
 ]
 
@@ -412,12 +413,7 @@ def _build(
         step_sizes.append((m, n, k, size(a) + size(b) + size(out) + 2 * copied))
         largest = max(largest, size(out))
     builds = _builds_weight(steps, len(shapes))
-    if builds:  # run as dense_weight builds W, then one product (tnlayers.contract.execute)
-        run_sizes = _materialized_sizes(spec, batch)
-        grads = [(True, True)] * (len(run_sizes) - 1) + [(gradients == "all", True)]
-        cost = model.estimate(run_sizes, None if gradients == "none" else grads)
-    else:
-        cost = model.estimate(step_sizes, grad_inputs(steps, len(shapes), gradients))
+    cost = _cost(spec, batch, builds, steps, step_sizes, model, gradients)
     return ContractionPlan(
         spec=spec,
         batch_size=batch,
@@ -432,6 +428,30 @@ def _build(
         builds_weight=builds,
         cost=cost,
         gradients=gradients,
+    )
+
+
+def _cost(
+    spec: MPOSpec,
+    batch: int,
+    builds_weight: bool,
+    steps: Sequence[PlanStep],
+    step_sizes: Sequence[tuple[int, int, int, int]],
+    model: CostModel,
+    gradients: str,
+) -> float:
+    if builds_weight:  # run as dense_weight builds W, then one product (tnlayers.contract.execute)
+        run_sizes = _materialized_sizes(spec, batch)
+        grads = [(True, True)] * (len(run_sizes) - 1) + [(gradients == "all", True)]
+        return model.estimate(run_sizes, None if gradients == "none" else grads)
+    return model.estimate(step_sizes, grad_inputs(steps, spec.n_cores + 1, gradients))
+
+
+def plan_cost(plan_: ContractionPlan, model: CostModel) -> float:
+    """``plan_``'s cost under another ``model``, for what it was planned for (its ``gradients``): the
+    ``cost`` it would have been built with (so plans can be re-ranked, e.g. when fitting a model)."""
+    return _cost(
+        plan_.spec, plan_.batch_size, plan_.builds_weight, plan_.steps, plan_.step_sizes, model, plan_.gradients
     )
 
 

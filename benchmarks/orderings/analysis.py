@@ -9,8 +9,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import tnlayers
+from tnlayers import layer as kit
 from tnlayers.cost import cost_model_for
-from tnlayers.plan import grad_inputs
+from tnlayers.plan import plan_cost
 
 from .cases import AUTO_CHOICES, BASELINES, PLANNERS
 
@@ -125,8 +126,9 @@ FIT_GRID: dict[str, list[float]] = {
     "bandwidth": [2e8, 4e8, 1e9, 2e9, 4e9],
     "half_size": [1, 2, 8, 32],
     "step_overhead": [1e-5, 2e-5, 4e-5],
-    "tolerance": [0.0, 0.1, 0.2, 0.3],
+    "tolerance": [0.0, 0.03, 0.1, 0.2],
     "parallel_overhead": [0.0, 5e-5, 9e-5, 1.5e-4],
+    "planned_step_overhead": [6e-5, 1.5e-4, 2.5e-4, 4e-4],
 }
 
 PARALLEL_THRESHOLD = cost_model_for("torch").parallel_threshold
@@ -134,29 +136,39 @@ PARALLEL_THRESHOLD = cost_model_for("torch").parallel_threshold
 timing random shapes on 1 and 2 threads); ``--fit`` fits the cost of waking the threads."""
 
 
+def _as_planned(r: dict[str, Any], gradients: str) -> tuple[tnlayers.ContractionPlan, Any]:
+    """The plan a record ran, rebuilt from its path, and what the bound on training memory makes its
+    backward recompute (:func:`tnlayers.layer.recomputed_steps`; ``None``: nothing, or no bound applies).
+    Only torch's layer plans within the bound; a record without ``saved_budget`` ran under the default."""
+    spec = tnlayers.MPOSpec(tuple(r["in_modes"]), tuple(r["out_modes"]), tuple(r["ranks"][1:-1]))
+    planned = tnlayers.plan(spec, r["batch"], [tuple(pair) for pair in r["path"]], gradients=gradients)
+    budget = r.get("saved_budget", kit.DEFAULT_SAVED_BUDGET) if r["backend"] == "torch" else None
+    if gradients == "none" or budget is None or planned.batch_size < kit.MIN_BOUNDED_ROWS:
+        return planned, None
+    needs = (gradients == "all", *([True] * spec.n_cores))
+    return planned, kit.recomputed_steps(planned, planned.batch_size, needs, budget)
+
+
 def _picked_ratios(records: Sequence[dict[str, Any]], mode: str) -> Callable[[tnlayers.CostModel], list[float]]:
     """``model -> [time of the path it picks / the fastest path's]`` per (backend, case, batch) of ``records``
     (any ordering, opt_einsum's and cotengra's included; a path's time is the median over the contenders
-    that ran it, as in :func:`ratio_table`)."""
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    that ran it, as in :func:`ratio_table`). Each candidate is costed as a layer plans it: for what it
+    runs for, and, in training under torch's bound on what it keeps, with what recomputing costs."""
+    gradients = "none" if mode == "forward" else "cores"
+    groups: dict[tuple[Any, ...], list[tuple[dict[str, Any], tnlayers.ContractionPlan, Any]]] = {}
     for r in records:
         if r["mode"] == mode and r["ordering"] in AUTO_CHOICES:
-            groups.setdefault((r["backend"], r["case"], r["batch"]), []).append(r)
+            key = (r["backend"], r["case"], r["batch"])
+            groups.setdefault(key, []).append((r, *_as_planned(r, gradients)))
     path_time, ran = path_times(records, mode)
     fastest = {key: min(times.values()) for key, times in path_time.items()}
-    gradients = "none" if mode == "forward" else "cores"
 
-    def estimate(model: tnlayers.CostModel, r: dict[str, Any]) -> float:
-        grads = grad_inputs([tuple(p) for p in r["path"]], len(r["in_modes"]) + 1, gradients)
-        return model.estimate([tuple(s) for s in r["step_sizes"]], grads)
-
-    def pick(model: tnlayers.CostModel, group: list[dict[str, Any]]) -> dict[str, Any]:
-        return group[model.choose_index([estimate(model, r) for r in group], [r["flops"] for r in group])]
+    def pick(model: tnlayers.CostModel, group: list[tuple[dict[str, Any], tnlayers.ContractionPlan, Any]]) -> str:
+        costs = [plan_cost(p, model) + model.bound_cost(len(p.steps), recomputed) for _, p, recomputed in group]
+        return str(group[model.choose_index(costs, [r["flops"] for r, _, _ in group])][0]["ordering"])
 
     def ratios(model: tnlayers.CostModel) -> list[float]:
-        return [
-            path_time[key][ran[(*key, pick(model, group)["ordering"])]] / fastest[key] for key, group in groups.items()
-        ]
+        return [path_time[key][ran[(*key, pick(model, group))]] / fastest[key] for key, group in groups.items()]
 
     return ratios
 
@@ -189,6 +201,9 @@ def fit_cost_model(
         return max(max(values), 1.5), round(math.exp(statistics.fmean(map(math.log, values))), 4)
 
     grid = itertools.product(*FIT_GRID.values())
-    models = (tnlayers.CostModel(p, b, h, o, t, PARALLEL_THRESHOLD if w else math.inf, w) for p, b, h, o, t, w in grid)
+    models = (
+        tnlayers.CostModel(p, b, h, o, t, PARALLEL_THRESHOLD if w else math.inf, w, planned_step_overhead=q)
+        for p, b, h, o, t, w, q in grid
+    )
     best = min(models, key=score)
     return best, _figures(ratios(best))

@@ -143,6 +143,7 @@ def _measure(
             runner = RUNNERS[backend](case.spec, batch, args.dtype, args.device if backend == "torch" else "cpu")
             runner.saved_budget = args.saved_budget
             measured = measure_case(runner, args.orderings, repeats, args.modes, case, tuner)
+            measured = [{**record, "saved_budget": args.saved_budget} for record in measured]
             records += measured
             handle.writelines(json.dumps({**record, **env}) + "\n" for record in measured)
             handle.flush()
