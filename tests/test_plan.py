@@ -301,3 +301,19 @@ def test_a_path_optimiser_registered_with_opt_einsum_is_accepted_by_name() -> No
     assert chosen.path == tnlayers.plan(spec, 16, "greedy").path and chosen.strategy == name
     with pytest.raises(ValueError, match="unknown strategy 'tnlayers-test-unregistered'"):
         tnlayers.plan(spec, 16, "tnlayers-test-unregistered")
+
+
+@pytest.mark.parametrize("strategy", ["zipper", "materialize", "greedy"])
+@pytest.mark.parametrize("gradients", ["none", "cores", "all"])
+def test_plan_cost_recosts_a_plan_under_another_model(strategy: str, gradients: str) -> None:
+    """A plan built under one cost model, re-costed under another, costs what it would have been built with."""
+    from tnlayers.plan import plan_cost
+
+    spec = tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 8)
+    one = tnlayers.CostModel()
+    other = tnlayers.CostModel(peak_flops=3e11, bandwidth=5e9, half_size=2, step_overhead=3e-5)
+    built = tnlayers.plan(spec, 256, strategy, cost_model=one, gradients=gradients)
+    assert plan_cost(built, one) == built.cost
+    expected = tnlayers.plan(spec, 256, strategy, cost_model=other, gradients=gradients).cost
+    assert plan_cost(built, other) == pytest.approx(expected, rel=1e-12)
+    assert plan_cost(built, other) != pytest.approx(built.cost, rel=1e-3)  # the models do differ
