@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -28,6 +28,7 @@ __all__ = [
     "intermediate_sizes",
     "keep_within",
     "planned_backward",
+    "recomputed_ids",
     "replay",
     "run_keeping",
     "run_steps",
@@ -94,6 +95,11 @@ class _MatmulShapes(NamedTuple):
     product: tuple[int, ...]  # (*P, *Q, *free b)
     perm: tuple[int, ...] | None
 
+    @property
+    def batched(self) -> bool:
+        """Whether ``a`` is read as ``P`` strided matrices (its contracted block neither leads nor trails it)."""
+        return len(self.a_shape) == 3
+
 
 @functools.lru_cache(maxsize=4096)
 def _matmul_shapes(step: Pairwise, shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> _MatmulShapes | None:
@@ -133,8 +139,16 @@ def _matmul_product(
     read in place); ``None`` for a step whose ``a`` is not read as one contracted block (see
     :class:`_MatmulRoute`), which the caller runs by ``tensordot``."""
     r = _matmul_shapes(step, tuple(a.shape), tuple(b.shape))
-    if r is None:
-        return None
+    return None if r is None else _run_matmul(r, a, b, matmul, transpose)
+
+
+def _run_matmul(
+    r: _MatmulShapes,
+    a: Any,
+    b: Any,
+    matmul: Callable[[Any, Any], Any],
+    transpose: Callable[[Any, tuple[int, ...]], Any],
+) -> Any:
     b_matrix = (b if r.b_order is None else transpose(b, r.b_order)).reshape(r.b_matrix)
     a_matrix = a.reshape(r.a_shape)
     if r.a_swap is not None:  # (K, Q) read transposed; (P, K, Q) as P products (Q, K) @ (K, N)
@@ -167,16 +181,12 @@ def _permute(x: Any, perm: tuple[int, ...]) -> Any:
 
 def _torch_pairwise(step: Pairwise, a: Any, b: Any) -> Any:
     torch = sys.modules["torch"]
-    route = _matmul_route(step, len(a.shape), len(b.shape))
+    r = _matmul_shapes(step, tuple(a.shape), tuple(b.shape))
     # Under autograd a strided batched product's backward copies more than tensordot's; a plain matrix
     # product (``a``'s contracted block leads or trails it) is what tensordot runs, without its wrapper
     # and, for a leading block, without its copy of ``a``.
-    if route is not None and (
-        route.lo == 0
-        or route.hi == len(a.shape)
-        or not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
-    ):
-        return _matmul_product(step, a, b, torch.matmul, _permute)
+    if r is not None and (not r.batched or not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))):
+        return _run_matmul(r, a, b, torch.matmul, _permute)
     product = torch.tensordot(a, b, dims=_tensordot_axes(step, len(a.shape), len(b.shape)))
     return product if step.perm == tuple(range(len(step.perm))) else product.permute(step.perm)
 
@@ -489,6 +499,20 @@ class Absent(NamedTuple):
     shape: tuple[int, ...]
 
 
+def recomputed_ids(
+    steps: Sequence[PlanStep], n_operands: int, kept: Collection[int], reads: Collection[int]
+) -> frozenset[int]:
+    """The step outputs (by id, see :func:`step_ids`) a backward that reads ``reads`` makes again when the
+    forward kept only ``kept``: the reads not kept, and what they are made from, back to the kept ones."""
+    needed = set(reads)
+    again = set()
+    for id_a, id_b, id_out in reversed(step_ids(steps, n_operands)):
+        if id_out in needed and id_out not in kept:
+            needed.update((id_a, id_b))
+            again.add(id_out)
+    return frozenset(again)
+
+
 def replay(
     steps: Sequence[PlanStep], operands: Sequence[Any], ops: ArrayOps, kept: dict[int, Any], reads: frozenset[int]
 ) -> Tape:
@@ -496,10 +520,7 @@ def replay(
     were not kept (and what they depend on); an input nobody reads is recorded as its :class:`Absent` shape."""
     n_operands = len(operands)
     graph = step_ids(steps, n_operands)
-    needed = set(reads)  # what must exist: the reads, and the inputs of every step that makes one not kept
-    for id_a, id_b, id_out in reversed(graph):
-        if id_out in needed and id_out not in kept:
-            needed.update((id_a, id_b))
+    again = recomputed_ids(steps, n_operands, kept, reads)
     arrays: dict[int, Any] = dict(enumerate(operands))
     shapes = {k: tuple(array.shape) for k, array in arrays.items()}
     tape: Tape = []
@@ -507,7 +528,7 @@ def replay(
         shapes[id_out] = _pairwise_shape(step.forward, shapes[id_a], shapes[id_b])
         if id_out in kept:
             arrays[id_out] = kept[id_out]
-        elif id_out in needed:
+        elif id_out in again:
             arrays[id_out] = ops.pairwise(step.forward, arrays[id_a], arrays[id_b])
         a = arrays[id_a] if id_a in reads else Absent(shapes[id_a])
         b = arrays[id_b] if id_b in reads else Absent(shapes[id_b])

@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 from .autotune import Autotuner, default_tuner
 from .calibrate import RANK_LADDER, allocate, output_error
 from .checkpoint import load
-from .contract import ArrayOps, backward_reads, keep_within, step_ids, weight_halves
+from .contract import ArrayOps, backward_reads, keep_within, recomputed_ids, weight_halves
 from .cost import CostModel, cost_model_for
 from .decompose import DecompositionReport, from_dense, to_dense, trivial_modes
 from .init import INITIALIZERS
@@ -44,6 +44,7 @@ from .plan import (
     auto_candidates,
     batch_bucket,
     dense_cost,
+    operand_needs,
     plan,
     plan_by_key,
     strategy_key,
@@ -219,13 +220,8 @@ def recomputed_steps(
             return tuple(sizes[-1:] if needs[0] else [])
         return tuple((sizes if needs[0] else []) + (sizes[:-1] if any(needs[1:]) else []))
     n_operands = len(plan_.operand_shapes)
-    needed = set(backward_reads(plan_.steps, n_operands, needs))  # as tnlayers.contract.replay recomputes
-    recomputed = []
-    for step, (id_a, id_b, id_out) in reversed(list(enumerate(step_ids(plan_.steps, n_operands)))):
-        if id_out in needed and id_out not in keep:
-            needed.update((id_a, id_b))
-            recomputed.append(plan_.step_sizes[step])
-    return tuple(recomputed)
+    again = recomputed_ids(plan_.steps, n_operands, keep, backward_reads(plan_.steps, n_operands, needs))
+    return tuple(plan_.step_sizes[id_out - n_operands] for id_out in sorted(again))
 
 
 def training_cost(
@@ -245,7 +241,7 @@ def _auto_within_budget(
 ) -> ContractionPlan:
     """``auto``'s choice for training under ``saved_budget``: its candidates ranked by :func:`training_cost`."""
     candidates = auto_candidates(spec, bucket, model, gradients)
-    needs = (gradients == "all", *([True] * spec.n_cores))
+    needs = operand_needs(gradients, spec.n_cores + 1)
     costs = [training_cost(candidate, bucket, needs, saved_budget, model) for candidate in candidates]
     return candidates[model.choose_index(costs, [candidate.flops for candidate in candidates])]
 

@@ -269,13 +269,18 @@ GRADIENTS = ("none", "cores", "all")
 """What a plan is costed for: a forward only, gradients of the cores (the input is data), or of the input too."""
 
 
+def operand_needs(gradients: str, n_operands: int) -> tuple[bool, ...]:
+    """Per operand (``x``, then the cores), whether a backward for ``gradients`` asks for its gradient."""
+    return (gradients == "all", *([gradients != "none"] * (n_operands - 1)))
+
+
 def grad_inputs(
     steps: Sequence[PlanStep] | Sequence[tuple[int, int]], n_operands: int, gradients: str
 ) -> tuple[tuple[bool, bool], ...] | None:
     """Per step, whether each of its two inputs needs a gradient (``None`` for ``gradients="none"``)."""
     if gradients == "none":
         return None
-    needs = [gradients == "all"] + [True] * (n_operands - 1)
+    needs = list(operand_needs(gradients, n_operands))
     flags = []
     for step in steps:
         # a PlanStep pops its operands in its own order; a raw path pair pops the later position first

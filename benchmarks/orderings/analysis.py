@@ -11,7 +11,7 @@ from typing import Any
 import tnlayers
 from tnlayers import layer as kit
 from tnlayers.cost import cost_model_for
-from tnlayers.plan import plan_cost
+from tnlayers.plan import operand_needs, plan_cost
 
 from .cases import AUTO_CHOICES, BASELINES, PLANNERS
 
@@ -143,10 +143,11 @@ def _as_planned(r: dict[str, Any], gradients: str) -> tuple[tnlayers.Contraction
     spec = tnlayers.MPOSpec(tuple(r["in_modes"]), tuple(r["out_modes"]), tuple(r["ranks"][1:-1]))
     planned = tnlayers.plan(spec, r["batch"], [tuple(pair) for pair in r["path"]], gradients=gradients)
     budget = r.get("saved_budget", kit.DEFAULT_SAVED_BUDGET) if r["backend"] == "torch" else None
-    if gradients == "none" or budget is None or planned.batch_size < kit.MIN_BOUNDED_ROWS:
+    if gradients == "none":
         return planned, None
-    needs = (gradients == "all", *([True] * spec.n_cores))
-    return planned, kit.recomputed_steps(planned, planned.batch_size, needs, budget)
+    return planned, kit.recomputed_steps(
+        planned, planned.batch_size, operand_needs(gradients, spec.n_cores + 1), budget
+    )
 
 
 def _picked_ratios(records: Sequence[dict[str, Any]], mode: str) -> Callable[[tnlayers.CostModel], list[float]]:
