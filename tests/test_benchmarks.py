@@ -86,6 +86,21 @@ def test_planners_are_judged_per_ordering_and_per_path() -> None:
     assert row["auto by path"] == pytest.approx(11.0 / 10.0) and row["fastest"] == "dp-combo"
 
 
+def test_orderings_forward_only_reports_the_forward_efficiency(tmp_path: Path) -> None:
+    """A run of the forward alone (the NumPy and TensorFlow goal) prints and writes its efficiency, and no plot
+    of training times it did not measure."""
+    command = [sys.executable, "-m", "benchmarks.orderings", "--backends", "numpy", "--cases", "LeNet fc 84->10"]
+    command += ["--batches", "256", "--orderings", "auto", "dense", "--modes", "forward", "--repeats", "1"]
+    result = subprocess.run([*command, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "numpy      auto against dense from batch 256 (forward): efficiency median" in result.stdout
+    assert "fwd+bwd" not in result.stdout
+    summary = (tmp_path / "summary.md").read_text()
+    assert "`auto` against the dense layer holding the same W (forward, same round):" in summary
+    assert "| LeNet fc 84->10 | 256 |" in summary
+    assert not (tmp_path / "time_vs_batch.png").exists()
+
+
 def test_orderings_rejects_unknown_backends(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "benchmarks.orderings", "--backends", "mxnet", "--out", str(tmp_path)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -155,7 +155,10 @@ def test_tf_function_with_unknown_batch_dimension() -> None:
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_dense_weight_in_every_framework(harness: Any, dtype: Any) -> None:
-    for spec in (tnlayers.MPOSpec((2, 3, 4), (3, 1, 2), (2, 3)), tnlayers.MPOSpec((5,), (7,), 1)):
+    specs = [tnlayers.MPOSpec((2, 3, 4), (3, 1, 2), (2, 3)), tnlayers.MPOSpec((5,), (7,), 1)]
+    # NumPy builds W blockwise up to bond 32 and by L @ R above it
+    specs += [tnlayers.MPOSpec((2, 3, 2, 5), (3, 2, 1, 2), 3), tnlayers.MPOSpec((8, 8), (8, 8), 64)]
+    for spec in specs:
         cores = tnlayers.init_cores(spec, seed=3, dtype=dtype)
         weight = dense_weight([harness.asarray(c) for c in cores], get_ops(harness.name))
         assert_close(harness.to_numpy(weight), dense_reference(cores), dtype)

@@ -163,7 +163,7 @@ def _print_figures(
     figures: dict[tuple[str, str], Any] = {}
     for backend in backends:
         subset = [row for row in rows if row["backend"] == backend]
-        for contender in (*PLANNERS, *(f"{name} by path" for name in PLANNERS)):
+        for contender in (*PLANNERS, *(f"{name} by path" for name in PLANNERS)) if subset else ():  # timed training
             med, geo, worst = planner_figures(subset, contender)
             figures[(backend, contender)] = (med, geo, worst)
             against = "path" if "path" in contender else "ordering"
@@ -171,14 +171,15 @@ def _print_figures(
                 f"{backend:<10} {contender:<16} fwd+bwd time / fastest {against}: "
                 f"median {med:.3f}x, geomean {geo:.3f}x, worst {worst:.3f}x over {len(subset)} cases"
             )
-        large = [
-            row["efficiency"]
-            for row in dense_ratios(records, gemm)
-            if row["backend"] == backend and row["batch"] >= 256
-        ]
-        if large:
-            print(f"{backend:<10} auto against dense from batch 256: efficiency median {statistics.median(large):.2f}, "
-                  f"worst {min(large):.2f} over {len(large)} cases")  # fmt: skip
+        for mode in ("forward+backward", "forward"):
+            large = [
+                row["efficiency"]
+                for row in dense_ratios(records, gemm, mode)
+                if row["backend"] == backend and row["batch"] >= 256
+            ]
+            if large:
+                print(f"{backend:<10} auto against dense from batch 256 ({mode}): efficiency median "
+                      f"{statistics.median(large):.2f}, worst {min(large):.2f} over {len(large)} cases")  # fmt: skip
         if fit:
             fitted, (med, geo, worst) = fit_cost_model([r for r in records if r["backend"] == backend])
             figures[(backend, "fitted")] = fitted

@@ -34,13 +34,15 @@ def overhead_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def dense_lines(records: Sequence[dict[str, Any]], gemm_gflops: dict[str, float], backend: str) -> list[str]:
-    """``auto`` against the dense layer, per case (forward+backward), and the efficiency from batch 256 up."""
-    rows = [row for row in dense_ratios(records, gemm_gflops) if row["backend"] == backend]
+def dense_lines(
+    records: Sequence[dict[str, Any]], gemm_gflops: dict[str, float], backend: str, mode: str = "forward+backward"
+) -> list[str]:
+    """``auto`` against the dense layer, per case (in ``mode``), and the efficiency from batch 256 up."""
+    rows = [row for row in dense_ratios(records, gemm_gflops, mode) if row["backend"] == backend]
     if not rows:
         return []
     large = sorted(row["efficiency"] for row in rows if row["batch"] >= 256)
-    lines = ["`auto` against the dense layer holding the same W (forward+backward, same round):", ""]
+    lines = [f"`auto` against the dense layer holding the same W ({mode}, same round):", ""]
     if large:
         lines += [f"- from batch 256 up: efficiency median {statistics.median(large):.2f}, worst {large[0]:.2f} "
                   f"over {len(large)} cases", ""]  # fmt: skip
@@ -101,7 +103,7 @@ def markdown_summary(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> 
     )
     lines.append("")
     rows = ratio_table(records)
-    for backend in sorted({row["backend"] for row in rows}):
+    for backend in sorted({r["backend"] for r in records}):
         subset = [row for row in rows if row["backend"] == backend]
         lines.append(f"## {backend}")
         lines.append("")
@@ -117,9 +119,12 @@ def markdown_summary(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> 
                     f"fastest {against} over {sum(contender in r for r in subset)} cases"
                 )
         lines.append("")
-        lines += dense_lines(records, env.get("gemm_gflops", {}), backend)
+        for mode in ("forward+backward", "forward"):
+            lines += dense_lines(records, env.get("gemm_gflops", {}), backend, mode)
         lines += memory_lines(records, backend)
         columns = [c for c in (*ORDERINGS, *BASELINES) if any(c in r for r in subset)]
+        if not subset:  # a forward-only run: no training table
+            continue
         lines.append("| case | batch | fastest | ms | auto chose | " + " | ".join(columns) + " |")
         lines.append("|---|---|---|---|---|" + "---|" * len(columns))
         for row in subset:
@@ -143,6 +148,8 @@ def plot(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     train = [r for r in records if r["mode"] == "forward+backward"]
     backends = sorted({r["backend"] for r in train})
     cases = list(dict.fromkeys(r["case"] for r in train))[:4]
+    if not train:  # a forward-only run: no training times to plot
+        return paths
     figure, axes = plt.subplots(
         len(backends), len(cases), figsize=(4.2 * len(cases), 3.4 * len(backends)), squeeze=False
     )
