@@ -654,7 +654,8 @@ def weight_from_halves(cores: Sequence[Any], halves: Sequence[Any], ops: ArrayOp
     in_left, out_left = math.prod([s[1] for s in shapes[:k]]), math.prod([s[2] for s in shapes[:k]])
     in_right, out_right = rows // in_left, cols // out_left
     if ops.interleave is not None:
-        return ops.interleave(*halves, (in_left, out_left, in_right, out_right))
+        left, right = halves
+        return ops.interleave(left, right, (in_left, out_left, in_right, out_right))
     product = ops.reshape(_matmul(ops, *halves), (in_left, out_left, in_right, out_right))
     return ops.reshape(ops.transpose(product, (0, 2, 1, 3)), (rows, cols))
 

@@ -144,7 +144,7 @@ def plot(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    paths: list[Path] = []
     train = [r for r in records if r["mode"] == "forward+backward"]
     backends = sorted({r["backend"] for r in train})
     cases = list(dict.fromkeys(r["case"] for r in train))[:4]
