@@ -14,6 +14,7 @@ constant, so compiled graphs hold only tensor ops (no graph breaks).
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -155,6 +156,11 @@ class _PlannedContraction(torch.autograd.Function):
             kept = {} if again else dict(zip(ctx.keep, rest[n:]))
             grads = planned_backward(plan, x, cores, grad, _OPS, needs, kept)
         return (grads[0], None, None, *grads[1:])
+
+
+# ``Function.apply`` binds its arguments to ``forward``'s signature on every call (because the Function defines
+# ``setup_context``, which torch.func needs); the signature is built once here instead (about 9 us a call).
+_PlannedContraction.forward.__signature__ = inspect.signature(_PlannedContraction.forward)  # type: ignore[attr-defined]
 
 
 def run_plan(
