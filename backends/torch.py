@@ -234,6 +234,7 @@ class _MPOModule(kit.MPOLayerMixin, nn.Module):
         else:
             self.register_parameter("bias", None)
         self._cached_weight: tuple[tuple[Any, ...], list[torch.Tensor], torch.Tensor] | None = None
+        self._serves_weight: dict[tuple[kit.LayerPlanner, int], bool] = {}  # per planner and bucket
         self.saved_budget = saved_budget
         self.reset_parameters(seed)
 
@@ -287,7 +288,7 @@ class _MPOModule(kit.MPOLayerMixin, nn.Module):
         so comparing them costs a fraction of building ``W`` (their elements, against ``W``'s times D).
         """
         cores = self._core_tensors()
-        key = tuple((core.dtype, core.device, core.shape) for core in cores)
+        key = (cores[0].dtype, cores[0].device)  # one for all cores (a core of another dtype fails to build W)
         cached = self._cached_weight
         if cached is not None and cached[0] == key and all(map(torch.equal, cores, cached[1])):
             return cached[2]
@@ -296,6 +297,15 @@ class _MPOModule(kit.MPOLayerMixin, nn.Module):
 
     def _serve_cached(self) -> bool:
         return not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+    def _serves_kept_weight(self, x: torch.Tensor, rows: int, cores: list[torch.Tensor]) -> bool:
+        """Whether this inference call runs as one product with the kept ``W`` (:meth:`LayerPlanner.reuses_weight`
+        of the call's plan), decided once per batch bucket: a small batch's call then skips the plan lookup."""
+        key = (self.planner, _bucket(rows))
+        serves = self._serves_weight.get(key)
+        if serves is None:
+            serves = self._serves_weight[key] = self.planner.reuses_weight(self._plan(x, rows, cores))
+        return serves
 
     def _core_tensors(self) -> list[torch.Tensor]:
         """``list(self.cores)`` without ``ParameterList``'s lookup per item (microseconds a call at batch 1)."""
@@ -419,10 +429,9 @@ class MPOLinear(_MPOModule):
         kit.check_input(tuple(x.shape), self.in_features, "MPOLinear")
         x, cores, bias = self._operands(x, autocast, cores)
         rows = math.prod(x.shape[:-1])
-        plan = self._plan(x, rows, cores)
-        if self._serve_cached() and self.planner.reuses_weight(plan):
+        if self._serve_cached() and self._serves_kept_weight(x, rows, cores):
             return F.linear(x, self._inference_weight().T.to(x.dtype), bias)
-        return run_plan(plan, x, cores, bias, self.saved_budget)
+        return run_plan(self._plan(x, rows, cores), x, cores, bias, self.saved_budget)
 
     def extra_repr(self) -> str:
         described = kit.describe(self.spec, self.bias is not None)
