@@ -85,6 +85,12 @@ def real_mnist() -> Path | None:
 #: ``TNLAYERS_REQUIRE_ALL=1`` (set by ``make test`` and CI): a test skipped for a missing framework or
 #: package fails instead, so a green run has run everything.
 REQUIRE_ALL = os.environ.get("TNLAYERS_REQUIRE_ALL") == "1"
+
+#: Cost-model weights for the tests of planning under the bound on what training keeps: fixed (not a
+#: backend's fitted ones), so the expected choices do not move with a refit.
+BOUNDED_MODEL = tnlayers.CostModel(
+    peak_flops=3.2e11, bandwidth=2e9, half_size=1, step_overhead=1e-5, tolerance=0.1, planned_step_overhead=6e-5
+)
 MISSING_MARKS = ("could not import", "is not installed")
 
 

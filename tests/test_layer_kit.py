@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import reference_patches
+from conftest import BOUNDED_MODEL, reference_patches
 
 import tnlayers
 from tnlayers import layer as kit
@@ -360,11 +360,6 @@ def test_conv_channels_splits_the_kernel_matrix_rows_into_positions_and_channels
 
 
 # --- planning for training under the bound on what it keeps -------------------------------------------------
-
-#: Fixed weights (not a backend's fitted ones), so the expected choices below do not move with a refit.
-BOUNDED_MODEL = tnlayers.CostModel(
-    peak_flops=3.2e11, bandwidth=2e9, half_size=1, step_overhead=1e-5, tolerance=0.1, planned_step_overhead=6e-5
-)
 
 
 def test_training_cost_adds_the_steps_the_planned_backward_recomputes() -> None:

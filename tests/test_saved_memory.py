@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import dense_reference, reference_core_gradients
+from conftest import BOUNDED_MODEL, dense_reference, reference_core_gradients
 
 import tnlayers
 from benchmarks.records import torch_saved_bytes
@@ -389,8 +389,7 @@ def test_a_torch_layer_plans_training_within_its_budget(monkeypatch: pytest.Monk
 
     from tnlayers import layer as kit
 
-    model = tnlayers.CostModel(3.2e11, 2e9, 1, 1e-5, 0.1, planned_step_overhead=6e-5)
-    monkeypatch.setattr(kit, "cost_model_for", lambda backend: model)
+    monkeypatch.setattr(kit, "cost_model_for", lambda backend: BOUNDED_MODEL)
     layer = MPOLinear((2, 5, 6, 2), (2, 3, 7, 2), 4).double()
     x = torch.randn(32, 120, dtype=torch.float64)
     plan = layer._plan(x, 32, layer._core_tensors())

@@ -60,7 +60,8 @@ class ArrayOps:
     interleave: Callable[[Any, Any, tuple[int, int, int, int]], Any] | None = None
     """``(L, R, (IL, JL, IR, JR)) -> W``: ``W`` from its halves (:func:`weight_halves`) written in its own
     layout by one batched product, ``IL * IR`` blocks ``(JL, r) @ (r, JR)`` (NumPy reads the broadcast
-    batch dimensions in place); ``None``: ``L @ R``, then a transposing copy of the ``W``-sized product."""
+    batch dimensions in place), or ``None`` for halves it leaves to the default: ``L @ R``, then a
+    transposing copy of the ``W``-sized product (also the route when this field is ``None``)."""
 
 
 class _MatmulRoute(NamedTuple):
@@ -90,7 +91,8 @@ def _matmul_route(step: Pairwise, ndim_a: int, ndim_b: int) -> _MatmulRoute | No
 
 
 class _MatmulShapes(NamedTuple):
-    """The static part of :func:`_matmul_product` for one step and input shapes."""
+    """How :func:`_run_matmul` runs one step on inputs of given shapes (by ``matmul``, NumPy/torch semantics:
+    batched over leading dimensions, strided operands read in place); see :class:`_MatmulRoute`."""
 
     b_order: tuple[int, ...] | None  # b as (contracted, free); None: as it is
     b_matrix: tuple[int, int]
@@ -132,20 +134,6 @@ def _matmul_shapes(step: Pairwise, shape_a: tuple[int, ...], shape_b: tuple[int,
     )
 
 
-def _matmul_product(
-    step: Pairwise,
-    a: Any,
-    b: Any,
-    matmul: Callable[[Any, Any], Any],
-    transpose: Callable[[Any, tuple[int, ...]], Any],
-) -> Any:
-    """One step by ``matmul`` (NumPy/torch semantics: batched over leading dimensions, strided operands
-    read in place); ``None`` for a step whose ``a`` is not read as one contracted block (see
-    :class:`_MatmulRoute`), which the caller runs by ``tensordot``."""
-    r = _matmul_shapes(step, tuple(a.shape), tuple(b.shape))
-    return None if r is None else _run_matmul(r, a, b, matmul, transpose)
-
-
 def _run_matmul(
     r: _MatmulShapes,
     a: Any,
@@ -173,10 +161,10 @@ def _tensordot_axes(step: Pairwise, ndim_a: int, ndim_b: int) -> tuple[tuple[int
 
 
 def _numpy_pairwise(step: Pairwise, a: Any, b: Any) -> Any:
-    product = _matmul_product(step, a, b, np.matmul, np.transpose)
-    if product is None:
+    r = _matmul_shapes(step, a.shape, b.shape)
+    if r is None:  # a's contracted axes are not one block: tensordot copies it
         return np.tensordot(a, b, axes=_tensordot_axes(step, a.ndim, b.ndim)).transpose(step.perm)
-    return product
+    return _run_matmul(r, a, b, np.matmul, np.transpose)
 
 
 #: The largest bond at which NumPy builds ``W`` blockwise (:attr:`ArrayOps.interleave`): measured on this
@@ -189,8 +177,7 @@ def _numpy_interleave(left: Any, right: Any, dims: tuple[int, int, int, int]) ->
     in_left, out_left, in_right, out_right = dims
     bond = left.shape[1]
     if bond > _INTERLEAVE_MAX_BOND:
-        product = np.matmul(left, right).reshape(dims)
-        return product.transpose(0, 2, 1, 3).reshape(in_left * in_right, out_left * out_right)
+        return None
     blocks = np.ascontiguousarray(right.reshape(bond, in_right, out_right).transpose(1, 0, 2))  # (IR, r, JR): small
     weight = np.matmul(left.reshape(in_left, 1, out_left, bond), blocks)  # (IL, IR, JL, JR): W's own layout
     return weight.reshape(in_left * in_right, out_left * out_right)
@@ -600,13 +587,18 @@ def _matmul_at(ops: ArrayOps, a: Any, b: Any) -> Any:
     return ops.pairwise(_MATMUL_AT, a, b) if ops.matmul is None else ops.matmul(ops.transpose(a, (1, 0)), b)
 
 
-def _chain(cores: Sequence[Any], shapes: Sequence[tuple[int, ...]], ops: ArrayOps) -> Any:
-    """Consecutive cores contracted over their inner bonds: ``(r_first * i1 j1 ... ik jk, r_last)``,
+def _prefixes(cores: Sequence[Any], shapes: Sequence[tuple[int, ...]], ops: ArrayOps) -> list[Any]:
+    """The first 1, 2, ... cores contracted over their inner bonds: ``(r_first * i1 j1 ... ik jk, r_k)``,
     the mode indices interleaved in core order (each product writes the order the next one reads)."""
-    dense = ops.reshape(cores[0], (-1, shapes[0][3]))
+    prefixes = [ops.reshape(core, (-1, shape[3])) for core, shape in zip(cores[:1], shapes[:1])]  # [] for no cores
     for core, shape in zip(cores[1:], shapes[1:]):
-        dense = ops.reshape(_matmul(ops, dense, ops.reshape(core, (shape[0], -1))), (-1, shape[3]))
-    return dense
+        prefixes.append(ops.reshape(_matmul(ops, prefixes[-1], ops.reshape(core, (shape[0], -1))), (-1, shape[3])))
+    return prefixes
+
+
+def _chain(cores: Sequence[Any], shapes: Sequence[tuple[int, ...]], ops: ArrayOps) -> Any:
+    """All of ``cores`` contracted over their inner bonds (the last of :func:`_prefixes`)."""
+    return _prefixes(cores, shapes, ops)[-1]
 
 
 def _grouped(chain: Any, shapes: Sequence[tuple[int, ...]], ops: ArrayOps, bond_first: bool) -> Any:
@@ -625,8 +617,9 @@ def dense_weight(cores: Sequence[Any], ops: ArrayOps) -> Any:
 
     The framework-neutral twin of :func:`tnlayers.to_dense`, for layers that build ``W``. Built as two
     halves ``L`` (the left cores) and ``R`` (the right ones), each small, then one product ``L @ R``
-    over the bond between them and one transpose: ``W``-sized arrays are written twice in the
-    forward, and read about three times in the backward, whatever the number of cores.
+    over the bond between them and one transpose (NumPy: one blockwise product that writes ``W`` in place,
+    :attr:`ArrayOps.interleave`): ``W``-sized arrays are written twice in the forward, and read about three
+    times in the backward, whatever the number of cores.
     """
     return weight_from_halves(cores, weight_halves(cores, ops), ops)
 
@@ -655,16 +648,16 @@ def weight_from_halves(cores: Sequence[Any], halves: Sequence[Any], ops: ArrayOp
     in_right, out_right = rows // in_left, cols // out_left
     if ops.interleave is not None:
         left, right = halves
-        return ops.interleave(left, right, (in_left, out_left, in_right, out_right))
+        weight = ops.interleave(left, right, (in_left, out_left, in_right, out_right))
+        if weight is not None:
+            return weight
     product = ops.reshape(_matmul(ops, *halves), (in_left, out_left, in_right, out_right))
     return ops.reshape(ops.transpose(product, (0, 2, 1, 3)), (rows, cols))
 
 
 def _chain_backward(cores: Sequence[Any], shapes: Sequence[tuple[int, ...]], grad: Any, ops: ArrayOps) -> list[Any]:
     """The cores' gradients from ``grad`` of :func:`_chain`'s result (its products rebuilt: they are small)."""
-    prefixes = [ops.reshape(cores[0], (-1, shapes[0][3]))]
-    for core, shape in zip(cores[1:-1], shapes[1:-1]):
-        prefixes.append(ops.reshape(_matmul(ops, prefixes[-1], ops.reshape(core, (shape[0], -1))), (-1, shape[3])))
+    prefixes = _prefixes(cores[:-1], shapes[:-1], ops)
     grads = []
     for core, shape, prefix in zip(reversed(cores[1:]), reversed(shapes[1:]), reversed(prefixes)):
         g = ops.reshape(grad, (-1, shape[1] * shape[2] * shape[3]))  # (P, i*j*c): the product's matrix form
