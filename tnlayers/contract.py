@@ -7,7 +7,7 @@ import math
 import sys
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -57,6 +57,12 @@ class ArrayOps:
     affine: Callable[[Any, Any, Any], Any] | None = None
     """``(x, w, bias) -> x @ w + bias`` for matrices in one fused product (torch ``addmm``); ``None``:
     :attr:`matmul`, then the sum."""
+    batched_matmul: Callable[[Any, Any], Any] | None = None
+    """Products of stacks of matrices, broadcasting a single matrix over the stack (``numpy.matmul``);
+    with :attr:`sum_leading`, the planned backward reads a step's strided input in place (as its
+    forward did, see :class:`_MatmulRoute`); ``None``: it copies that input to a matrix, as ``tensordot``."""
+    sum_leading: Callable[[Any], Any] | None = None
+    """The sum over the first axis (``x.sum(0)``)."""
     interleave: Callable[[Any, Any, tuple[int, int, int, int]], Any] | None = None
     """``(L, R, (IL, JL, IR, JR)) -> W``: ``W`` from its halves (:func:`weight_halves`) written in its own
     layout by one batched product, ``IL * IR`` blocks ``(JL, r) @ (r, JR)`` (NumPy reads the broadcast
@@ -207,6 +213,10 @@ def _einsum_pairwise(einsum: Callable[..., Any]) -> Callable[[Pairwise, Any, Any
     return lambda step, a, b: einsum(step.equation, a, b)
 
 
+def _sum_leading(x: Any) -> Any:
+    return x.sum(0)
+
+
 def _reshape(x: Any, shape: tuple[int, ...]) -> Any:
     return x.reshape(shape)
 
@@ -222,6 +232,7 @@ def _method_ops(
     matmul: Callable[[Any, Any], Any] | None = None,
     affine: Callable[[Any, Any, Any], Any] | None = None,
     interleave: Callable[[Any, Any, tuple[int, int, int, int]], Any] | None = None,
+    batched_matmul: Callable[[Any, Any], Any] | None = None,
 ) -> ArrayOps:
     """Ops for arrays with a NumPy-like ``.reshape`` and ``.shape`` (numpy, torch, jax); module-level
     functions, not closures, so that each call runs the code as it is now (mutation testing swaps it)."""
@@ -234,6 +245,8 @@ def _method_ops(
         matmul=matmul,
         affine=affine,
         interleave=interleave,
+        batched_matmul=batched_matmul,
+        sum_leading=None if batched_matmul is None else _sum_leading,
     )
 
 
@@ -257,9 +270,12 @@ def _tensorflow_ops() -> ArrayOps:
 
 def _make_ops(name: str) -> ArrayOps:
     if name == "numpy":
-        return _method_ops("numpy", _numpy_pairwise, np.transpose, np.matmul, interleave=_numpy_interleave)
+        return _method_ops(
+            "numpy", _numpy_pairwise, np.transpose, np.matmul, interleave=_numpy_interleave, batched_matmul=np.matmul
+        )
     if name == "torch":  # tensordot + permute: 10-30% faster than einsum at small batch, equal at large
-        return _method_ops("torch", _torch_pairwise, _permute, sys.modules["torch"].mm, _torch_affine)
+        torch = sys.modules["torch"]
+        return _method_ops("torch", _torch_pairwise, _permute, torch.mm, _torch_affine, batched_matmul=torch.matmul)
     if name == "jax":
         jnp = sys.modules["jax"].numpy
         return _method_ops("jax", _einsum_pairwise(jnp.einsum), jnp.transpose, jnp.matmul)
@@ -386,7 +402,7 @@ def _unless_identity(order: Sequence[int]) -> tuple[int, ...] | None:
 
 @functools.lru_cache(maxsize=4096)
 def _step_backward_recipe(step: Pairwise, shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> _StepBackward:
-    axes_a, axes_b = step.axes
+    axes_a, axes_b = _tensordot_axes(step, len(shape_a), len(shape_b))  # a copied as the forward copied it
     free_a = [d for d in range(len(shape_a)) if d not in axes_a]
     free_b = [d for d in range(len(shape_b)) if d not in axes_b]
     order_a, order_b = (*free_a, *axes_a), (*axes_b, *free_b)
@@ -414,7 +430,11 @@ def _step_backward(
     its input's index order as a view. A big input laid out for the forward product (see the plans'
     layout search) is so never copied again in the backward.
     """
-    r = _step_backward_recipe(step, tuple(a.shape), tuple(b.shape))
+    shape_a, shape_b = tuple(a.shape), tuple(b.shape)
+    route = _matmul_shapes(step, shape_a, shape_b) if ops.batched_matmul is not None else None
+    if route is not None:
+        return _in_place_backward(route, shape_a, shape_b, a, b, grad, ops, need_a, need_b)
+    r = _step_backward_recipe(step, shape_a, shape_b)
     g = ops.reshape(grad if r.unpermute is None else ops.transpose(grad, r.unpermute), (r.m, r.n))
     grad_a = grad_b = None
     if need_a:
@@ -425,6 +445,54 @@ def _step_backward(
         a_matrix = ops.reshape(a if r.a_order is None else ops.transpose(a, r.a_order), (r.m, r.k))
         grad_b = ops.reshape(_matmul_at(ops, a_matrix, g), r.b_grouped)  # (K, N)
         grad_b = grad_b if r.b_restore is None else ops.transpose(grad_b, r.b_restore)
+    return grad_a, grad_b
+
+
+def _in_place_backward(
+    r: _MatmulShapes,
+    shape_a: tuple[int, ...],
+    shape_b: tuple[int, ...],
+    a: Any,
+    b: Any,
+    grad: Any,
+    ops: ArrayOps,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[Any, Any]:
+    """:func:`_step_backward` of a step whose forward read ``a`` in place as ``(P, K, Q)`` (``P`` products
+    ``(Q, K) @ (K, N)``, see :class:`_MatmulShapes`; ``P`` or ``Q`` may be 1): ``dA_p = B G_pᵀ`` is written
+    in ``a``'s own layout, and ``dB = sum_p A_p G_p`` is one batched product and a sum (or, where its
+    ``(P, K, N)`` stack would be larger than ``a``, one product with ``a`` copied to ``(K, P Q)``)."""
+    batched_matmul, sum_leading = cast(Callable[[Any, Any], Any], ops.batched_matmul), ops.sum_leading
+    if len(r.a_shape) == 3:
+        p, k, q = r.a_shape
+    else:
+        (p, k), q = (r.a_shape, 1) if r.a_swap is None else ((1, r.a_shape[0]), r.a_shape[1])
+    n = r.b_matrix[1]
+    g = ops.reshape(grad if r.perm is None else ops.transpose(grad, _inverse(r.perm)), (p, q, n))
+    grad_a = grad_b = None
+    if need_a:
+        b_matrix = ops.reshape(b if r.b_order is None else ops.transpose(b, r.b_order), r.b_matrix)
+        if q == 1:
+            grad_a = _matmul_bt(ops, ops.reshape(g, (p, n)), b_matrix)  # (P, K)
+        else:
+            grad_a = batched_matmul(b_matrix, ops.transpose(g, (0, 2, 1)))  # (P, K, Q): a's layout
+        grad_a = ops.reshape(grad_a, shape_a)
+    if need_b:
+        a3 = ops.reshape(a, (p, k, q))
+        if q == 1:
+            grad_b = _matmul_at(ops, ops.reshape(a3, (p, k)), ops.reshape(g, (p, n)))
+        elif p == 1:
+            grad_b = _matmul(ops, ops.reshape(a3, (k, q)), ops.reshape(g, (q, n)))
+        elif n <= q and sum_leading is not None:
+            grad_b = sum_leading(batched_matmul(a3, g))
+        else:
+            grad_b = _matmul(ops, ops.reshape(ops.transpose(a3, (1, 0, 2)), (k, p * q)), ops.reshape(g, (p * q, n)))
+        if r.b_order is None:
+            grad_b = ops.reshape(grad_b, shape_b)
+        else:
+            grouped = tuple(shape_b[d] for d in r.b_order)
+            grad_b = ops.transpose(ops.reshape(grad_b, grouped), _inverse(r.b_order))
     return grad_a, grad_b
 
 
