@@ -36,6 +36,7 @@ from tnlayers.contract import (
     planned_backward,
     run_keeping,
     run_steps,
+    tensordot_pairwise,
 )
 from tnlayers.decompose import DecompositionReport, spec_from_cores
 from tnlayers.plan import DEFAULT_BATCH, ContractionPlan, Pairwise
@@ -46,8 +47,7 @@ _BACKEND = keras.backend.backend()
 
 
 def _tensordot_pairwise(step: Pairwise, a: Any, b: Any) -> Any:
-    product = ops.tensordot(a, b, axes=[list(step.axes[0]), list(step.axes[1])])
-    return ops.transpose(product, step.perm)
+    return tensordot_pairwise(ops.tensordot, ops.transpose, step, a, b)
 
 
 def _einsum_pairwise(step: Pairwise, a: Any, b: Any) -> Any:

@@ -29,7 +29,7 @@ from tnlayers.contract import (
     run_keeping,
 )
 from tnlayers.decompose import DecompositionReport, spec_from_cores
-from tnlayers.plan import ContractionPlan
+from tnlayers.plan import ContractionPlan, in_place_layout
 
 __all__ = ["SGD", "Adam", "MPOEmbedding", "MPOLinear"]
 
@@ -163,6 +163,7 @@ class MPOLinear(kit.MPOLayerMixin):
         keep = None if self.saved_budget is None else kit.kept_for_backward(plan, rows, needs, self.saved_budget)
         if keep is None:  # everything the backward reads
             keep = kit.backward_intermediates(plan, needs)
+        plan = in_place_layout(plan)  # its own backward reads the steps' inputs in place, as the forward does
         y2d, kept = run_keeping(plan.steps, plan_operands(plan, x, self.cores, _OPS), _OPS, keep)
         self._saved = (plan, x, dict(zip(sorted(keep), kept)), needs)
         y: Array = y2d.reshape(*x.shape[:-1], self.out_features)

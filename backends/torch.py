@@ -37,7 +37,7 @@ from tnlayers.contract import (
     weight_from_halves,
     weight_halves,
 )
-from tnlayers.plan import ContractionPlan, batch_bucket
+from tnlayers.plan import ContractionPlan, batch_bucket, in_place_layout
 from tnlayers.reports import CompressionReport
 
 __all__ = [
@@ -183,6 +183,8 @@ def run_plan(
         return execute(plan, x, cores, bias, _OPS)  # type: ignore[no-any-return]
     if kit.keeps_weight_halves(plan, rows, needs, saved_budget):
         keep = frozenset({_HALVES})
+    if not torch.compiler.is_compiling():  # (compiled graphs keep the plan's own layout: planning is not traced)
+        plan = in_place_layout(plan)
     y, *_ = _PlannedContraction.apply(x.reshape(rows, plan.spec.in_features), plan, keep, *cores)  # type: ignore[no-untyped-call]
     y = cast(torch.Tensor, y).reshape(*x.shape[:-1], plan.spec.out_features)
     return y if bias is None else y + bias

@@ -84,6 +84,8 @@ def test_planners_are_judged_per_ordering_and_per_path() -> None:
     records[5] = record("optimal", a, 10.0)  # a: 10 and 10 -> 10 ms
     (row,) = ratio_table(records)
     assert row["auto by path"] == pytest.approx(11.0 / 10.0) and row["fastest"] == "dp-combo"
+    # only the planner and the baselines ran (``--orderings auto dense``): no ordering to judge it by
+    assert ratio_table([record("auto", a, 2.0), record("dense", None, 3.0), record("tltorch-blocktt", None, 4.0)]) == []
 
 
 def test_orderings_forward_only_reports_the_forward_efficiency(tmp_path: Path) -> None:

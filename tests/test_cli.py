@@ -31,7 +31,7 @@ def test_plan_command() -> None:
     assert result.returncode == 0, result.stderr
     plan = tnlayers.plan(tnlayers.MPOSpec((4, 7, 7, 4), (4, 4, 4, 4), 8), 1024, "zipper")
     assert result.stdout.strip() == plan.describe()  # what the command prints is the plan's own text
-    assert "1. x * G1 over i1: (200704 x 4) @ (4 x 32) product" in result.stdout  # 1024*7*7*4 rows, by hand
+    assert "1. G1 * x over i1: (32 x 4) @ (4 x 200704) product" in result.stdout  # 4*8 by 1024*7*7*4, by hand
 
 
 @pytest.mark.parametrize(

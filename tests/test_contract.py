@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import tnlayers
 from tnlayers.contract import dense_weight, get_ops
 from tnlayers.layer import conv_route
-from tnlayers.plan import dense_cost
+from tnlayers.plan import dense_cost, in_place_layout
 
 # Uneven modes, primes, size-1 modes, one core, and the paper's FC2 layer.
 SPECS = {
@@ -189,7 +189,16 @@ PAIRWISE_CASES = [
     ("abcd", "abe", "ecd"),  # a's block leading: a read as a transposed matrix
     ("abcd", "dbe", "ace"),  # a's block split: the tensordot fallback, axes in b's order
     ("abcdef", "cdx", "abefx"),
+    ("abcd", "bcfx", "adxf"),  # a read in place, b's free indices reordered (b transposed, not the product)
+    ("abcd", "cdfx", "abxf"),  # ... with a plain product
 ]
+
+#: Sizes that send a step's backward down each of its routes: ``N <= Q`` (the cores' gradient as one
+#: batched product and a sum) and ``N`` far above ``K`` (the input's gradient as one full product).
+BACKWARD_SIZES = {  # each batch of matrices big enough for the batched products (BATCHED_MIN_WORK)
+    "N below Q": {"a": 3, "b": 4, "c": 4, "d": 64, "e": 8, "f": 4, "x": 2},
+    "N far above K": {"a": 3, "b": 1, "c": 2, "d": 16, "e": 2, "f": 128, "x": 4},
+}
 
 
 @pytest.mark.parametrize(("a", "b", "out"), [*PAIRWISE_CASES, ("ab", "bc", "ac")])
@@ -215,6 +224,43 @@ def test_pairwise_products_match_einsum(a: str, b: str, out: str, backend: str, 
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize(("a", "b", "out"), PAIRWISE_CASES)
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("sizes", list(BACKWARD_SIZES))
+@pytest.mark.parametrize("in_place", [True, False], ids=["batched products", "copies"])
+def test_step_backward_matches_einsum(a: str, b: str, out: str, backend: str, sizes: str, in_place: bool) -> None:
+    """One step's two gradients, by the batched products that read ``a`` in place and by the copying
+    fallback (ops without ``batched_matmul``), against the einsums of the two gradients."""
+    import dataclasses
+    import importlib
+
+    from tnlayers.plan import _pairwise
+
+    core_contract = importlib.import_module("tnlayers.contract")
+    step = _pairwise((a, b), out)
+    rng = np.random.default_rng(1)
+    size = BACKWARD_SIZES[sizes]
+    left, right, grad = (rng.normal(size=[size[ch] for ch in term]) for term in (a, b, out))
+    ops = get_ops(backend)
+    if not in_place:
+        ops = dataclasses.replace(ops, batched_matmul=None, sum_leading=None)
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        arrays = [torch.from_numpy(v) for v in (left, right, grad)]
+    else:
+        arrays = [left, right, grad]
+    route = core_contract._matmul_shapes(step, left.shape, right.shape)
+    summed = [k for k, ch in enumerate(a) if ch in b]
+    middle = summed == list(range(summed[0], summed[-1] + 1)) and summed[0] > 0 and summed[-1] < len(a) - 1
+    assert (route is not None and route.batched) == middle  # the batched products really run where they can
+    grad_a, grad_b = core_contract._step_backward(step, *arrays[:2], arrays[2], ops, True, True)
+    np.testing.assert_allclose(np.asarray(grad_a), np.einsum(f"{out},{b}->{a}", grad, right), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(grad_b), np.einsum(f"{a},{out}->{b}", left, grad), rtol=1e-12, atol=1e-12)
+    only_a, none_b = core_contract._step_backward(step, *arrays[:2], arrays[2], ops, True, False)
+    assert none_b is None
+    np.testing.assert_allclose(np.asarray(only_a), np.asarray(grad_a), rtol=1e-12, atol=1e-12)
+
+
 def test_forward_plans_read_large_intermediates_in_place_as_batches_of_matrices() -> None:
     from tnlayers.contract import _matmul_route
 
@@ -223,9 +269,11 @@ def test_forward_plans_read_large_intermediates_in_place_as_batches_of_matrices(
     last = forward.steps[-1].forward
     route = _matmul_route(last, len(last.equation.split(",")[0]), len(last.equation.split(",")[1].split("-")[0]))
     assert route is not None and route.lo > 0  # a block in the middle of the big operand: nothing copied
-    assert sum(size[3] for size in forward.step_sizes) < sum(
-        size[3] for size in tnlayers.plan(spec, 256, "greedy", gradients="cores").step_sizes
-    )  # the training plan's layout (autograd's tensordot steps) copies more
+    training = tnlayers.plan(spec, 256, "greedy", gradients="cores")
+    assert sum(size[3] for size in forward.step_sizes) < sum(size[3] for size in training.step_sizes)
+    # the training plan's layout is autograd's (tensordot steps, which copy such operands); its planned
+    # backward runs the forward's layout, with the same intermediates
+    assert in_place_layout(training).steps == forward.steps
     x = np.random.default_rng(0).normal(size=(256, spec.in_features))
     cores = tnlayers.init_cores(spec, "glorot", 0, np.float64)
     assert_close(tnlayers.contract(x, cores, strategy="greedy"), x @ dense_reference(cores), np.float64)

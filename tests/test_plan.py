@@ -35,13 +35,15 @@ def test_every_strategy_gives_a_complete_pairwise_plan(strategy: str) -> None:
 
 def test_describe_says_each_step_in_words_with_its_matrix_product() -> None:
     """The zipper on FC2 at batch 32, derived by hand: x (32, 4, 7, 7, 4) takes the cores one by one;
-    step 2 sums i2 = 7 and the bond 8 (K = 56) over 32*7*4 rows times j1 = 4 (M = 3584), and so on."""
+    step 1 writes G1's legs (j1 = 4, bond 8: M = 32) first, so x (N = 32*7*7*4) is copied once and step 2
+    reads the result in place; step 2 sums i2 = 7 and the bond 8 (K = 56) over 32*7*4 rows times j1 = 4
+    (M = 3584); step 3 again puts the small core first (M = j3 * bond = 32, N = 32*4*4*4), and so on."""
     lines = tnlayers.plan(FC2, 32, "zipper").describe().splitlines()
     assert lines[0].startswith("zipper -> zipper for MPOSpec(4x7x7x4 -> 4x4x4x4")
     assert lines[1:5] == [
-        "  1. x * G1 over i1: (6272 x 4) @ (4 x 32) product",
+        "  1. G1 * x over i1: (32 x 4) @ (4 x 6272) product",
         "  2. (x G1) * G2 over i2, b1: (3584 x 56) @ (56 x 32) product",
-        "  3. (x G1 G2) * G3 over i3, b2: (2048 x 56) @ (56 x 32) product",
+        "  3. G3 * (x G1 G2) over i3, b2: (32 x 56) @ (56 x 2048) product",
         "  4. (x G1 G2 G3) * G4 over i4, b3: (2048 x 32) @ (32 x 4) product",
     ]
 
@@ -283,7 +285,7 @@ def test_step_descriptions_name_the_legs_each_step_contracts() -> None:
     outer = tnlayers.plan(spec, 5, [(1, 3), (0, 1), (0, 1)])  # G1 and G3 first: nothing to contract
     assert [(sorted(a), sorted(b), edges) for a, b, edges in contraction_steps(outer)] == [
         ([3], [1], []),
-        ([0], [2], ["i2"]),
+        ([2], [0], ["i2"]),  # G2 first: x (small here) is copied with its legs in the order step 3 reads
         ([0, 2], [1, 3], ["i1", "i3", "b1", "b2"]),
     ]
     assert step_lines(outer)[0] == "1. G3 * G1 over nothing (outer product): (8 x 1) @ (1 x 12) product"

@@ -129,7 +129,7 @@ def test_ascii_diagram_and_numbered_steps() -> None:
     for label in ("i1=4", "i2=7", "j4=4", "[G1]--8--[G2]--8--[G3]--8--[G4]"):
         assert label in text
     zipper = tnlayers.draw_ascii(spec, tnlayers.plan(spec, 64, "zipper"))
-    assert "1. x * G1 over i1: (12544 x 4) @ (4 x 32) product" in zipper
+    assert "1. G1 * x over i1: (32 x 4) @ (4 x 12544) product" in zipper
     assert "4. (x G1 G2 G3) * G4 over i4, b3:" in zipper
     materialize = tnlayers.draw_ascii(spec, tnlayers.plan(spec, 64, "materialize"))
     assert "4. x * (G1 G2 G3 G4) over i1, i2, i3, i4: (64 x 784) @ (784 x 256) product" in materialize
@@ -137,9 +137,9 @@ def test_ascii_diagram_and_numbered_steps() -> None:
 
 
 def test_ascii_diagram_exactly() -> None:
-    """The whole picture and step list of a small uneven MPO, worked out by hand: step 1 is ``(8*13*3, 2) @
-    (2, 3*4)``, step 2 ``(8*3*3, 13*4) @ (13*4, 2*6)``, step 3 ``(8*3*2, 3*6) @ (3*6, 2)``; flops twice their
-    multiply-adds."""
+    """The whole picture and step list of a small uneven MPO, worked out by hand: step 1 is ``(3*4, 2) @
+    (2, 8*13*3)`` (G1's legs first, so that step 2 reads the result in place), step 2 ``(8*3*3, 13*4) @
+    (13*4, 2*6)``, step 3 ``(8*3*2, 3*6) @ (3*6, 2)``; flops twice their multiply-adds."""
     spec = tnlayers.MPOSpec((2, 13, 3), (3, 2, 2), (1, 4, 6, 1))
     picture = [
         "i1=2     i2=13     i3=3",
@@ -152,7 +152,7 @@ def test_ascii_diagram_exactly() -> None:
     steps = [
         "",
         "zipper -> zipper at batch 8: 108,288 flops",
-        "  1. x * G1 over i1: (312 x 2) @ (2 x 12) product",
+        "  1. G1 * x over i1: (12 x 2) @ (2 x 312) product",
         "  2. (x G1) * G2 over i2, b1: (72 x 52) @ (52 x 12) product",
         "  3. (x G1 G2) * G3 over i3, b2: (48 x 18) @ (18 x 2) product",
     ]

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple, cast
 import numpy as np
 
 from .decompose import spec_from_cores
-from .plan import ContractionPlan, Pairwise, PlanStep, _pairwise, plan, weight_split
+from .plan import BATCHED_MIN_WORK, ContractionPlan, Pairwise, PlanStep, _pairwise, plan, weight_split
 from .spec import MPOSpec
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "run_steps",
     "plan_operands",
     "step_ids",
+    "tensordot_pairwise",
     "weight_from_halves",
     "weight_halves",
 ]
@@ -113,15 +114,45 @@ class _MatmulShapes(NamedTuple):
         return len(self.a_shape) == 3
 
 
+def _folded_order(step: Pairwise, ndim_a: int, b_order: tuple[int, ...], n_summed: int) -> tuple[tuple[int, ...], bool]:
+    """``b_order`` (``b``'s contracted axes, then its free ones) with the step's output permutation folded
+    into ``b``'s free axes where that permutation only reorders them: ``b`` (small: a core or a product
+    of cores, which plans reorder so that the next step reads the output in place) is transposed, not
+    the product. Returns the order and whether the product then needs no permutation."""
+    m = ndim_a - n_summed
+    if step.perm[:m] != tuple(range(m)):
+        return b_order, False
+    free = b_order[n_summed:]
+    return b_order[:n_summed] + tuple(free[t - m] for t in step.perm[m:]), True
+
+
+@functools.lru_cache(maxsize=4096)
+def _tensordot_call(
+    step: Pairwise, ndim_a: int, ndim_b: int
+) -> tuple[tuple[int, ...] | None, Any, tuple[int, ...] | None]:
+    """``(b's order or None, axes, output permutation or None)`` of one step run as ``tensordot``, with
+    a reordering of ``b``'s free indices applied to ``b`` (see :func:`_folded_order`)."""
+    axes_a, axes_b = _tensordot_axes(step, ndim_a, ndim_b)
+    free_b = tuple(d for d in range(ndim_b) if d not in axes_b)
+    order, folded = _folded_order(step, ndim_a, (*axes_b, *free_b), len(axes_b))
+    if not folded:
+        return None, (axes_a, axes_b), _unless_identity(step.perm)
+    b_order = _unless_identity(order)
+    return b_order, (axes_a, tuple(range(len(axes_b))) if b_order is not None else axes_b), None
+
+
 @functools.lru_cache(maxsize=4096)
 def _matmul_shapes(step: Pairwise, shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> _MatmulShapes | None:
     route = _matmul_route(step, len(shape_a), len(shape_b))
     if route is None:
         return None
     lo, hi = route.lo, route.hi
+    b_order, folded = _folded_order(step, len(shape_a), route.b_order, hi - lo)
     k = math.prod(shape_a[lo:hi])
-    free_b = [shape_b[d] for d in route.b_order[hi - lo :]]
+    free_b = [shape_b[d] for d in b_order[hi - lo :]]
     p, q = shape_a[:lo], shape_a[hi:]
+    if p and q and math.prod(q) * k * math.prod(free_b) < BATCHED_MIN_WORK:
+        return None  # tiny matrices: a batched product runs far below one product of a copy (tensordot)
     a_shape: tuple[int, ...]
     a_swap: tuple[int, ...] | None
     if not q:
@@ -131,12 +162,12 @@ def _matmul_shapes(step: Pairwise, shape_a: tuple[int, ...], shape_b: tuple[int,
     else:
         a_shape, a_swap = (math.prod(p), k, math.prod(q)), (0, 2, 1)
     return _MatmulShapes(
-        b_order=_unless_identity(route.b_order),
+        b_order=_unless_identity(b_order),
         b_matrix=(k, math.prod(free_b)),
         a_shape=a_shape,
         a_swap=a_swap,
         product=(*p, *q, *free_b),
-        perm=_unless_identity(step.perm),
+        perm=None if folded else _unless_identity(step.perm),
     )
 
 
@@ -169,7 +200,9 @@ def _tensordot_axes(step: Pairwise, ndim_a: int, ndim_b: int) -> tuple[tuple[int
 def _numpy_pairwise(step: Pairwise, a: Any, b: Any) -> Any:
     r = _matmul_shapes(step, a.shape, b.shape)
     if r is None:  # a's contracted axes are not one block: tensordot copies it
-        return np.tensordot(a, b, axes=_tensordot_axes(step, a.ndim, b.ndim)).transpose(step.perm)
+        b_order, axes, perm = _tensordot_call(step, a.ndim, b.ndim)
+        product = np.tensordot(a, b if b_order is None else b.transpose(b_order), axes=axes)
+        return product if perm is None else product.transpose(perm)
     return _run_matmul(r, a, b, np.matmul, np.transpose)
 
 
@@ -201,12 +234,22 @@ def _torch_pairwise(step: Pairwise, a: Any, b: Any) -> Any:
     # and, for a leading block, without its copy of ``a``.
     if r is not None and (not r.batched or not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))):
         return _run_matmul(r, a, b, torch.matmul, _permute)
-    product = torch.tensordot(a, b, dims=_tensordot_axes(step, len(a.shape), len(b.shape)))
-    return product if step.perm == tuple(range(len(step.perm))) else product.permute(step.perm)
+    b_order, axes, perm = _tensordot_call(step, len(a.shape), len(b.shape))
+    product = torch.tensordot(a, b if b_order is None else b.permute(b_order), dims=axes)
+    return product if perm is None else product.permute(perm)
 
 
 def _torch_affine(x: Any, w: Any, bias: Any) -> Any:
     return sys.modules["torch"].addmm(bias, x, w)
+
+
+def tensordot_pairwise(
+    tensordot: Callable[..., Any], transpose: Callable[[Any, Any], Any], step: Pairwise, a: Any, b: Any
+) -> Any:
+    """One step by a framework's ``tensordot(a, b, axes)`` and ``transpose(x, perm)`` (TensorFlow, Keras)."""
+    b_order, (axes_a, axes_b), perm = _tensordot_call(step, len(a.shape), len(b.shape))
+    product = tensordot(a, b if b_order is None else transpose(b, b_order), axes=[list(axes_a), list(axes_b)])
+    return product if perm is None else transpose(product, perm)
 
 
 def _einsum_pairwise(einsum: Callable[..., Any]) -> Callable[[Pairwise, Any, Any], Any]:
@@ -260,7 +303,7 @@ def _tensorflow_ops() -> ArrayOps:
 
     return ArrayOps(
         name="tensorflow",
-        pairwise=lambda step, a, b: tf.transpose(tf.tensordot(a, b, axes=step.axes), step.perm),
+        pairwise=functools.partial(tensordot_pairwise, tf.tensordot, tf.transpose),
         reshape=tf.reshape,
         restore_leading=restore_leading,
         transpose=tf.transpose,
@@ -448,6 +491,11 @@ def _step_backward(
     return grad_a, grad_b
 
 
+#: :func:`_in_place_backward` writes ``dA`` by one full product and a transpose of ``a``'s size (not ``P``
+#: thin batched products) where ``a`` is this many times smaller than ``g`` (``K`` this many times below ``N``).
+_SMALL_NEXT_TO = 4
+
+
 def _in_place_backward(
     r: _MatmulShapes,
     shape_a: tuple[int, ...],
@@ -470,24 +518,27 @@ def _in_place_backward(
         (p, k), q = (r.a_shape, 1) if r.a_swap is None else ((1, r.a_shape[0]), r.a_shape[1])
     n = r.b_matrix[1]
     g = ops.reshape(grad if r.perm is None else ops.transpose(grad, _inverse(r.perm)), (p, q, n))
+    a_by_rows = need_a and (q == 1 or _SMALL_NEXT_TO * k < n)  # a small next to g: one full product
+    b_batched = need_b and p > 1 and q > 1 and n <= q and sum_leading is not None
+    g_rows = ops.reshape(g, (p * q, n)) if a_by_rows or (need_b and not b_batched) else None  # one copy at most
     grad_a = grad_b = None
     if need_a:
         b_matrix = ops.reshape(b if r.b_order is None else ops.transpose(b, r.b_order), r.b_matrix)
-        if q == 1:
-            grad_a = _matmul_bt(ops, ops.reshape(g, (p, n)), b_matrix)  # (P, K)
+        if a_by_rows:  # (P Q, K), then a transpose of a's (small) size
+            grad_a = ops.transpose(ops.reshape(_matmul_bt(ops, g_rows, b_matrix), (p, q, k)), (0, 2, 1))
         else:
             grad_a = batched_matmul(b_matrix, ops.transpose(g, (0, 2, 1)))  # (P, K, Q): a's layout
         grad_a = ops.reshape(grad_a, shape_a)
     if need_b:
         a3 = ops.reshape(a, (p, k, q))
-        if q == 1:
-            grad_b = _matmul_at(ops, ops.reshape(a3, (p, k)), ops.reshape(g, (p, n)))
+        if b_batched:
+            grad_b = cast(Callable[[Any], Any], sum_leading)(batched_matmul(a3, g))
+        elif q == 1:
+            grad_b = _matmul_at(ops, ops.reshape(a3, (p, k)), g_rows)
         elif p == 1:
-            grad_b = _matmul(ops, ops.reshape(a3, (k, q)), ops.reshape(g, (q, n)))
-        elif n <= q and sum_leading is not None:
-            grad_b = sum_leading(batched_matmul(a3, g))
+            grad_b = _matmul(ops, ops.reshape(a3, (k, q)), g_rows)
         else:
-            grad_b = _matmul(ops, ops.reshape(ops.transpose(a3, (1, 0, 2)), (k, p * q)), ops.reshape(g, (p * q, n)))
+            grad_b = _matmul(ops, ops.reshape(ops.transpose(a3, (1, 0, 2)), (k, p * q)), g_rows)
         if r.b_order is None:
             grad_b = ops.reshape(grad_b, shape_b)
         else:

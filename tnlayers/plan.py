@@ -314,6 +314,20 @@ def _contiguous_block(term: str, letters: set[str]) -> bool:
     return set(term[:k]) == letters or set(term[len(term) - k :]) == letters
 
 
+#: A product batched over an operand's leading indices (read in place, see :func:`_one_block`) runs only when
+#: each of its matrix products has at least this many multiply-adds; below, the operand is copied to one
+#: matrix, as ``tensordot`` does (measured: 32768 products ``(8, 8) @ (8, 4)`` ran 10x slower than that copy
+#: and one product; 256 products ``(128, 32) @ (32, 32)`` faster than it).
+BATCHED_MIN_WORK = 4096
+
+
+def _batched_work(term: str, letters: set[str], free_other: int, size: Callable[[str], int]) -> int:
+    """Multiply-adds per matrix product when ``term`` is read in place as a batch over the indices before
+    its contracted block: ``(Q, K) @ (K, N)``, ``Q`` the indices after the block."""
+    last = max(k for k, ch in enumerate(term) if ch in letters)
+    return size(term[last + 1 :]) * size("".join(ch for ch in term if ch in letters)) * free_other
+
+
 def _one_block(term: str, letters: set[str]) -> bool:
     """Whether ``letters`` sit together anywhere in ``term``: a first operand whose contracted axes do is
     read in place as a batch of matrices (over the indices before the block; see the executor's
@@ -322,7 +336,29 @@ def _one_block(term: str, letters: set[str]) -> bool:
     return bool(positions) and positions[-1] - positions[0] + 1 == len(positions)
 
 
-def _step_layout(a: str, b: str, swap: bool, size: Callable[[str], int], batched: bool) -> tuple[str, str, str, int]:
+#: A second operand is reordered (copied) for the next step's sake only when it is this many times smaller
+#: than the first (a core or a product of cores against one carrying the batch).
+_REORDER_SMALLER = 8
+_REORDER_COPIED = True
+
+
+def _reordered_free(free_first: str, free_second: str, wanted: str | frozenset[str]) -> str:
+    """``free_second`` reordered so that the output ``free_first + free_second`` suits its reader: the
+    layer's output order (``wanted`` a string) or a next step that contracts the indices ``wanted``, which
+    then sit in one block (at the end where ``free_first`` holds none of them, else after its own)."""
+    if isinstance(wanted, str):
+        return "".join(sorted(free_second, key=wanted.index))
+    in_first = [ch for ch in free_first if ch in wanted]
+    if in_first and free_first[len(free_first) - len(in_first) :] != "".join(in_first):
+        return free_second  # the first operand's share of the block is not at its end: no order helps
+    summed = "".join(ch for ch in free_second if ch in wanted)
+    others = "".join(ch for ch in free_second if ch not in wanted)
+    return summed + others if in_first else others + summed
+
+
+def _step_layout(
+    a: str, b: str, swap: bool, size: Callable[[str], int], batched: bool, wanted: str | frozenset[str] = ""
+) -> tuple[str, str, str, int]:
     """``(first, second, output, elements copied)`` of one step, run as ``first @ second``, which writes
     their free indices in their own orders (no transpose after the product).
 
@@ -332,22 +368,65 @@ def _step_layout(a: str, b: str, swap: bool, size: Callable[[str], int], batched
     ``first`` is copied anyway, the order is ``second``'s). Otherwise (plans that autograd
     differentiates step by step): an operand is read in place only with its contracted block at an
     edge; the larger operand sets their order, and the other is copied unless its block matches it.
+
+    ``wanted`` (the reader of the output, see :func:`_reordered_free`): where ``first`` is read in place
+    and ``second`` is small next to it (a core or a product of cores against one carrying the batch),
+    ``second``'s free indices are written in the order the reader wants (the executors transpose
+    ``second``, not the product).
     """
     first, second = (b, a) if swap else (a, b)
     summed = set(a) & set(b)
+    second_copied = False
     if batched:
-        copied = 0 if _one_block(first, summed) else size(first)
+        in_place = _one_block(first, summed) and (
+            _contiguous_block(first, summed)
+            or _batched_work(first, summed, size("".join(ch for ch in second if ch not in summed)), size)
+            >= BATCHED_MIN_WORK
+        )
+        copied = 0 if in_place else size(first)
         order = [ch for ch in (first if copied == 0 else second) if ch in summed]
         if not _contiguous_block(second, summed) or [ch for ch in second if ch in summed] != order:
             copied += size(second)
+            second_copied = True
+        first_in_place = copied == 0 or (second_copied and copied == size(second))
     else:
         leader, follower = (a, b) if size(a) >= size(b) else (b, a)
         copied = 0 if _contiguous_block(leader, summed) else size(leader)
         in_leader = [ch for ch in leader if ch in summed]
         if not _contiguous_block(follower, summed) or [ch for ch in follower if ch in summed] != in_leader:
             copied += size(follower)
-    output = "".join(ch for ch in first if ch not in summed) + "".join(ch for ch in second if ch not in summed)
-    return first, second, output, copied
+            second_copied = follower == second
+        first_in_place = leader == first and _contiguous_block(first, summed)
+    free_first = "".join(ch for ch in first if ch not in summed)
+    free_second = "".join(ch for ch in second if ch not in summed)
+    if (
+        wanted
+        and first_in_place
+        and ((_REORDER_COPIED and second_copied) or _REORDER_SMALLER * size(second) <= size(first))
+    ):
+        reordered = _reordered_free(free_first, free_second, wanted)
+        if reordered != free_second:
+            copied += 0 if second_copied else size(second)
+            free_second = reordered
+    return first, second, free_first + free_second, copied
+
+
+def _readers(inputs: Sequence[str], pairs: Sequence[tuple[int, int]], final: str) -> list[str | frozenset[str]]:
+    """Per step, who reads its output: the indices the step that consumes it contracts, or ``final``
+    (the layer's output order) for the last step. Index sets do not depend on the operands' orders."""
+    terms = [frozenset(term) for term in inputs]
+    made: list[int] = []  # per term in ``terms``: the step that made it (-1: an input)
+    made = [-1] * len(terms)
+    readers: list[str | frozenset[str]] = [final] * len(pairs)
+    for k, (i, j) in enumerate(pairs):
+        a, maker_a = terms.pop(i), made.pop(i)
+        b, maker_b = terms.pop(j), made.pop(j)
+        for maker in (maker_a, maker_b):
+            if maker >= 0:
+                readers[maker] = a & b
+        terms.append(a ^ b)
+        made.append(k)
+    return readers
 
 
 def _layout(
@@ -361,13 +440,15 @@ def _layout(
     steps read their operands in place.
     """
 
+    readers = _readers(inputs, pairs, final)
+
     def simulate(swaps: Sequence[bool]) -> tuple[int, list[tuple[tuple[int, int], str, str, str, int]]]:
         terms, total = list(inputs), 0
         steps: list[tuple[tuple[int, int], str, str, str, int]] = []
-        for (i, j), swap in zip(pairs, swaps):
+        for (i, j), swap, wanted in zip(pairs, swaps, readers):
             a = terms.pop(i)
             b = terms.pop(j)
-            first, second, output, copied = _step_layout(a, b, swap, size, batched)
+            first, second, output, copied = _step_layout(a, b, swap, size, batched, wanted)
             if swap:  # pop b first: its position in the list before a was removed, then a's without b
                 b_at = j if j < i else j + 1
                 positions = (b_at, i if i < b_at else i - 1)
@@ -450,6 +531,20 @@ def _cost(
         grads = [(True, True)] * (len(run_sizes) - 1) + [(gradients == "all", True)]
         return model.estimate(run_sizes, None if gradients == "none" else grads)
     return model.estimate(step_sizes, grad_inputs(steps, spec.n_cores + 1, gradients))
+
+
+@functools.lru_cache(maxsize=1024)
+def in_place_layout(plan_: ContractionPlan) -> ContractionPlan:
+    """``plan_`` laid out as a forward plan is, for an executor that reads strided operands in place in
+    training too (a planned backward, :func:`tnlayers.contract.planned_backward`, which reads each step's
+    inputs as its forward did): the same path, intermediates and ids (so what a training call keeps by
+    :func:`tnlayers.contract.keep_within` applies), fewer copies. A training plan's own layout is for
+    autograd, which copies such operands (``tensordot``). ``cost`` is left as planned."""
+    if plan_.gradients == "none" or plan_.builds_weight:
+        return plan_
+    path = [list(pair) for pair in plan_.path]
+    laid_out = _build(plan_.spec, plan_.batch_size, plan_.strategy, plan_.method, path, DEFAULT_COST_MODEL)
+    return dataclasses.replace(plan_, steps=laid_out.steps, step_sizes=laid_out.step_sizes)
 
 
 def plan_cost(plan_: ContractionPlan, model: CostModel) -> float:

@@ -57,6 +57,8 @@ def ratio_table(records: Sequence[dict[str, Any]], mode: str = "forward+backward
     rows = []
     for key, times in groups.items():
         orderings = {name: t for name, t in times.items() if name not in BASELINES and name not in PLANNERS}
+        if not orderings:  # only the planner and the baselines ran (``--orderings auto dense``): nothing to judge by
+            continue
         fastest_name = min(orderings, key=orderings.__getitem__)
         fastest = orderings[fastest_name]
         judged = {
