@@ -336,10 +336,9 @@ def _one_block(term: str, letters: set[str]) -> bool:
     return bool(positions) and positions[-1] - positions[0] + 1 == len(positions)
 
 
-#: A second operand is reordered (copied) for the next step's sake only when it is this many times smaller
-#: than the first (a core or a product of cores against one carrying the batch).
+#: A second operand not copied anyway is reordered (copied) for the next step's sake only when it is this many
+#: times smaller than the first (a core or a product of cores against one carrying the batch).
 _REORDER_SMALLER = 8
-_REORDER_COPIED = True
 
 
 def _reordered_free(free_first: str, free_second: str, wanted: str | frozenset[str]) -> str:
@@ -370,9 +369,9 @@ def _step_layout(
     edge; the larger operand sets their order, and the other is copied unless its block matches it.
 
     ``wanted`` (the reader of the output, see :func:`_reordered_free`): where ``first`` is read in place
-    and ``second`` is small next to it (a core or a product of cores against one carrying the batch),
-    ``second``'s free indices are written in the order the reader wants (the executors transpose
-    ``second``, not the product).
+    and ``second`` is copied anyway or small next to it (a core or a product of cores against one
+    carrying the batch), ``second``'s free indices are written in the order the reader wants (the
+    executors transpose ``second``, not the product).
     """
     first, second = (b, a) if swap else (a, b)
     summed = set(a) & set(b)
@@ -388,7 +387,7 @@ def _step_layout(
         if not _contiguous_block(second, summed) or [ch for ch in second if ch in summed] != order:
             copied += size(second)
             second_copied = True
-        first_in_place = copied == 0 or (second_copied and copied == size(second))
+        first_in_place = in_place
     else:
         leader, follower = (a, b) if size(a) >= size(b) else (b, a)
         copied = 0 if _contiguous_block(leader, summed) else size(leader)
@@ -399,11 +398,7 @@ def _step_layout(
         first_in_place = leader == first and _contiguous_block(first, summed)
     free_first = "".join(ch for ch in first if ch not in summed)
     free_second = "".join(ch for ch in second if ch not in summed)
-    if (
-        wanted
-        and first_in_place
-        and ((_REORDER_COPIED and second_copied) or _REORDER_SMALLER * size(second) <= size(first))
-    ):
+    if wanted and first_in_place and (second_copied or _REORDER_SMALLER * size(second) <= size(first)):
         reordered = _reordered_free(free_first, free_second, wanted)
         if reordered != free_second:
             copied += 0 if second_copied else size(second)
@@ -415,8 +410,7 @@ def _readers(inputs: Sequence[str], pairs: Sequence[tuple[int, int]], final: str
     """Per step, who reads its output: the indices the step that consumes it contracts, or ``final``
     (the layer's output order) for the last step. Index sets do not depend on the operands' orders."""
     terms = [frozenset(term) for term in inputs]
-    made: list[int] = []  # per term in ``terms``: the step that made it (-1: an input)
-    made = [-1] * len(terms)
+    made = [-1] * len(terms)  # per term in ``terms``: the step that made it (-1: an input)
     readers: list[str | frozenset[str]] = [final] * len(pairs)
     for k, (i, j) in enumerate(pairs):
         a, maker_a = terms.pop(i), made.pop(i)
