@@ -319,3 +319,28 @@ def test_plan_cost_recosts_a_plan_under_another_model(strategy: str, gradients: 
     expected = tnlayers.plan(spec, 256, strategy, cost_model=other, gradients=gradients).cost
     assert plan_cost(built, other) == pytest.approx(expected, rel=1e-12)
     assert plan_cost(built, other) != pytest.approx(built.cost, rel=1e-3)  # the models do differ
+
+
+def test_plans_are_the_same_in_every_process() -> None:
+    """Python salts string hashes per process; opt_einsum's searches break ties in set order. On VGG's
+    2048-wide conv layer random-greedy found three different (equal-flops) paths under PYTHONHASHSEED 0, 2
+    and 4 before its search ran on integer labels."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import tnlayers\n"
+        "spec = tnlayers.MPOSpec((2, 8, 8, 8, 2), (2, 8, 8, 8, 2), 4)\n"
+        "for s in ('random-greedy', 'greedy', 'dp', 'auto', 'branch-2'):\n"
+        "    for batch in (32, 1024):\n"
+        "        p = tnlayers.plan(spec, batch, s, gradients='all')\n"
+        "        print(s, batch, p.method, p.path, [step.forward for step in p.steps])\n"
+    )
+    found = set()
+    for seed in ("0", "2", "4"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        found.add(result.stdout)
+    assert len(found) == 1

@@ -465,13 +465,42 @@ def _layout(
     return simulate(swaps)[1]
 
 
+class _IntegerLabels(opt_einsum.paths.PathOptimizer):  # type: ignore[misc]
+    """An opt_einsum search run on integer index labels. Python salts the hashes of strings per process
+    (``PYTHONHASHSEED``) and the searches break ties between equal-cost contractions in set order, so on the
+    equation's letters ``greedy`` and ``random-greedy`` found different paths, of equal flops but not equal
+    speed, in different processes; integers hash to themselves, so the same search finds the same path."""
+
+    def __init__(self, search: Callable[..., Any]) -> None:
+        self.search = search
+
+    def __call__(self, inputs: Any, output: Any, size_dict: dict[str, int], memory_limit: Any = None) -> Any:
+        label = {ch: k for k, ch in enumerate(sorted(size_dict))}
+        return self.search(
+            [frozenset(label[ch] for ch in term) for term in inputs],
+            frozenset(label[ch] for ch in output),
+            {label[ch]: size for ch, size in size_dict.items()},
+            memory_limit,
+        )
+
+
+def _on_integer_labels(optimize: Any) -> Any:
+    """``optimize`` for ``contract_path``: opt_einsum's own searches (by name or instance) on integer labels
+    (:class:`_IntegerLabels`); explicit paths and other packages' optimisers as given."""
+    if isinstance(optimize, str):
+        return _IntegerLabels(opt_einsum.paths.get_path_fn(optimize))
+    if type(optimize).__module__.startswith("opt_einsum."):
+        return _IntegerLabels(optimize)
+    return optimize
+
+
 def _build(
     spec: MPOSpec, batch: int, strategy: str, method: str, optimize: Any, model: CostModel, gradients: str = "none"
 ) -> ContractionPlan:
     equation = _equation(spec)
     shapes = _operand_shapes(spec, batch)
     try:
-        path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)
+        path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=_on_integer_labels(optimize))
     except (ValueError, TypeError, IndexError, KeyError) as err:
         raise ValueError(f"cannot plan strategy {strategy!r} for {spec}: {err}") from None
     sizes = dict(info.size_dict)
