@@ -424,9 +424,10 @@ EXPANDING_PATH = [(4, 5), (1, 2), (1, 3), (0, 2), (0, 1)]
 def test_a_planned_backward_reading_its_intermediates_in_place_gives_the_dense_gradients(
     budget: float | None, bound_every_batch: None
 ) -> None:
-    """Training plans lay big operands out to be read in place as batches of matrices (the first cores'
-    product writes its bond where the next step wants it); the planned backward reads them the same way.
-    Its gradients against dense matrices, and gradcheck / gradgradcheck."""
+    """The planned backward runs a training plan in its forward layout (``in_place_layout``), where big
+    operands are read in place as batches of matrices (the first cores' product writes its bond where the
+    next step reads it), and reads them the same way in the backward. Its gradients against dense
+    matrices, and gradcheck / gradgradcheck."""
     import importlib
 
     torch = pytest.importorskip("torch")
