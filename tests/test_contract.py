@@ -241,14 +241,14 @@ def test_step_backward_matches_einsum(a: str, b: str, out: str, backend: str, si
     rng = np.random.default_rng(1)
     size = BACKWARD_SIZES[sizes]
     left, right, grad = (rng.normal(size=[size[ch] for ch in term]) for term in (a, b, out))
-    ops = get_ops(backend)
-    if not in_place:
-        ops = dataclasses.replace(ops, batched_matmul=None, sum_leading=None)
     if backend == "torch":
-        torch = pytest.importorskip("torch")
+        torch = pytest.importorskip("torch")  # before get_ops, which never imports a framework
         arrays = [torch.from_numpy(v) for v in (left, right, grad)]
     else:
         arrays = [left, right, grad]
+    ops = get_ops(backend)
+    if not in_place:
+        ops = dataclasses.replace(ops, batched_matmul=None, sum_leading=None)
     route = core_contract._matmul_shapes(step, left.shape, right.shape)
     summed = [k for k, ch in enumerate(a) if ch in b]
     middle = summed == list(range(summed[0], summed[-1] + 1)) and summed[0] > 0 and summed[-1] < len(a) - 1
