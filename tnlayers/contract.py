@@ -200,9 +200,7 @@ def _tensordot_axes(step: Pairwise, ndim_a: int, ndim_b: int) -> tuple[tuple[int
 def _numpy_pairwise(step: Pairwise, a: Any, b: Any) -> Any:
     r = _matmul_shapes(step, a.shape, b.shape)
     if r is None:  # a's contracted axes are not one block: tensordot copies it
-        b_order, axes, perm = _tensordot_call(step, a.ndim, b.ndim)
-        product = np.tensordot(a, b if b_order is None else b.transpose(b_order), axes=axes)
-        return product if perm is None else product.transpose(perm)
+        return tensordot_pairwise(np.tensordot, np.transpose, step, a, b)
     return _run_matmul(r, a, b, np.matmul, np.transpose)
 
 
@@ -234,9 +232,11 @@ def _torch_pairwise(step: Pairwise, a: Any, b: Any) -> Any:
     # and, for a leading block, without its copy of ``a``.
     if r is not None and (not r.batched or not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))):
         return _run_matmul(r, a, b, torch.matmul, _permute)
-    b_order, axes, perm = _tensordot_call(step, len(a.shape), len(b.shape))
-    product = torch.tensordot(a, b if b_order is None else b.permute(b_order), dims=axes)
-    return product if perm is None else product.permute(perm)
+    return tensordot_pairwise(_torch_tensordot, _permute, step, a, b)
+
+
+def _torch_tensordot(a: Any, b: Any, axes: Any) -> Any:
+    return sys.modules["torch"].tensordot(a, b, dims=axes)
 
 
 def _torch_affine(x: Any, w: Any, bias: Any) -> Any:
