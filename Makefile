@@ -23,8 +23,9 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The suite runs in one worker per core (pytest-xdist; at most 4: each worker imports torch, TensorFlow and JAX).
 test: lint
-	OMP_WAIT_POLICY=PASSIVE TNLAYERS_REQUIRE_ALL=1 $(BIN)/python -m pytest
+	OMP_WAIT_POLICY=PASSIVE TNLAYERS_REQUIRE_ALL=1 $(BIN)/python -m pytest -n auto --maxprocesses 4 --dist worksteal
 
 # Mutation testing, not part of `make test`: deliberately wrong changes to the core and the adapters, each
 # run against the tests that cover it (setup.cfg [mutmut]); results are kept in mutants/ between runs.
