@@ -17,18 +17,28 @@ from .cases import AUTO_CHOICES, BASELINES, PLANNERS
 
 PathKey = tuple[tuple[int, ...], ...]
 
+WEIGHT_ROUTE: PathKey = ()
+"""The path key of every plan that ran as ``W`` built by :func:`tnlayers.contract.dense_weight` and one
+product: their paths differ only in the order they multiply the cores, which that route does not follow,
+so their times are repeated measurements of one computation (record field ``weight_route``)."""
+
+
+def _path_key(r: dict[str, Any]) -> PathKey:
+    return WEIGHT_ROUTE if r.get("weight_route") else tuple(map(tuple, r["path"]))
+
 
 def path_times(
     records: Sequence[dict[str, Any]], mode: str
 ) -> tuple[dict[tuple[Any, ...], dict[PathKey, float]], dict[tuple[Any, ...], PathKey]]:
     """Per (backend, case, batch): each distinct path's time, the median over the contenders that ran
-    it (baselines have no path); and per (backend, case, batch, ordering) the path it ran."""
+    it (baselines have no path; every plan that ran the ``W`` route is one path, :data:`WEIGHT_ROUTE`);
+    and per (backend, case, batch, ordering) the path it ran."""
     samples: dict[tuple[Any, ...], dict[PathKey, list[float]]] = {}
     ran: dict[tuple[Any, ...], PathKey] = {}
     for r in records:
         if r["mode"] != mode or r["ordering"] in BASELINES or r.get("path") is None:
             continue
-        key, path = (r["backend"], r["case"], r["batch"]), tuple(map(tuple, r["path"]))
+        key, path = (r["backend"], r["case"], r["batch"]), _path_key(r)
         samples.setdefault(key, {}).setdefault(path, []).append(r["median_s"])
         ran[(*key, r["ordering"])] = path
     times = {key: {path: statistics.median(t) for path, t in paths.items()} for key, paths in samples.items()}

@@ -145,6 +145,7 @@ def _record(
         "ordering": name,
         "method": plan.method if plan else name,
         "path": [list(p) for p in plan.path] if plan else None,
+        "weight_route": bool(plan and plan.builds_weight and (mode == "forward" or runner.trains_weight_route)),
         "median_s": median,
         "q25_s": float(np.quantile(samples, 0.25)),
         "q75_s": float(np.quantile(samples, 0.75)),

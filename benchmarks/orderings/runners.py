@@ -25,6 +25,9 @@ class Runner:
     backend = "numpy"
     saved_budget: float | None = DEFAULT_SAVED_BUDGET
     """What training keeps for the backward, at most, in input sizes (torch: the planned backward's bound)."""
+    trains_weight_route = False
+    """Whether training runs every plan that builds ``W`` as :func:`tnlayers.contract.dense_weight` and one
+    product, whatever its path (as every forward does); NumPy's training runs the path's steps on a tape."""
 
     def __init__(self, spec: tnlayers.MPOSpec, batch: int, dtype: str, device: str, seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
@@ -83,6 +86,7 @@ class Runner:
 
 class TorchRunner(Runner):
     backend = "torch"
+    trains_weight_route = True
 
     def setup(self) -> None:
         import torch
@@ -151,6 +155,7 @@ class TorchRunner(Runner):
 
 class TensorFlowRunner(Runner):
     backend = "tensorflow"
+    trains_weight_route = True
 
     def setup(self) -> None:
         import tensorflow as tf
@@ -199,6 +204,7 @@ class TensorFlowRunner(Runner):
 
 class JaxRunner(Runner):
     backend = "jax"
+    trains_weight_route = True
 
     def setup(self) -> None:
         import jax
