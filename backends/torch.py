@@ -109,7 +109,7 @@ _HALVES = -1
 
 
 class _PlannedContraction(torch.autograd.Function):
-    """``x @ W`` by a plan's steps, with the plan's own backward (:func:`tnlayers.contract.backprop`).
+    """``x @ W + bias`` by a plan's steps, with the plan's own backward (:func:`tnlayers.contract.backprop`).
 
     The forward keeps only the intermediates in ``keep`` (returned as extra, non-differentiable
     outputs so that ``torch.func`` sees them); the backward recomputes the others it reads from ``x``
@@ -122,17 +122,23 @@ class _PlannedContraction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor, plan: ContractionPlan, keep: frozenset[int], *cores: torch.Tensor) -> Any:
+    def forward(
+        x: torch.Tensor, plan: ContractionPlan, keep: frozenset[int], bias: torch.Tensor | None, *cores: torch.Tensor
+    ) -> Any:
         if plan.builds_weight:  # W from its two halves, then one product; ``keep`` may hold the halves
             halves = weight_halves(cores, _OPS)
-            y = x @ weight_from_halves(cores, halves, _OPS)
+            weight = weight_from_halves(cores, halves, _OPS)
+            y = x @ weight if bias is None else torch.addmm(bias, x, weight)
             return (y, *(halves if _HALVES in keep else ()))
         y, kept = run_keeping(plan.steps, plan_operands(plan, x, cores, _OPS), _OPS, keep)
-        return (y.reshape(x.shape[0], plan.spec.out_features), *kept)
+        y = y.reshape(x.shape[0], plan.spec.out_features)
+        if bias is not None:  # into the product (fresh, and not kept): no second output-sized buffer
+            y = y.add_(bias)
+        return (y, *kept)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-        x, plan, keep, *cores = inputs
+        x, plan, keep, _, *cores = inputs
         ctx.plan, ctx.keep = plan, sorted(keep)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*output[1:])
@@ -143,10 +149,14 @@ class _PlannedContraction(torch.autograd.Function):
         plan: ContractionPlan = ctx.plan
         x, *rest = ctx.saved_tensors
         n = plan.spec.n_cores
-        nothing: tuple[None, ...] = (None,) * (n + 3)
+        nothing: tuple[None, ...] = (None,) * (n + 4)
         if grad is None:
             return nothing
-        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
+        # ``y.sum()``'s gradient is an expanded view (every stride 0): torch's batched products would copy it
+        # matrix by matrix, so it is made one array here, once
+        grad = grad.contiguous()
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[4:])
+        grad_bias = grad.sum(0) if ctx.needs_input_grad[3] else None
         cores = rest[:n]
         again = torch.is_grad_enabled()  # double backward: recompute everything from x and the cores
         if plan.builds_weight:  # W is built again (from the kept halves if any) only for x's gradient
@@ -155,7 +165,7 @@ class _PlannedContraction(torch.autograd.Function):
         else:
             kept = {} if again else dict(zip(ctx.keep, rest[n:]))
             grads = planned_backward(plan, x, cores, grad, _OPS, needs, kept)
-        return (grads[0], None, None, *grads[1:])
+        return (grads[0], None, None, grad_bias, *grads[1:])
 
 
 # ``Function.apply`` binds its arguments to ``forward``'s signature on every call (because the Function defines
@@ -185,9 +195,8 @@ def run_plan(
         keep = frozenset({_HALVES})
     if not torch.compiler.is_compiling():  # (compiled graphs keep the plan's own layout: planning is not traced)
         plan = in_place_layout(plan)
-    y, *_ = _PlannedContraction.apply(x.reshape(rows, plan.spec.in_features), plan, keep, *cores)  # type: ignore[no-untyped-call]
-    y = cast(torch.Tensor, y).reshape(*x.shape[:-1], plan.spec.out_features)
-    return y if bias is None else y + bias
+    y, *_ = _PlannedContraction.apply(x.reshape(rows, plan.spec.in_features), plan, keep, bias, *cores)  # type: ignore[no-untyped-call]
+    return cast(torch.Tensor, y).reshape(*x.shape[:-1], plan.spec.out_features)
 
 
 def _check_tensor(x: Any, dtype: torch.dtype, device: torch.device, what: str) -> torch.dtype | None:

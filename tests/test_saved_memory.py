@@ -204,12 +204,13 @@ def test_the_planned_backward_passes_gradcheck_and_gradgradcheck(
     plan = tnlayers.plan(spec, 4, strategy)
     cores = [torch.from_numpy(c).requires_grad_() for c in tnlayers.init_cores(spec, seed=0, dtype=np.float64)]
     x = torch.randn(4, spec.in_features, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(spec.out_features, dtype=torch.float64, requires_grad=True)  # added inside the planned forward
 
-    def f(x: Any, *cores: Any) -> Any:
-        return run_plan(plan, x, cores, None, budget)
+    def f(x: Any, bias: Any, *cores: Any) -> Any:
+        return run_plan(plan, x, cores, bias, budget)
 
-    assert torch.autograd.gradcheck(f, (x, *cores))
-    assert torch.autograd.gradgradcheck(f, (x, *cores))
+    assert torch.autograd.gradcheck(f, (x, bias, *cores))
+    assert torch.autograd.gradgradcheck(f, (x, bias, *cores))
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "materialize"])
@@ -458,6 +459,20 @@ def test_a_planned_backward_reading_its_intermediates_in_place_gives_the_dense_g
     weight = dense_reference(cores_np)
     np.testing.assert_allclose(x.grad.numpy(), g_np @ weight.T, rtol=1e-10, atol=1e-10)
     for core, expected in zip(cores, reference_core_gradients(cores_np, x_np, g_np)):
+        np.testing.assert_allclose(core.grad.numpy(), expected, rtol=1e-10, atol=1e-10)
+
+    # with a bias, and the gradient of ``y.sum()``: an expanded view whose every stride is 0
+    bias_np = rng.normal(size=spec.out_features)
+    bias = torch.from_numpy(bias_np).requires_grad_()
+    for tensor in (x, *cores):
+        tensor.grad = None
+    y = run_plan(plan, x, cores, bias, budget)
+    np.testing.assert_allclose(y.detach().numpy(), x_np @ weight + bias_np, rtol=1e-10, atol=1e-10)
+    y.sum().backward()
+    ones = np.ones((2, spec.out_features))
+    np.testing.assert_allclose(bias.grad.numpy(), ones.sum(0), rtol=1e-12)
+    np.testing.assert_allclose(x.grad.numpy(), ones @ weight.T, rtol=1e-10, atol=1e-10)
+    for core, expected in zip(cores, reference_core_gradients(cores_np, x_np, ones)):
         np.testing.assert_allclose(core.grad.numpy(), expected, rtol=1e-10, atol=1e-10)
 
     if budget is None:  # autograd's own backward: checked above
