@@ -320,7 +320,8 @@ class _MPOLayer(kit.MPOLayerMixin, keras.layers.Layer):  # type: ignore[misc]
         if _BACKEND == "torch":  # torch's own planned backward (autograd.Function)
             from tnlayers.backends.torch import run_plan
 
-            return run_plan(plan, x, values, bias, budget)
+            # the bias as a tensor too: the planned forward adds it, and autograd tracks only tensor inputs
+            return run_plan(plan, x, values, None if bias is None else ops.convert_to_tensor(bias), budget)
         needs = (True, *(self.trainable and bool(core.trainable) for core in cores))  # x's: not known here
         keep = kit.kept_for_backward(plan, bounded_rows, needs, budget)
         if _BACKEND == "tensorflow":
