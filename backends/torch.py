@@ -132,9 +132,8 @@ class _PlannedContraction(torch.autograd.Function):
             return (y, *(halves if _HALVES in keep else ()))
         y, kept = run_keeping(plan.steps, plan_operands(plan, x, cores, _OPS), _OPS, keep)
         y = y.reshape(x.shape[0], plan.spec.out_features)
-        if bias is not None:  # into the product (fresh, and not kept): no second output-sized buffer
-            y = y.add_(bias)
-        return (y, *kept)
+        # not in place: under torch.func.vmap over the bias alone, the bias is batched and the product is not
+        return (y if bias is None else y + bias, *kept)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:

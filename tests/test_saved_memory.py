@@ -235,6 +235,30 @@ def test_the_planned_backward_works_under_torch_func_and_compile(strategy: str, 
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def test_the_planned_forward_vmaps_over_the_bias_alone(bound_every_batch: None) -> None:
+    """The planned forward adds the bias; under ``vmap`` over the bias only, the bias is batched and the
+    product is not (an in-place add would fail there)."""
+    torch = pytest.importorskip("torch")
+    from tnlayers.backends.torch import MPOLinear
+    from torch.func import functional_call, grad, vmap
+
+    from tnlayers import layer as kit
+
+    layer = MPOLinear((8, 8, 8), (8, 8, 8), 4, dtype=torch.float64, saved_budget=1.0)
+    x = torch.randn(64, 512, dtype=torch.float64, requires_grad=True)
+    params = dict(layer.named_parameters())  # cores that need gradients: the plan's backward must recompute
+    assert kit.kept_for_backward(layer._plan(x, 64, list(params.values())[:3]), 64, (True,) * 4, 1.0) is not None
+    biases = torch.randn(3, 512, dtype=torch.float64)
+
+    def total(bias: Any) -> Any:
+        return functional_call(layer, {**params, "bias": bias}, (x,)).sum()
+
+    weight = dense_reference([c.detach().numpy() for c in layer.cores])
+    expected = (x.detach().numpy() @ weight).sum() + 64 * biases.numpy().sum(axis=1)
+    np.testing.assert_allclose(vmap(total)(biases).detach().numpy(), expected, rtol=1e-10)
+    np.testing.assert_allclose(vmap(grad(total))(biases).numpy(), np.full((3, 512), 64.0), rtol=1e-12)
+
+
 def test_the_planned_backward_follows_autocast_as_nn_linear_does() -> None:
     torch = pytest.importorskip("torch")
     from tnlayers.backends.torch import MPOLinear
