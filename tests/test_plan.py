@@ -73,6 +73,9 @@ def test_plans_are_frozen_hashable_data_and_cached() -> None:
         plan.flops = 0  # type: ignore[misc]
     assert pickle.loads(pickle.dumps(plan)) == plan
     assert hash(plan) == hash(pickle.loads(pickle.dumps(plan)))
+    # the hash is computed once and kept, but never pickled (string hashes differ between processes)
+    assert plan.__dict__["_hash"] == hash(plan) and "_hash" not in pickle.loads(pickle.dumps(plan)).__dict__
+    assert dataclasses.replace(plan, cost=plan.cost + 1) != plan
 
 
 @pytest.mark.parametrize(("batch", "bucket"), [(None, 128), (0, 1), (1, 1), (2, 2), (3, 4), (1000, 1024), (1024, 1024)])
