@@ -9,8 +9,8 @@ forward+backward (``train()``, ``loss = y.sum()``, gradients of the parameters).
 MPO time / dense time (below 1 the MPO layer is faster); efficiency is the plan's flops over the
 dense product's, divided by that ratio (1.0: the MPO runs its flops at the dense product's rate).
 Quote ratios: absolute times move between runs far more than ratios do. The wait policy and glibc's
-``MALLOC_MMAP_THRESHOLD_`` are the process's own (users run with both unset); both are printed and
-recorded (docs/benchmarks.md measures the allocator setting as a second configuration).
+allocator are the process's own (users run with both as they come); both are printed and recorded.
+``--reuse-freed-memory`` measures the second configuration, after :func:`tnlayers.reuse_freed_memory`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from tnlayers.backends.torch import MPOLinear
 
 import tnlayers
 from benchmarks.records import write_records
+from tnlayers.allocator import allocator_setting
 from tnlayers.timing import calls_per_sample, round_robin
 
 CASES = [  # (label, in_modes, out_modes, rank)
@@ -109,15 +110,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="one shape at batch 1 and 64, 2 repeats")
     parser.add_argument("--out", type=Path, default=None, help="write one JSON line per case and batch here")
+    parser.add_argument(
+        "--reuse-freed-memory", action="store_true", help="call tnlayers.reuse_freed_memory() first (glibc only)"
+    )
     args = parser.parse_args(argv)
+    if args.reuse_freed_memory and not tnlayers.reuse_freed_memory():
+        parser.error("--reuse-freed-memory needs glibc's allocator, which this process does not use")
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", tnlayers.RankClippedWarning)
     policy = os.environ.get("OMP_WAIT_POLICY", "unset")
-    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_", "unset")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={policy}, "
-        f"MALLOC_MMAP_THRESHOLD_={threshold}"
+        f"allocator {allocator_setting()}"
     )
     print(f"{'':<45}{'inference ms: mpo, dense, ratio':<33}forward+backward ms: mpo, dense, ratio, efficiency")
     print(f"{'case':<13} {'D':>3} {'batch':>5} {'auto plan':<14} {'flops':>6}")
@@ -128,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "cpu": platform.processor(),
         "OMP_WAIT_POLICY": policy,
-        "MALLOC_MMAP_THRESHOLD_": threshold,
+        "allocator": allocator_setting(),
     }
     write_records(args.out, records, environment)
 

@@ -13,6 +13,8 @@ import pytest
 import tnlayers
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The environment with glibc's allocator as it comes (no ``MALLOC_*_`` variables).
+_GLIBC_DEFAULTS = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
 
 
 def test_orderings_quick(tmp_path: Path) -> None:
@@ -20,9 +22,10 @@ def test_orderings_quick(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     pytest.importorskip("tensorflow")
     command = [sys.executable, "-m", "benchmarks.orderings", "--quick", "--fit", "--out", str(tmp_path)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_GLIBC_DEFAULTS)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert {r["allocator"] for r in records} == {"default"}
     timed = [r for r in records if r["mode"] != "overhead"]
     backends = {"numpy", "torch", "tensorflow"}
     assert {r["backend"] for r in timed} == backends
@@ -50,7 +53,7 @@ def test_orderings_quick(tmp_path: Path) -> None:
     summary = (tmp_path / "summary.md").read_text()
     assert "## torch" in summary and "Per-call overhead" in summary
     assert "| case | batch | auto chose | flops vs dense | x dense | efficiency | % of GEMM ceiling |" in summary
-    assert "OMP_WAIT_POLICY" in summary
+    assert "OMP_WAIT_POLICY" in summary and "allocator default." in summary
     assert (tmp_path / "time_vs_batch.png").stat().st_size > 10_000
     assert (tmp_path / "measured_vs_model.png").stat().st_size > 10_000
     records_path, again = str(tmp_path / "records.jsonl"), str(tmp_path / "again")
@@ -147,8 +150,8 @@ def test_orderings_rejects_unknown_backends(tmp_path: Path) -> None:
 def test_torch_layers_quick(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     out = tmp_path / "records.jsonl"
-    command = [sys.executable, "-m", "benchmarks.torch_layers", "--quick", "--out", str(out)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "benchmarks.torch_layers", "--quick", "--out", str(out), "--reuse-freed-memory"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_GLIBC_DEFAULTS)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["case"], r["rank"], r["batch"]) for r in records] == [("784->256 FC2", 16, 1), ("784->256 FC2", 16, 64)]
@@ -159,7 +162,22 @@ def test_torch_layers_quick(tmp_path: Path) -> None:
         plan = tnlayers.plan(spec, record["batch"], record["plan"], gradients="cores")  # the recorded ordering
         assert record["flops_vs_dense"] == pytest.approx(plan.flops / (2 * record["batch"] * 784 * 256))
         assert record["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "unset")
-        assert record["MALLOC_MMAP_THRESHOLD_"] == os.environ.get("MALLOC_MMAP_THRESHOLD_", "unset")
+        assert record["allocator"] == f"reuse_freed_memory({1 << 30})"  # the second configuration, as asked
+
+
+def test_allocator_quick() -> None:
+    """Both configurations run in their own processes and every step of the W route is reported."""
+    pytest.importorskip("torch")
+    command = [sys.executable, "-m", "benchmarks.allocator", "--quick"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from benchmarks.allocator import STEPS
+
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in result.stdout.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"step", *STEPS, "MPOLinear", "nn.Linear"}
+    for name in (*STEPS, "MPOLinear", "nn.Linear"):
+        default, reused, ratio = (float(cell) for cell in rows[name].strip("| ").split(" | ")[1:])
+        assert default > 0 and reused > 0 and ratio == pytest.approx(reused / default, abs=0.02)
 
 
 def test_training_memory_quick(tmp_path: Path) -> None:

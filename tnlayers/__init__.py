@@ -7,6 +7,7 @@ This namespace holds the user API; the plumbing stays importable from its submod
 """
 
 from . import autotune
+from .allocator import reuse_freed_memory
 from .calibrate import Gram, calibrated_fit, low_rank_fit
 from .checkpoint import load, load_layers, save, save_layers
 from .contract import contract
@@ -42,6 +43,7 @@ __all__ = [
     "low_rank_fit",
     "plan",
     "report",
+    "reuse_freed_memory",
     "save",
     "save_layers",
     "to_dense",

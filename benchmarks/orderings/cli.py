@@ -12,6 +12,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 import benchmarks.orderings as package
+import tnlayers
 from tnlayers.autotune import Autotuner
 from tnlayers.cost import cost_model_for
 from tnlayers.layer import DEFAULT_SAVED_BUDGET, check_saved_budget
@@ -70,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--profile", metavar="CASE", default=None, help="torch: where auto's forward+backward spends its time, per op"
+    )
+    parser.add_argument(
+        "--reuse-freed-memory",
+        action="store_true",
+        help="call tnlayers.reuse_freed_memory() first (glibc keeps freed memory; a second configuration)",
     )
     return parser
 
@@ -196,6 +202,8 @@ def _print_figures(
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.reuse_freed_memory and not tnlayers.reuse_freed_memory():
+        parser.error("--reuse-freed-memory needs glibc's allocator, which this process does not use")
     if args.profile:
         case = next((c for c in CASES if c.name == args.profile), None)
         if case is None:
@@ -208,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_records:  # re-summarise (and refit) earlier measurements, timing nothing
         records, calls = _read_records(args.from_records, backends)
-        keys = ("cpu", "cores", "device", "gemm_gflops", "omp_wait_policy", "torch_threads")
+        keys = ("cpu", "cores", "device", "gemm_gflops", "omp_wait_policy", "torch_threads", "allocator")
         env = {k: records[0].get(k) for k in keys} if records else {}
     else:
         records, calls, env = _measure(args, backends, cases, batches)

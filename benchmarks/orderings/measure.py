@@ -17,6 +17,7 @@ import opt_einsum
 
 import tnlayers
 from tnlayers import layer as kit
+from tnlayers.allocator import allocator_setting
 from tnlayers.autotune import Autotuner
 from tnlayers.cost import cost_model_for
 from tnlayers.plan import auto_candidates
@@ -169,6 +170,7 @@ def environment(backends: Sequence[str], threads: int | None, device: str, gemm:
         "cores": os.cpu_count(),
         "device": device,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "allocator": allocator_setting(),
         "gemm_gflops": gemm,
     }
     if "torch" in backends:

@@ -99,7 +99,8 @@ def markdown_summary(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> 
         "GEMM ceiling measured here (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in env["gemm_gflops"].items())
     )
     lines.append(
-        f"OMP_WAIT_POLICY {env.get('omp_wait_policy') or 'unset'}, torch threads {env.get('torch_threads', 'n/a')}."
+        f"OMP_WAIT_POLICY {env.get('omp_wait_policy') or 'unset'}, torch threads {env.get('torch_threads', 'n/a')}, "
+        f"allocator {env.get('allocator') or 'default'}."
     )
     lines.append("")
     rows = ratio_table(records)
