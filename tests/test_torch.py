@@ -22,6 +22,7 @@ from tnlayers.backends import numpy as numpy_backend  # noqa: E402
 from tnlayers.backends.torch import MPOConv2d, MPOLinear, compress  # noqa: E402
 
 from tnlayers.layer import conv_route  # noqa: E402
+from tnlayers.plan import batch_bucket  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::tnlayers.RankClippedWarning")
 STRATEGIES = ["auto", "zipper", "reverse-zipper", "materialize", "greedy", "dp"]
@@ -65,6 +66,84 @@ def test_behaves_like_nn_linear() -> None:
     half = layer.to(torch.float32)
     assert all(c.dtype == torch.float32 for c in half.parameters())
     assert half(x.float()).dtype == torch.float32
+
+
+def test_a_remembered_call_still_checks_what_changed() -> None:
+    """Calls like an earlier one skip its checks and plan lookup; what the checks read is part of what is
+    remembered, so a changed layer or input is still refused with the same clear error."""
+    layer = MPOLinear((2, 3, 4), (3, 2, 2), 4, seed=3)
+    x = torch.randn(5, 24)
+    layer(x)
+    layer(x)  # remembered
+    with pytest.raises(ValueError, match=r"24"):
+        layer(torch.randn(5, 23))
+    layer.double()  # the remembered float32 calls no longer hold
+    with pytest.raises(TypeError, match=r"torch.float64 but the input has dtype torch.float32"):
+        layer(x)
+    layer.float()
+    layer(x)  # remembered again
+    layer.cores[0] = nn.Parameter(layer.cores[0].detach().double())  # a core replaced behind the layer's back
+    with pytest.raises(TypeError, match=r"torch.float64 but the input has dtype torch.float32"):
+        layer(x)
+
+
+def test_remembered_calls_keep_each_route() -> None:
+    """Training, inference and frozen cores in turn on the same input: each call equals the NumPy dense
+    reference, inference (eval, no gradients) alone keeps ``W``, and only trainable operands get gradients."""
+    layer = MPOLinear((4, 7, 7, 4), (4, 4, 4, 4), 4, dtype=torch.float64, strategy="materialize", seed=2)
+    nn.init.normal_(layer.bias)
+    x = torch.randn(32, 784, dtype=torch.float64)
+    bias = layer.bias.detach().numpy()
+    modes = [(True, True), (True, False), (False, False), (False, True)] * 3  # (training, grad enabled)
+    for step, (training, grad) in enumerate(modes):
+        layer.train(training)
+        layer.cores[1].requires_grad_(step % 5 < 3)  # frozen and thawed directly, not through freeze()
+        layer._cached_weight = None
+        xs = x.clone().requires_grad_(step % 3 == 0)
+        with torch.set_grad_enabled(grad):
+            y = layer(xs)
+        assert (layer._cached_weight is not None) == (not training and not grad)
+        weight = dense_reference(_numpy_cores(layer))
+        np.testing.assert_allclose(y.detach().numpy(), x.numpy() @ weight + bias, rtol=1e-10, atol=1e-10)
+        if grad:
+            for core in layer.cores:
+                core.grad = None
+            g = torch.randn_like(y)
+            y.backward(g)
+            assert (layer.cores[1].grad is None) == (step % 5 >= 3)
+            assert (xs.grad is not None) == xs.requires_grad
+            if xs.grad is not None:
+                np.testing.assert_allclose(xs.grad.numpy(), g.numpy() @ weight.T, rtol=1e-9, atol=1e-9)
+    assert 0 < len(layer._known_calls) < len(modes)  # some calls were remembered ones
+
+
+def test_a_remembered_plan_is_the_one_a_fresh_lookup_gives() -> None:
+    """Frozen or trainable cores, an input with or without gradient, training or not: ``auto`` plans each
+    differently, and a remembered call runs what the full lookup would pick now."""
+    layer = MPOLinear((4, 7, 7, 4), (4, 4, 4, 4), 16, seed=1)
+    x = torch.randn(256, 784)
+    for step in range(16):
+        for core in layer.cores:
+            core.requires_grad_(step % 2 == 0)
+        xs = x.clone().requires_grad_(step % 4 < 2)
+        with torch.set_grad_enabled(step % 8 < 4):
+            layer(xs)
+            key = layer._call_key(xs, layer._core_tensors())
+            remembered, _ = layer._known_calls[key]
+            assert remembered == layer._plan(xs, 256, layer._core_tensors())
+    assert len(layer._known_calls) == 8  # 16 calls in 8 states: each state's second call was a remembered one
+
+
+def test_remembered_calls_keep_each_batch_bucket_and_are_bounded() -> None:
+    layer = MPOLinear((2, 3, 4), (3, 2, 2), 2, seed=0)
+    for rows in (1, 4096):
+        layer(torch.randn(rows, 24)).sum().backward()
+    plans = sorted(plan.batch_size for plan, _ in layer._known_calls.values())
+    assert plans == sorted({batch_bucket(1), batch_bucket(4096)}) and len(plans) == 2
+    with torch.no_grad():
+        for rows in range(1, 200):
+            layer(torch.randn(rows, 24))
+    assert 0 < len(layer._known_calls) <= 64
 
 
 def test_reset_parameters_follows_torch_manual_seed() -> None:
@@ -455,8 +534,14 @@ def test_autocast_computes_like_nn_linear_and_keeps_float32_parameters(train: bo
     x = torch.randn(64, 784)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(train):
         ours, theirs = layer(x), linear(x)
+        again = layer(x)  # the same call again: autocast still casts it
         after_linear = layer(nn.Linear(784, 784)(x))  # a bf16 input, as autocast hands it on
-    assert ours.dtype == theirs.dtype == after_linear.dtype == torch.bfloat16
+        steps = MPOLinear((4, 7, 7, 4), (4, 4, 4, 4), 8, strategy="zipper").train(train)  # a bias added after them
+        steps_again = [steps(x).dtype for _ in range(2)]
+    assert ours.dtype == theirs.dtype == again.dtype == after_linear.dtype == torch.bfloat16
+    assert steps_again == [torch.bfloat16] * 2
+    with torch.set_grad_enabled(train):
+        assert layer(x).dtype == layer(x).dtype == torch.float32  # and outside it, nothing is
     scale = float(theirs.float().abs().max())
     np.testing.assert_allclose(ours.float().detach().numpy(), theirs.float().detach().numpy(), atol=2e-2 * scale)
     if train:  # float32 gradients on float32 cores, near those of the same layer without autocast
