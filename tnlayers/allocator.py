@@ -55,8 +55,10 @@ def reuse_freed_memory(max_bytes: int = DEFAULT_KEEP_BYTES) -> bool:
     or refused a value. Process-wide and lasting; call it once, before training.
     """
     global _applied
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or not 1 << 20 <= max_bytes <= _MOST_BYTES:
-        raise ValueError(f"max_bytes must be an int from 1 MiB (1048576) to {_MOST_BYTES} bytes, got {max_bytes!r}")
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
+        raise TypeError(f"max_bytes must be an int (bytes), got {type(max_bytes).__name__} {max_bytes!r}")
+    if not 1 << 20 <= max_bytes <= _MOST_BYTES:
+        raise ValueError(f"max_bytes must be from 1 MiB (1048576) to {_MOST_BYTES} bytes, got {max_bytes!r}")
     libc = _glibc()
     if libc is None:
         return False
