@@ -49,6 +49,7 @@ def _child(configuration: str, batch: int, rank: int, calls: int) -> dict[str, f
     from tnlayers.backends.torch import MPOLinear
 
     from tnlayers.contract import get_ops, weight_halves
+    from tnlayers.plan import weight_split
 
     ops = get_ops("torch")
     torch.manual_seed(0)
@@ -57,7 +58,9 @@ def _child(configuration: str, batch: int, rank: int, calls: int) -> dict[str, f
     cores = [core.detach() for core in layer.cores]
     x = torch.randn(batch, layer.in_features)
     bias = layer.bias.detach()
-    (in_left, out_left), (in_right, out_right) = (4 * 7, 4 * 4), (7 * 4, 4 * 4)  # the halves of FC2's W
+    spec, split = layer.spec, weight_split(layer.spec.core_shapes)  # where dense_weight cuts W into halves
+    in_left, out_left = math.prod(spec.in_modes[:split]), math.prod(spec.out_modes[:split])
+    in_right, out_right = spec.in_features // in_left, spec.out_features // out_left
 
     def route() -> list[float]:
         clock = [time.perf_counter()]
@@ -65,7 +68,8 @@ def _child(configuration: str, batch: int, rank: int, calls: int) -> dict[str, f
         clock.append(time.perf_counter())
         product = left @ right
         clock.append(time.perf_counter())
-        weight = product.reshape(in_left, out_left, in_right, out_right).permute(0, 2, 1, 3).reshape(784, 256)
+        weight = product.reshape(in_left, out_left, in_right, out_right).permute(0, 2, 1, 3)
+        weight = weight.reshape(spec.in_features, spec.out_features)
         clock.append(time.perf_counter())
         y = torch.addmm(bias, x, weight)
         clock.append(time.perf_counter())

@@ -3,12 +3,30 @@ count of what torch autograd keeps for a backward."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["torch_saved_bytes", "write_records"]
+__all__ = ["add_allocator_option", "apply_allocator_option", "torch_saved_bytes", "write_records"]
+
+
+def add_allocator_option(parser: argparse.ArgumentParser) -> None:
+    """``--reuse-freed-memory``: measure the second allocator configuration (see :func:`apply_allocator_option`)."""
+    parser.add_argument(
+        "--reuse-freed-memory",
+        action="store_true",
+        help="call tnlayers.reuse_freed_memory() first (glibc keeps the memory it frees; a second configuration)",
+    )
+
+
+def apply_allocator_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Call :func:`tnlayers.reuse_freed_memory` if ``--reuse-freed-memory`` was given (a usage error without glibc)."""
+    import tnlayers
+
+    if args.reuse_freed_memory and not tnlayers.reuse_freed_memory():
+        parser.error("--reuse-freed-memory needs glibc's allocator, which this process does not use")
 
 
 def write_records(path: Path | None, records: Sequence[Mapping[str, Any]], environment: Mapping[str, Any]) -> None:

@@ -28,7 +28,7 @@ import torch
 from tnlayers.backends.torch import MPOLinear
 
 import tnlayers
-from benchmarks.records import write_records
+from benchmarks.records import add_allocator_option, apply_allocator_option, write_records
 from tnlayers.allocator import allocator_setting
 from tnlayers.timing import calls_per_sample, round_robin
 
@@ -110,12 +110,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="one shape at batch 1 and 64, 2 repeats")
     parser.add_argument("--out", type=Path, default=None, help="write one JSON line per case and batch here")
-    parser.add_argument(
-        "--reuse-freed-memory", action="store_true", help="call tnlayers.reuse_freed_memory() first (glibc only)"
-    )
+    add_allocator_option(parser)
     args = parser.parse_args(argv)
-    if args.reuse_freed_memory and not tnlayers.reuse_freed_memory():
-        parser.error("--reuse-freed-memory needs glibc's allocator, which this process does not use")
+    apply_allocator_option(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", tnlayers.RankClippedWarning)

@@ -12,7 +12,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 import benchmarks.orderings as package
-import tnlayers
+from benchmarks.records import add_allocator_option, apply_allocator_option
 from tnlayers.autotune import Autotuner
 from tnlayers.cost import cost_model_for
 from tnlayers.layer import DEFAULT_SAVED_BUDGET, check_saved_budget
@@ -72,11 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--profile", metavar="CASE", default=None, help="torch: where auto's forward+backward spends its time, per op"
     )
-    parser.add_argument(
-        "--reuse-freed-memory",
-        action="store_true",
-        help="call tnlayers.reuse_freed_memory() first (glibc keeps freed memory; a second configuration)",
-    )
+    add_allocator_option(parser)
     return parser
 
 
@@ -202,8 +198,7 @@ def _print_figures(
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.reuse_freed_memory and not tnlayers.reuse_freed_memory():
-        parser.error("--reuse-freed-memory needs glibc's allocator, which this process does not use")
+    apply_allocator_option(parser, args)
     if args.profile:
         case = next((c for c in CASES if c.name == args.profile), None)
         if case is None:
