@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 import tnlayers
@@ -259,3 +262,63 @@ def test_a_cost_model_is_scored_on_records_it_was_not_fitted_to() -> None:
     assert score_cost_model(model, right) == (1.0, 1.0, 1.0)
     slow_fit = [record("right", "zipper", 1.0), record("right", "materialize", 2.0)]  # recomputing pays here
     assert score_cost_model(model, slow_fit) == (2.0, 2.0, 2.0)
+
+
+def _mpo_reference(cores: list[np.ndarray], x: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """``x @ W + bias`` with ``W`` contracted by plain NumPy, one core at a time (independent of the twins)."""
+    weight = cores[0][0]  # (i, j, r)
+    for core in cores[1:]:
+        i, j = weight.shape[:2]
+        weight = np.einsum("ijr,rklq->ikjlq", weight, core).reshape(i * core.shape[1], j * core.shape[2], -1)
+    return x @ weight[..., 0] + bias
+
+
+def _check_twin(route: Any) -> None:
+    """``route(x, bias, split, *cores)`` gives ``x @ W + b`` and the gradients of ``x``, the bias and every core
+    of a float64 reference (NumPy's W; autograd on plain einsums), for every split of two layers."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    layers = [((3, 4, 2), (2, 5, 3), (1, 3, 4, 1)), ((2, 5, 3, 2), (4, 1, 3, 2), (1, 2, 5, 3, 1))]  # modes, ranks
+    for in_modes, out_modes, ranks in layers:
+        arrays = [rng.standard_normal((r, i, j, q)) for r, i, j, q in zip(ranks, in_modes, out_modes, ranks[1:])]
+        x_array = rng.standard_normal((5, math.prod(in_modes)))
+        bias_array = rng.standard_normal(math.prod(out_modes))
+        cores = [torch.tensor(a, requires_grad=True) for a in arrays]
+        x, bias = torch.tensor(x_array, requires_grad=True), torch.tensor(bias_array, requires_grad=True)
+        for split in range(1, len(cores)):
+            y = route(x, bias, split, *cores)
+            np.testing.assert_allclose(y.detach().numpy(), _mpo_reference(arrays, x_array, bias_array), atol=1e-10)
+            probe = torch.tensor(rng.standard_normal(y.shape))
+            got = torch.autograd.grad(y, [x, bias, *cores], probe)
+            weight = cores[0][0]
+            for core in cores[1:]:
+                weight = torch.einsum("ijr,rklq->ikjlq", weight, core).flatten(0, 1).flatten(1, 2)
+            expected = torch.autograd.grad(x @ weight[..., 0] + bias, [x, bias, *cores], probe)
+            for g, e in zip(got, expected, strict=True):
+                np.testing.assert_allclose(g.numpy(), e.numpy(), atol=1e-10)
+
+
+def test_kernel_bound_python_twin_matches_the_dense_reference() -> None:
+    """The W route written by hand in Python, as one autograd node."""
+    pytest.importorskip("torch")
+    from benchmarks import kernel_bound
+
+    _check_twin(kernel_bound.weight_route(kernel_bound.python_forward, kernel_bound.python_backward))
+
+
+def test_kernel_bound_cpp_twin_matches_the_dense_reference_and_runs(tmp_path: Path) -> None:
+    """The C++ twin (compiled once here, about 40 s) against the reference; then the benchmark's smoke run,
+    with the same build, times every contender after checking each against the dense layer."""
+    pytest.importorskip("torch")
+    from benchmarks import kernel_bound
+
+    native = kernel_bound.compile_native(tmp_path / "build")
+    _check_twin(kernel_bound.weight_route(native.forward, native.backward))
+    out = tmp_path / "records.jsonl"
+    command = [sys.executable, "-m", "benchmarks.kernel_bound", "--quick", "--build-dir", str(tmp_path / "build")]
+    result = subprocess.run([*command, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["batch"] for r in records] == [1, 64]
+    assert all(set(r["seconds"]) == set(kernel_bound.CONTENDERS) and min(r["seconds"].values()) > 0 for r in records)
