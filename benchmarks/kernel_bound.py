@@ -235,8 +235,8 @@ def measure(cases: Sequence[Any], batches: Sequence[int], repeats: int, native: 
 
 def _line(row: dict[str, Any]) -> str:
     seconds = row["seconds"]
-    ratios = " ".join(f"{seconds[name] / seconds['dense']:>11.2f}" for name in CONTENDERS[1:] if name in seconds)
-    twins = seconds.get("c++ twin", math.nan) / seconds["python twin"]
+    ratios = " ".join(f"{seconds.get(name, math.nan) / seconds['dense']:>11.2f}" for name in CONTENDERS[1:])
+    twins = seconds.get("c++ twin", math.nan) / seconds["python twin"]  # nan under --no-native
     head = f"{row['case']:<21} {row['rank']:>3} {row['batch']:>5} {1e3 * seconds['dense']:9.3f} "
     return head + ratios + f" {twins:>9.2f}"
 
