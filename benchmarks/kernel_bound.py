@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import sys
 import warnings
@@ -34,8 +33,13 @@ import torch
 from tnlayers.backends.torch import MPOLinear
 
 import tnlayers
-from benchmarks.records import add_allocator_option, apply_allocator_option, write_records
-from tnlayers.allocator import allocator_setting
+from benchmarks.records import (
+    add_allocator_option,
+    apply_allocator_option,
+    torch_environment,
+    torch_environment_line,
+    write_records,
+)
 from tnlayers.plan import weight_split
 from tnlayers.timing import calls_per_sample, round_robin
 
@@ -253,22 +257,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     apply_allocator_option(parser, args)
     warnings.simplefilter("ignore", tnlayers.RankClippedWarning)
     native = None if args.no_native else compile_native(args.build_dir)
-    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={policy}, "
-        f"allocator {allocator_setting()}; forward+backward, time / nn.Linear's"
-    )
+    environment = torch_environment()
+    print(torch_environment_line(environment) + "; forward+backward, time / nn.Linear's")
     names = " ".join(f"{name:>11}" for name in CONTENDERS[1:])
     print(f"{'case':<21} {'D':>3} {'batch':>5} {'dense ms':>9} {names} {'c++/python':>9}")
     cases, batches = (QUICK_CASES, QUICK_BATCHES) if args.quick else (CASES, BATCHES)
     records = measure(cases, batches, 2 if args.quick else args.repeats, native)
-    environment = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor(),
-        "OMP_WAIT_POLICY": policy,
-        "allocator": allocator_setting(),
-    }
     write_records(args.out, records, environment)
 
 

@@ -9,7 +9,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_allocator_option", "apply_allocator_option", "torch_saved_bytes", "write_records"]
+__all__ = [
+    "add_allocator_option",
+    "apply_allocator_option",
+    "torch_environment",
+    "torch_environment_line",
+    "torch_saved_bytes",
+    "write_records",
+]
 
 
 def add_allocator_option(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +34,33 @@ def apply_allocator_option(parser: argparse.ArgumentParser, args: argparse.Names
 
     if args.reuse_freed_memory and not tnlayers.reuse_freed_memory():
         parser.error("--reuse-freed-memory needs glibc's allocator, which this process does not use")
+
+
+def torch_environment() -> dict[str, Any]:
+    """What a torch timing depends on, for the records and the header line: torch's version and threads, the
+    CPU, ``OMP_WAIT_POLICY`` (``unset`` when it is) and glibc's allocator setting."""
+    import os
+    import platform
+
+    import torch
+
+    from tnlayers.allocator import allocator_setting
+
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor(),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "allocator": allocator_setting(),
+    }
+
+
+def torch_environment_line(environment: Mapping[str, Any]) -> str:
+    """The header line of a torch benchmark: what :func:`torch_environment` found."""
+    return (
+        f"torch {environment['torch']}, {environment['threads']} threads, "
+        f"OMP_WAIT_POLICY={environment['OMP_WAIT_POLICY']}, allocator {environment['allocator']}"
+    )
 
 
 def write_records(path: Path | None, records: Sequence[Mapping[str, Any]], environment: Mapping[str, Any]) -> None:

@@ -16,8 +16,6 @@ allocator are the process's own (users run with both as they come); both are pri
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,8 +26,13 @@ import torch
 from tnlayers.backends.torch import MPOLinear
 
 import tnlayers
-from benchmarks.records import add_allocator_option, apply_allocator_option, write_records
-from tnlayers.allocator import allocator_setting
+from benchmarks.records import (
+    add_allocator_option,
+    apply_allocator_option,
+    torch_environment,
+    torch_environment_line,
+    write_records,
+)
 from tnlayers.timing import calls_per_sample, round_robin
 
 CASES = [  # (label, in_modes, out_modes, rank)
@@ -116,22 +119,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", tnlayers.RankClippedWarning)
-    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={policy}, "
-        f"allocator {allocator_setting()}"
-    )
+    environment = torch_environment()
+    print(torch_environment_line(environment))
     print(f"{'':<45}{'inference ms: mpo, dense, ratio':<33}forward+backward ms: mpo, dense, ratio, efficiency")
     print(f"{'case':<13} {'D':>3} {'batch':>5} {'auto plan':<14} {'flops':>6}")
     cases, batches = (QUICK_CASES, QUICK_BATCHES) if args.quick else (CASES, BATCHES)
     records = measure(cases, batches, 2 if args.quick else args.repeats)
-    environment = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor(),
-        "OMP_WAIT_POLICY": policy,
-        "allocator": allocator_setting(),
-    }
     write_records(args.out, records, environment)
 
 
