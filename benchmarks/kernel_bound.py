@@ -158,7 +158,9 @@ def compile_native(build_dir: Path | None = None, verbose: bool = False) -> Any:
     from torch.utils import cpp_extension
 
     # a ninja installed into this environment (requirements-dev.txt) is found with the interpreter
-    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    scripts, path = os.path.dirname(sys.executable), os.environ.get("PATH", "")
+    if scripts not in path.split(os.pathsep):  # once: a second build in the process does not grow PATH
+        os.environ["PATH"] = scripts + os.pathsep + path
     if build_dir is not None:
         build_dir.mkdir(parents=True, exist_ok=True)
     directory = None if build_dir is None else str(build_dir)
